@@ -1,0 +1,172 @@
+//! The service's HTTP API (axum): health, readiness, metrics, message
+//! status, command submission and delivery-report callbacks.
+
+mod callbacks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use secrecy::SecretString;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{CommandError, SendSms};
+use crate::ports::{CacheService, EventBus, EventMeta, QueueClient};
+use crate::processing::Consuming;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub cache: Arc<dyn CacheService>,
+    pub queue: Arc<dyn QueueClient>,
+    pub events: Arc<dyn EventBus>,
+    pub consuming: Arc<Consuming>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// When set, delivery reports must carry a valid HMAC of their body.
+    pub callback_secret: Option<SecretString>,
+    /// The provider whose ids delivery reports name.
+    pub provider: String,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: HttpState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .route("/v1/messages", post(submit))
+        .route("/v1/messages/{key}", get(status))
+        .route("/v1/delivery-reports", post(callbacks::delivery_report))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the API's address.
+pub async fn bind(address: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "detail": detail.into()})),
+    )
+        .into_response()
+}
+
+async fn ready(State(state): State<HttpState>) -> Response {
+    let reason = if !state.queue.is_connected() {
+        Some("not connected to RabbitMQ".to_owned())
+    } else if !state.consuming.get() {
+        Some("not consuming commands".to_owned())
+    } else {
+        match tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("Redis: {e}")),
+            Err(_) => Some("Redis: no answer within 2 s".to_owned()),
+        }
+    };
+    match reason {
+        None => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+async fn render_metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<HttpState>, Path(key): Path<String>) -> Response {
+    if key.len() > crate::domain::MAX_KEY_LEN {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "unknown_key",
+            "no message with this key",
+        );
+    }
+    match state.cache.status(&key).await {
+        Ok(Some(s)) => Json(json!({
+            "idempotencyKey": key,
+            "status": s.status,
+            "providerMessageId": s.provider_message_id,
+            "attempts": s.attempts,
+            "updatedAt": s.updated_at,
+        }))
+        .into_response(),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "unknown_key",
+            "no message with this key",
+        ),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// Validates a SendSms body and publishes it, as sent, to the command queue.
+async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let command = match SendSms::from_json(&body) {
+        Ok(command) => command,
+        Err(CommandError::Malformed(detail)) => {
+            return problem(StatusCode::BAD_REQUEST, "invalid_command", detail)
+        }
+        Err(CommandError::Invalid { reason, detail, .. }) => {
+            return problem(StatusCode::BAD_REQUEST, reason.as_str(), detail)
+        }
+    };
+    let text_header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect::<String>())
+    };
+    let meta = EventMeta {
+        correlation_id: text_header("x-correlation-id"),
+        traceparent: text_header("traceparent"),
+    };
+    match state.queue.publish_command(&body, &meta).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"idempotencyKey": command.idempotency_key.as_str()})),
+        )
+            .into_response(),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            e.to_string(),
+        ),
+    }
+}

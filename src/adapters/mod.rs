@@ -1,0 +1,7 @@
+//! Adapters: the ports implemented over real infrastructure. Only this
+//! module knows lapin, redis, reqwest and axum.
+
+pub mod http;
+pub mod providers;
+pub mod rabbitmq;
+pub mod redis;

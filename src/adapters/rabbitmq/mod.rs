@@ -1,0 +1,363 @@
+//! RabbitMQ through lapin: the contract's topology, a consumer with manual
+//! acks and a prefetch, and a publisher that treats anything short of a
+//! confirmed, routed publish as a failure.
+//!
+//! One connection carries one publishing channel in confirm mode, shared by
+//! every task (confirms are awaited concurrently, each by its publisher), and
+//! one channel per subscription. When the connection dies the next call
+//! reconnects and redeclares the topology.
+
+mod delivery;
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tracing::{info, warn};
+
+use crate::config::AmqpSettings;
+use crate::domain::{DeliveryReport, SmsFailed, SmsSent};
+use crate::ports::{DeliveryStream, EventBus, EventMeta, QueueClient, QueueError};
+
+pub use delivery::RabbitStream;
+
+/// The names of everything the service declares.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub command_queue: String,
+    pub dead_letter_queue: String,
+    pub sent_exchange: String,
+    pub failed_exchange: String,
+    pub delivery_exchange: String,
+}
+
+impl From<&AmqpSettings> for Topology {
+    fn from(s: &AmqpSettings) -> Self {
+        Self {
+            command_queue: s.command_queue.clone(),
+            dead_letter_queue: s.dead_letter_queue.clone(),
+            sent_exchange: s.sent_exchange.clone(),
+            failed_exchange: s.failed_exchange.clone(),
+            delivery_exchange: s.delivery_exchange.clone(),
+        }
+    }
+}
+
+/// A live connection and its publishing channel.
+#[derive(Clone)]
+struct Session {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+impl Session {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+struct Inner {
+    url: SecretString,
+    topology: Topology,
+    prefetch: u16,
+    current: RwLock<Option<Session>>,
+    /// Serialises reconnects so a dead connection is replaced once.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// The broker: command queue, events, dead letters.
+#[derive(Clone)]
+pub struct RabbitMq {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+impl RabbitMq {
+    /// Makes the adapter; nothing connects until first use.
+    pub fn new(settings: &AmqpSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                url: settings.url.clone(),
+                topology: Topology::from(settings),
+                prefetch: settings.prefetch,
+                current: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Connects now (declaring the topology) rather than on first use.
+    pub async fn connect(&self) -> Result<(), QueueError> {
+        self.session().await.map(drop)
+    }
+
+    fn current(&self) -> Option<Session> {
+        let guard = self.inner.current.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().filter(|s| s.healthy()).cloned()
+    }
+
+    async fn session(&self) -> Result<Session, QueueError> {
+        if let Some(session) = self.current() {
+            return Ok(session);
+        }
+        let _one_at_a_time = self.inner.connecting.lock().await;
+        if let Some(session) = self.current() {
+            return Ok(session);
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from("sms-service"));
+        let connection = Connection::connect(self.inner.url.expose_secret(), properties)
+            .await
+            .map_err(unavailable)?;
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        declare_topology(&publisher, &self.inner.topology).await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        info!("connected to RabbitMQ; topology declared");
+        let session = Session {
+            connection: Arc::new(connection),
+            publisher,
+        };
+        *self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Publishes with `mandatory` and waits for the confirm. A Nack or a
+    /// returned (unroutable) message is an error.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), QueueError> {
+        let session = self.session().await?;
+        let confirm = session
+            .publisher
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(|e| QueueError::NotConfirmed(e.to_string()))?;
+        let target = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(QueueError::Unroutable(target.to_owned())),
+            Confirmation::Nack(_) => Err(QueueError::NotConfirmed(format!("{target}: nack"))),
+            Confirmation::NotRequested => Err(QueueError::NotConfirmed("confirms off".into())),
+        }
+    }
+
+    async fn publish_event(
+        &self,
+        exchange: &str,
+        kind: &str,
+        message_id: &str,
+        body: Vec<u8>,
+        meta: &EventMeta,
+    ) -> Result<(), QueueError> {
+        let properties = event_properties(kind, message_id, meta);
+        self.publish(exchange, "", &body, properties).await
+    }
+}
+
+/// Declares the contract's topology; declaring again is a no-op.
+async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut dead_lettering = FieldTable::default();
+    dead_lettering.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    dead_lettering.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(t.dead_letter_queue.as_str().into()),
+    );
+    channel
+        .queue_declare(
+            t.dead_letter_queue.as_str().into(),
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .queue_declare(t.command_queue.as_str().into(), durable, dead_lettering)
+        .await
+        .map_err(unavailable)?;
+    for exchange in [&t.sent_exchange, &t.failed_exchange, &t.delivery_exchange] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Properties of an event: JSON, persistent, typed, keyed, traced.
+fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(kind.into())
+        .with_message_id(message_id.into())
+        .with_timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+        );
+    if let Some(correlation_id) = &meta.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.as_str().into());
+    }
+    if let Some(traceparent) = &meta.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.as_str().into()),
+        );
+        properties = properties.with_headers(headers);
+    }
+    properties
+}
+
+#[async_trait]
+impl QueueClient for RabbitMq {
+    async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError> {
+        let session = self.session().await?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        channel
+            .basic_qos(self.inner.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                self.inner.topology.command_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::new(RabbitStream::new(consumer, channel, self.clone())))
+    }
+
+    async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError> {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if let Some(correlation_id) = &meta.correlation_id {
+            properties = properties.with_correlation_id(correlation_id.as_str().into());
+        }
+        let queue = self.inner.topology.command_queue.clone();
+        self.publish("", &queue, body, properties).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    async fn close(&self) {
+        let session = self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(session) = session {
+            if let Err(e) = session.connection.close(200, "OK".into()).await {
+                warn!(error = %e, "closing the broker connection failed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventBus for RabbitMq {
+    async fn publish_sent(&self, event: &SmsSent, meta: &EventMeta) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(event).expect("events always serialise");
+        let exchange = &self.inner.topology.sent_exchange;
+        self.publish_event(exchange, "SmsSent", &event.idempotency_key, body, meta)
+            .await
+    }
+
+    async fn publish_failed(&self, event: &SmsFailed, meta: &EventMeta) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(event).expect("events always serialise");
+        let exchange = &self.inner.topology.failed_exchange;
+        self.publish_event(exchange, "SmsFailed", &event.idempotency_key, body, meta)
+            .await
+    }
+
+    async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(report).expect("events always serialise");
+        let exchange = &self.inner.topology.delivery_exchange;
+        let meta = EventMeta::default();
+        self.publish_event(
+            exchange,
+            "SmsDeliveryReport",
+            &report.idempotency_key,
+            body,
+            &meta,
+        )
+        .await
+    }
+}
+
+/// Cancels a subscription; errors mean the channel is gone anyway.
+async fn cancel(channel: &Channel, tag: ShortString) {
+    if let Err(e) = channel
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await
+    {
+        warn!(error = %e, "cancelling the subscription failed");
+    }
+}

@@ -1,0 +1,105 @@
+//! Wiring: builds the adapters from [`Settings`], hands them to the core,
+//! and runs the processing loop and the HTTP API until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::adapters::http::{self, HttpState};
+use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore};
+use crate::config::{configured, Settings};
+use crate::notification::Notifier;
+use crate::processing::QueueProcessingService;
+
+/// A started service.
+pub struct RunningApp {
+    /// Where the HTTP API listens (useful when bound to port 0).
+    pub http_addr: SocketAddr,
+    /// Fire to stop the service gracefully.
+    pub shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningApp {
+    /// Stops the service and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the service stops (after `shutdown` fired).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Builds everything and starts it in the background.
+pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
+    let broker = RabbitMq::new(&settings.amqp);
+    let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
+    let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
+    let provider_name = sms.name().to_owned();
+    let notifier = Notifier::new(
+        store.clone(),
+        sms,
+        Arc::new(broker.clone()),
+        settings.retry_policy(),
+        settings.amqp.max_body_bytes,
+    );
+    let processing = QueueProcessingService::new(
+        Arc::new(broker.clone()),
+        Arc::new(notifier),
+        settings.processing_settings(),
+    );
+    let (listener, http_addr) = http::bind(&settings.http.bind)
+        .await
+        .with_context(|| format!("http.bind: cannot listen on {}", settings.http.bind))?;
+    let state = HttpState {
+        cache: store,
+        queue: Arc::new(broker.clone()),
+        events: Arc::new(broker),
+        consuming: processing.consuming(),
+        metrics: crate::telemetry::metrics(),
+        callback_secret: configured(&settings.provider.callback_secret)
+            .map(|s| s.to_owned().into()),
+        provider: provider_name,
+        max_body_bytes: settings.http.max_body_bytes,
+    };
+    let shutdown = CancellationToken::new();
+    let http_shutdown = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
+    info!(%http_addr, "HTTP API listening");
+    let processing_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        processing.run(processing_shutdown).await;
+        // The API stays up while draining so probes see the shutdown.
+        http_shutdown.cancel();
+        let _ = http_task.await;
+    });
+    Ok(RunningApp {
+        http_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

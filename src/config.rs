@@ -1,0 +1,349 @@
+//! Settings: `config/default.toml` (compiled in, so the binary always has
+//! its defaults), then an optional file, then `SMS__SECTION__KEY`
+//! environment variables. Unknown keys are an error; [`Settings::validate`]
+//! rejects what would only fail later, naming the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The defaults, as shipped in `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub redis: RedisSettings,
+    pub provider: ProviderSettings,
+    pub retry: RetrySettings,
+    pub processing: ProcessingConfig,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: SecretString,
+    pub command_queue: String,
+    pub dead_letter_queue: String,
+    pub sent_exchange: String,
+    pub failed_exchange: String,
+    pub delivery_exchange: String,
+    pub prefetch: u16,
+    pub max_body_bytes: usize,
+    pub reconnect_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    pub idempotency_ttl_secs: u64,
+    pub lease_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// Which provider adapter sends the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub token: SecretString,
+    pub callback_secret: SecretString,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_idle_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub requeue_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingConfig {
+    pub max_in_flight: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub bind: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(
+            file,
+            Environment::with_prefix("SMS")
+                .prefix_separator("__")
+                .separator("__"),
+        )
+    }
+
+    /// As [`Settings::load`], with the environment given (tests pass a map).
+    pub fn load_from(file: Option<&Path>, env: Environment) -> Result<Self, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(env)
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Rejects values that would only fail later, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        check_url(
+            "amqp.url",
+            self.amqp.url.expose_secret(),
+            &["amqp", "amqps"],
+        )?;
+        check_url(
+            "redis.url",
+            self.redis.url.expose_secret(),
+            &["redis", "rediss"],
+        )?;
+        check_url(
+            "provider.base_url",
+            &self.provider.base_url,
+            &["http", "https"],
+        )?;
+        if self.http.bind.parse::<SocketAddr>().is_err() {
+            return bad("http.bind", "must be an address like 127.0.0.1:8080");
+        }
+        for (key, name) in [
+            ("amqp.command_queue", &self.amqp.command_queue),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.sent_exchange", &self.amqp.sent_exchange),
+            ("amqp.failed_exchange", &self.amqp.failed_exchange),
+            ("amqp.delivery_exchange", &self.amqp.delivery_exchange),
+        ] {
+            if name.is_empty() || name.len() > 255 {
+                return bad(key, "must be 1 to 255 characters");
+            }
+        }
+        for (key, value) in [
+            ("amqp.prefetch", u64::from(self.amqp.prefetch)),
+            ("amqp.max_body_bytes", self.amqp.max_body_bytes as u64),
+            (
+                "redis.idempotency_ttl_secs",
+                self.redis.idempotency_ttl_secs,
+            ),
+            ("redis.lease_ms", self.redis.lease_ms),
+            ("redis.timeout_ms", self.redis.timeout_ms),
+            (
+                "provider.connect_timeout_ms",
+                self.provider.connect_timeout_ms,
+            ),
+            (
+                "provider.request_timeout_ms",
+                self.provider.request_timeout_ms,
+            ),
+            ("retry.max_attempts", u64::from(self.retry.max_attempts)),
+            ("retry.base_delay_ms", self.retry.base_delay_ms),
+            (
+                "processing.max_in_flight",
+                self.processing.max_in_flight as u64,
+            ),
+            ("http.max_body_bytes", self.http.max_body_bytes as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if self.retry.max_delay_ms < self.retry.base_delay_ms {
+            return bad("retry.max_delay_ms", "must be at least retry.base_delay_ms");
+        }
+        // A lease must outlast one processing attempt, or a second instance
+        // could claim a key whose first send is still under way.
+        let attempt_ms = u64::from(self.retry.max_attempts) * self.provider.request_timeout_ms
+            + u64::from(self.retry.max_attempts.saturating_sub(1)) * self.retry.max_delay_ms;
+        if self.redis.lease_ms <= attempt_ms {
+            return bad(
+                "redis.lease_ms",
+                &format!(
+                    "must exceed max_attempts x request_timeout_ms + backoff ({attempt_ms} ms), \
+                     or a second instance could send a key still in flight"
+                ),
+            );
+        }
+        if self.redis.idempotency_ttl_secs * 1000 <= self.redis.lease_ms {
+            return bad(
+                "redis.idempotency_ttl_secs",
+                "must be longer than redis.lease_ms",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn retry_policy(&self) -> crate::notification::RetryPolicy {
+        crate::notification::RetryPolicy {
+            max_attempts: self.retry.max_attempts,
+            base_delay: Duration::from_millis(self.retry.base_delay_ms),
+            max_delay: Duration::from_millis(self.retry.max_delay_ms),
+            requeue_delay: Duration::from_millis(self.retry.requeue_delay_ms),
+        }
+    }
+
+    pub fn processing_settings(&self) -> crate::processing::ProcessingSettings {
+        crate::processing::ProcessingSettings {
+            max_in_flight: self.processing.max_in_flight,
+            shutdown_grace: Duration::from_millis(self.processing.shutdown_grace_ms),
+            resubscribe_delay: Duration::from_millis(self.amqp.reconnect_delay_ms),
+        }
+    }
+}
+
+/// An empty secret means "not configured".
+pub fn configured(secret: &SecretString) -> Option<&str> {
+    Some(secret.expose_secret()).filter(|s| !s.is_empty())
+}
+
+fn check_url(key: &str, raw: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match url::Url::parse(raw) {
+        Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => Ok(()),
+        Ok(_) => Err(ConfigError(format!(
+            "{key}: scheme must be one of {}",
+            schemes.join(", ")
+        ))),
+        // The URL may hold a password: name the key and the problem only.
+        Err(e) => Err(ConfigError(format!("{key}: not a valid URL ({e})"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = Environment::with_prefix("SMS")
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(map));
+        Settings::load_from(None, env)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = load(&[]).unwrap();
+        assert_eq!(
+            s.amqp.url.expose_secret(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(s.redis.url.expose_secret(), "redis://127.0.0.1:6379");
+        assert_eq!(s.provider.kind, ProviderKind::Generic);
+        assert_eq!(s.provider.base_url, "http://127.0.0.1:9000");
+        assert_eq!(s.http.bind, "127.0.0.1:8080");
+        assert_eq!(s.amqp.command_queue, "sms.send");
+        assert_eq!(s.amqp.dead_letter_queue, "sms.send.dead");
+        assert_eq!(s.redis.idempotency_ttl_secs, 86_400);
+        assert!(configured(&s.provider.token).is_none());
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscores() {
+        let s = load(&[
+            ("SMS__AMQP__URL", "amqp://u:p@rabbit:5672/%2f"),
+            ("SMS__REDIS__URL", "redis://cache:6379"),
+            ("SMS__PROVIDER__BASE_URL", "http://fake:9000"),
+            ("SMS__PROVIDER__TOKEN", "12345"),
+            ("SMS__HTTP__BIND", "0.0.0.0:8080"),
+            ("SMS__PROCESSING__MAX_IN_FLIGHT", "7"),
+        ])
+        .unwrap();
+        assert_eq!(s.amqp.url.expose_secret(), "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(s.redis.url.expose_secret(), "redis://cache:6379");
+        assert_eq!(s.provider.base_url, "http://fake:9000");
+        assert_eq!(configured(&s.provider.token), Some("12345"));
+        assert_eq!(s.http.bind, "0.0.0.0:8080");
+        assert_eq!(s.processing.max_in_flight, 7);
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_key() {
+        for (var, value, key) in [
+            ("SMS__AMQP__URL", "not a url", "amqp.url"),
+            ("SMS__REDIS__URL", "http://x", "redis.url"),
+            ("SMS__PROVIDER__BASE_URL", "ftp://x", "provider.base_url"),
+            ("SMS__HTTP__BIND", "localhost", "http.bind"),
+            (
+                "SMS__PROCESSING__MAX_IN_FLIGHT",
+                "0",
+                "processing.max_in_flight",
+            ),
+            ("SMS__REDIS__LEASE_MS", "1000", "redis.lease_ms"),
+            ("SMS__PROVIDER__KIND", "carrier-pigeon", "provider.kind"),
+            ("SMS__RETRY__MAX_ATTEMPTS", "many", "retry.max_attempts"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = load(&[("SMS__AMQP__PREFETCHH", "5")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefetchh"), "{err}");
+    }
+
+    #[test]
+    fn url_errors_do_not_echo_the_password() {
+        let err = load(&[("SMS__AMQP__URL", "amqp://user:hunter2@:bad:port")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}

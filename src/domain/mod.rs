@@ -1,0 +1,21 @@
+//! The vocabulary of the service: commands, events and the values inside
+//! them. Everything here is pure (no I/O) and parses at the edge, so a value
+//! of one of these types is valid by construction.
+
+mod command;
+mod events;
+mod phone;
+mod segments;
+
+pub use command::{
+    CommandError, FailureReason, IdempotencyKey, MessageText, SendSms, SenderId, MAX_KEY_LEN,
+    MAX_SENDER_LEN, MAX_TEXT_CHARS,
+};
+pub use events::{DeliveryReport, DeliveryStatus, SmsFailed, SmsSent};
+pub use phone::{mask_phone, PhoneNumber};
+pub use segments::{count_segments, Encoding};
+
+/// Formats a time as RFC 3339 UTC with second precision, as the events carry it.
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}

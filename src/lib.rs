@@ -1,0 +1,32 @@
+//! sms-service turns `SendSms` commands on RabbitMQ into text messages sent
+//! through an HTTP SMS provider, at most once per idempotency key, and
+//! publishes `SmsSent` / `SmsFailed` events. The wire contract is
+//! `CONTRACT.md`; the README says how to run it.
+//!
+//! The crate is ports and adapters:
+//!
+//! - [`domain`]: commands, events, phone numbers, segment counting. Pure.
+//! - [`ports`]: the traits the core needs (`QueueClient`, `SmsService`,
+//!   `CacheService`, `EventBus`, `NotificationService`).
+//! - [`notification`]: the core decision for one command: claim the key,
+//!   send, record, publish. Its module doc is the correctness argument.
+//! - [`processing`]: `QueueProcessingService`, the loop that feeds commands
+//!   to the notification step with bounded concurrency and settles each
+//!   delivery (ack, requeue, dead-letter); graceful shutdown.
+//! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest), HTTP (axum).
+//! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
+//! - [`fake_provider`]: a fake of the generic provider for demos and tests.
+//!
+//! The core (domain, ports, notification, processing) uses no adapter crate.
+
+#![forbid(unsafe_code)]
+
+pub mod adapters;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod fake_provider;
+pub mod notification;
+pub mod ports;
+pub mod processing;
+pub mod telemetry;

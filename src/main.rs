@@ -1,0 +1,162 @@
+//! The `sms-service` binary: parses the command line, loads the settings
+//! and calls into the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sms_service::app;
+use sms_service::config::Settings;
+use sms_service::domain::SendSms;
+use sms_service::ports::{EventMeta, QueueClient};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Sends SMS from RabbitMQ commands, once per idempotency key"
+)]
+struct Cli {
+    /// A settings file layered over config/default.toml (env SMS__* still wins).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume commands until SIGTERM or SIGINT (the default).
+    Run,
+    /// Publish one SendSms command and print its idempotency key.
+    Send {
+        /// Phone number, E.164 (+254712345678).
+        #[arg(long)]
+        to: String,
+        /// Message text.
+        #[arg(long)]
+        text: String,
+        /// Idempotency key (default: a fresh UUID).
+        #[arg(long)]
+        key: Option<String>,
+        /// Sender id shown on the handset.
+        #[arg(long)]
+        sender: Option<String>,
+    },
+    /// Serve a fake of the generic provider's API.
+    FakeProvider {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        bind: String,
+        /// Latency added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Share of calls (0 to 1) answered 503.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sms_service::telemetry::init_logs(&settings.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run(settings).await,
+            Command::Send {
+                to,
+                text,
+                key,
+                sender,
+            } => send(settings, to, text, key, sender).await,
+            Command::FakeProvider {
+                bind,
+                latency_ms,
+                fail_rate,
+            } => fake_provider(bind, latency_ms, fail_rate).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let running = app::start(settings).await?;
+    app::shutdown_signal().await;
+    tracing::info!("signal received; shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn send(
+    settings: Settings,
+    to: String,
+    text: String,
+    key: Option<String>,
+    sender: Option<String>,
+) -> anyhow::Result<()> {
+    let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut body = serde_json::json!({"idempotencyKey": key, "phoneNumber": to, "text": text});
+    if let Some(sender) = sender {
+        body["senderId"] = sender.into();
+    }
+    let body = serde_json::to_vec(&body)?;
+    if let Err(e) = SendSms::from_json(&body) {
+        anyhow::bail!("not a valid command: {}", e.dead_letter_reason());
+    }
+    let broker = sms_service::adapters::rabbitmq::RabbitMq::new(&settings.amqp);
+    let published = tokio::time::timeout(
+        Duration::from_secs(15),
+        broker.publish_command(&body, &EventMeta::default()),
+    )
+    .await;
+    broker.close().await;
+    match published {
+        Ok(Ok(())) => {
+            println!("{key}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => anyhow::bail!("broker did not confirm within 15 s"),
+    }
+}
+
+async fn fake_provider(bind: String, latency_ms: u64, fail_rate: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&fail_rate),
+        "--fail-rate must be between 0 and 1"
+    );
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    tracing::info!(address = %listener.local_addr()?, latency_ms, fail_rate, "fake provider listening");
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        app::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let settings = sms_service::fake_provider::FakeSettings {
+        latency: Duration::from_millis(latency_ms),
+        fail_rate,
+    };
+    sms_service::fake_provider::serve(listener, settings, shutdown).await?;
+    Ok(())
+}

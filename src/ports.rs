@@ -1,0 +1,252 @@
+//! The ports: what the core needs from the world, as traits. Adapters in
+//! [`crate::adapters`] implement them over RabbitMQ, Redis and HTTP; tests
+//! implement them in memory. Every error says whether trying again can help,
+//! so retry code reads a classification, never a message string.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, SendSms, SmsFailed, SmsSent,
+};
+
+/// Context carried from a command onto its events and into the logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventMeta {
+    /// The AMQP `correlation_id` of the command.
+    pub correlation_id: Option<String>,
+    /// The W3C `traceparent` header of the command.
+    pub traceparent: Option<String>,
+}
+
+// ---------------------------------------------------------------- queue
+
+/// A broker failure. All of them are transient: the broker restarts, the
+/// connection comes back, and the command is still in its queue.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not confirm the publish: {0}")]
+    NotConfirmed(String),
+    #[error("message returned unroutable by {0}: no queue is bound to it")]
+    Unroutable(String),
+}
+
+/// One command delivered from the queue, with the handle that settles it.
+pub struct InboundMessage {
+    pub body: Vec<u8>,
+    /// The broker delivered this message before (it was requeued or its
+    /// consumer died), so a lease on its key may be this command's own.
+    pub redelivered: bool,
+    pub meta: EventMeta,
+    pub handle: Box<dyn DeliveryHandle>,
+}
+
+/// Settles one delivery. Exactly one of these is called, once.
+#[async_trait]
+pub trait DeliveryHandle: Send + Sync {
+    /// Acknowledges the delivery; the command is done.
+    async fn ack(&mut self) -> Result<(), QueueError>;
+    /// Hands the delivery back to the queue for another attempt.
+    async fn requeue(&mut self) -> Result<(), QueueError>;
+    /// Publishes the body unchanged, with its headers and an `x-sms-error`
+    /// reason, to the dead-letter queue (with confirm), then acknowledges.
+    async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError>;
+}
+
+/// A subscription to the command queue.
+#[async_trait]
+pub trait DeliveryStream: Send {
+    /// The next delivery; `None` when the broker ended the subscription.
+    async fn next(&mut self) -> Option<Result<InboundMessage, QueueError>>;
+    /// Stops the broker from delivering more; what was delivered stays ours
+    /// to settle.
+    async fn cancel(&mut self);
+}
+
+/// The command queue.
+#[async_trait]
+pub trait QueueClient: Send + Sync {
+    /// Subscribes to the command queue, (re)connecting and declaring the
+    /// topology first if needed.
+    async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError>;
+    /// Publishes one command body to the command queue, with confirm.
+    async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError>;
+    /// Whether the broker connection is up.
+    fn is_connected(&self) -> bool;
+    /// Closes the connection; unsettled deliveries go back to the queue.
+    async fn close(&self);
+}
+
+/// Where events go. Each call returns only once the broker confirmed it.
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    async fn publish_sent(&self, event: &SmsSent, meta: &EventMeta) -> Result<(), QueueError>;
+    async fn publish_failed(&self, event: &SmsFailed, meta: &EventMeta) -> Result<(), QueueError>;
+    async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError>;
+}
+
+// ---------------------------------------------------------------- provider
+
+/// What the provider said when it accepted a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub provider_message_id: String,
+}
+
+/// A provider call that did not end in acceptance.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ProviderError {
+    /// Worth trying again: 408, 429, 5xx, connect error, timeout.
+    #[error("transient provider failure: {detail}")]
+    Transient {
+        detail: String,
+        /// The provider asked us to wait this long (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// The provider refused the message for good (any other 4xx).
+    #[error("provider rejected the message: {detail}")]
+    Rejected { detail: String },
+}
+
+/// An SMS provider.
+#[async_trait]
+pub trait SmsService: Send + Sync {
+    /// The provider's name, as it appears in SmsSent's `provider`.
+    fn name(&self) -> &str;
+    /// Sends one message, passing its idempotency key to the provider.
+    async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError>;
+}
+
+// ---------------------------------------------------------------- cache
+
+/// The idempotency store is unreachable or answered nonsense. Transient:
+/// the service never sends without its idempotency check.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("idempotency store unavailable: {0}")]
+pub struct CacheError(pub String);
+
+/// What was recorded when the provider accepted a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRecord {
+    pub provider: String,
+    pub provider_message_id: String,
+    pub segments: u32,
+    pub attempts: u32,
+    pub sent_at: String,
+}
+
+/// What was recorded when a key failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRecord {
+    pub reason: FailureReason,
+    pub detail: String,
+    pub attempts: u32,
+    pub failed_at: String,
+}
+
+/// The answer to "may I work on this key?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// New (or its earlier holder's lease ran out): the caller now holds the
+    /// lease and must send. `attempts` provider calls were made before.
+    Send { attempts: u32 },
+    /// Sent before but its SmsSent not confirmed: the caller holds the lease
+    /// and must publish it, without calling the provider.
+    PublishSent(SentRecord),
+    /// Failed before but its SmsFailed not confirmed: publish it.
+    PublishFailed(FailedRecord),
+    /// Sent and its event published: nothing to do.
+    AlreadySent,
+    /// Failed and its event published.
+    AlreadyFailed(FailedRecord),
+    /// Someone else holds the lease for this long yet.
+    Busy { lease_left: Duration },
+}
+
+/// A key's state as the status API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageStatus {
+    /// `processing`, `sent`, `delivered`, `undelivered` or `failed`.
+    pub status: String,
+    pub provider_message_id: Option<String>,
+    pub attempts: u32,
+    pub updated_at: String,
+}
+
+/// The idempotency and status store: per key, an atomic state machine
+/// `processing -> sent | failed` (plus `delivered`/`undelivered` after a
+/// delivery report), with a lease held by whoever works on the key and a
+/// flag for "its event is published".
+#[async_trait]
+pub trait CacheService: Send + Sync {
+    /// Claims `key` for `owner`, atomically; see [`Claim`].
+    async fn claim(&self, key: &IdempotencyKey, owner: &str) -> Result<Claim, CacheError>;
+    /// Records that the provider accepted `key` (keeps the lease).
+    async fn record_sent(
+        &self,
+        key: &IdempotencyKey,
+        record: &SentRecord,
+    ) -> Result<(), CacheError>;
+    /// Records that `key` failed for good (keeps the lease).
+    async fn record_failed(
+        &self,
+        key: &IdempotencyKey,
+        record: &FailedRecord,
+    ) -> Result<(), CacheError>;
+    /// Marks the key's event as published and releases `owner`'s lease.
+    async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError>;
+    /// Releases `owner`'s lease without an outcome, keeping the attempts made.
+    async fn release(
+        &self,
+        key: &IdempotencyKey,
+        owner: &str,
+        attempts: u32,
+    ) -> Result<(), CacheError>;
+    /// The status of a key, if known.
+    async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError>;
+    /// Records a delivery report for a provider message id; returns the
+    /// idempotency key it belongs to, or `None` if the id is unknown.
+    async fn record_delivery(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        status: DeliveryStatus,
+        error_code: Option<&str>,
+    ) -> Result<Option<String>, CacheError>;
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), CacheError>;
+}
+
+// ---------------------------------------------------------------- core
+
+/// A delivered command as the core sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub body: &'a [u8],
+    pub redelivered: bool,
+    pub meta: &'a EventMeta,
+}
+
+/// How one command ended, for the processing loop to settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent (or its missing SmsSent published): acknowledge.
+    Sent,
+    /// A duplicate of a key that is sent or being sent: acknowledge.
+    Duplicate,
+    /// Not now: requeue after this delay.
+    RetryAfter(Duration),
+    /// SmsFailed is published: dead-letter with this reason.
+    Failed(String),
+    /// No event possible (malformed): dead-letter with this reason.
+    DeadLetter(String),
+}
+
+/// The core decision for one command: claim, send, record, publish.
+#[async_trait]
+pub trait NotificationService: Send + Sync {
+    async fn handle(&self, message: Inbound<'_>) -> Outcome;
+}
