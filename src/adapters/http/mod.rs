@@ -77,24 +77,26 @@ fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Respon
 }
 
 async fn ready(State(state): State<HttpState>) -> Response {
-    let reason = if !state.queue.is_connected() {
-        Some("not connected to RabbitMQ".to_owned())
+    let mut reasons = Vec::new();
+    if !state.queue.is_connected() {
+        reasons.push("not connected to RabbitMQ".to_owned());
     } else if !state.consuming.get() {
-        Some("not consuming commands".to_owned())
+        reasons.push("not consuming commands".to_owned());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => reasons.push(format!("Redis: {e}")),
+        Err(_) => reasons.push("Redis: no answer within 2 s".to_owned()),
+    }
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
-        match tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("Redis: {e}")),
-            Err(_) => Some("Redis: no answer within 2 s".to_owned()),
-        }
-    };
-    match reason {
-        None => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
-        Some(reason) => (
+        let reason = reasons.join("; ");
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "reason": reason})),
         )
-            .into_response(),
+            .into_response()
     }
 }
 

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 
 use super::{unavailable, RabbitMq};
@@ -117,11 +117,7 @@ impl DeliveryHandle for RabbitDelivery {
     }
 
     async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError> {
-        let mut headers = self
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_else(FieldTable::default);
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-sms-error".into(),
             AMQPValue::LongString(bounded(reason).into()),

@@ -1,0 +1,218 @@
+//! End to end: the real binary, the real fake provider (another run of the
+//! binary), real RabbitMQ and Redis, driven from outside through plain AMQP,
+//! the CLI and HTTP.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::{command, init_logs, Names, TestBroker};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
+
+/// A child process killed when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn service(env: &[(String, String)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    if std::env::var_os("TEST_LOG").is_none() {
+        cmd.stderr(Stdio::null());
+    }
+    cmd
+}
+
+async fn wait_http(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..150 {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered 200");
+}
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn the_binary_sends_valid_commands_once_and_dead_letters_the_rest() {
+    init_logs();
+    let names = Names::unique();
+    let provider_port = free_port();
+    let http_port = free_port();
+    let provider_url = format!("http://127.0.0.1:{provider_port}");
+    let mut env = names.env(&provider_url);
+    env.push(("SMS__HTTP__BIND".into(), format!("127.0.0.1:{http_port}")));
+    let mut broker = TestBroker::connect(&names).await;
+
+    let _fake = Proc(
+        service(
+            &env,
+            &[
+                "fake-provider",
+                "--bind",
+                &format!("127.0.0.1:{provider_port}"),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    wait_http(&format!("{provider_url}/healthz")).await;
+    let mut svc = Proc(service(&env, &["run"]).spawn().unwrap());
+    let base = format!("http://127.0.0.1:{http_port}");
+    wait_http(&format!("{base}/readyz")).await;
+
+    // The CLI publishes one command and prints its key.
+    let out: Output = service(
+        &env,
+        &[
+            "send",
+            "--to",
+            "+254712345678",
+            "--text",
+            "From the CLI",
+            "--sender",
+            "MKOPA",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(cli_key.len(), 36, "a UUID key: {cli_key}");
+
+    for i in 0..20 {
+        let body = command(
+            &format!("e2e-{i}"),
+            "+254712345678",
+            "Payment received. Thank you!",
+        );
+        broker.publish_command(&body, Default::default()).await;
+        if i % 4 == 0 {
+            broker.publish_command(&body, Default::default()).await;
+        }
+    }
+    broker
+        .publish_command(&command("e2e-bad-1", "+12", "x"), Default::default())
+        .await;
+    broker
+        .publish_command(
+            &command("e2e-bad-2", "+254712345678", "   "),
+            Default::default(),
+        )
+        .await;
+    broker
+        .publish_command(b"{not json", Default::default())
+        .await;
+
+    let sent = broker.sent(21, Duration::from_secs(20)).await;
+    assert_eq!(sent.len(), 21);
+    let mut keys: Vec<String> = sent
+        .iter()
+        .map(|e| e.json()["idempotencyKey"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 21, "one SmsSent per key");
+    assert!(keys.contains(&cli_key));
+    let failed = broker.failed(2, Duration::from_secs(10)).await;
+    let mut reasons: Vec<String> = failed
+        .iter()
+        .map(|e| e.json()["reason"].as_str().unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["invalid_command", "invalid_phone_number"]);
+    assert_eq!(
+        broker.dead_letters(3, Duration::from_secs(10)).await.len(),
+        3
+    );
+    assert!(
+        broker.sent(1, Duration::from_millis(500)).await.is_empty(),
+        "no SmsSent for duplicates"
+    );
+
+    let stats: serde_json::Value = reqwest::get(format!("{provider_url}/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["accepted"], 21, "{stats}");
+    assert_eq!(stats["duplicates"], 0, "{stats}");
+
+    let status: serde_json::Value = reqwest::get(format!("{base}/v1/messages/{cli_key}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "sent");
+
+    terminate(&svc.0);
+    assert_eq!(
+        wait_exit(&mut svc.0, Duration::from_secs(10)).await,
+        Some(0),
+        "exit 0 on SIGTERM"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_bad_configuration_exits_2_naming_the_key() {
+    let names = Names::unique();
+    let mut env = names.env("http://127.0.0.1:9");
+    env.push(("SMS__AMQP__URL".into(), "definitely not a url".into()));
+    let out = service(&env, &["run"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("amqp.url"), "{stderr}");
+}

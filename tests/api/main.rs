@@ -1,0 +1,7 @@
+//! Integration and end-to-end tests against the real RabbitMQ and Redis on
+//! loopback. One test binary, so it links once.
+
+mod e2e;
+mod helpers;
+mod pipeline;
+mod provider;

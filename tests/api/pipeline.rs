@@ -1,0 +1,580 @@
+//! The service in-process against real RabbitMQ and Redis, with a wiremock
+//! provider: the contract's cases driven through plain AMQP and HTTP.
+
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::json;
+use wiremock::matchers::{body_json, header, method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::{command, redis_connection, spawn, spawn_app, spawn_app_with, TestApp};
+
+const WAIT: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_millis(700);
+
+async fn provider_accepts(app: &TestApp, id: &str, times: u64) {
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": id})))
+        .expect(times)
+        .mount(&app.provider)
+        .await;
+}
+
+#[tokio::test]
+async fn valid_command_is_sent_once_and_yields_sms_sent_with_contract_properties() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .and(header("Idempotency-Key", "pay-8812-reminder"))
+        .and(body_json(
+            json!({"to": "+254712345678", "text": "Payment received. Thank you!", "from": "MKOPA"}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "msg-7f3a"})))
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    let body = br#"{"idempotencyKey":"pay-8812-reminder","phoneNumber":"+254712345678","text":"Payment received. Thank you!","senderId":"MKOPA"}"#;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    );
+    let properties = BasicProperties::default()
+        .with_correlation_id("corr-1".into())
+        .with_headers(headers);
+    app.broker.publish_command(body, properties).await;
+
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    let event = sent[0].json();
+    assert_eq!(event["idempotencyKey"], "pay-8812-reminder");
+    assert_eq!(event["phoneNumber"], "+254712345678");
+    assert_eq!(event["provider"], "generic");
+    assert_eq!(event["providerMessageId"], "msg-7f3a");
+    assert_eq!(event["segments"], 1);
+    assert_eq!(event["attempts"], 1);
+    assert!(event["sentAt"].as_str().unwrap().ends_with('Z'));
+    let p = &sent[0].properties;
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "SmsSent");
+    assert_eq!(
+        p.message_id().as_ref().unwrap().as_str(),
+        "pay-8812-reminder"
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-1");
+    assert_eq!(
+        sent[0].header("traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+
+    let (status, body) = app.get_json("/v1/messages/pay-8812-reminder").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "sent");
+    assert_eq!(body["providerMessageId"], "msg-7f3a");
+    assert_eq!(body["attempts"], 1);
+    assert_eq!(app.broker.commands_waiting().await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn duplicate_commands_are_acked_without_a_second_send_or_event() {
+    let mut app = spawn_app().await;
+    // Slow enough that the copies arrive while the first is in flight.
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "once"}))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    let body = command("dup-1", "+254712345678", "hello");
+    for _ in 0..5 {
+        app.publish(&body).await;
+    }
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    // Copies arriving after the send are duplicates too.
+    for _ in 0..3 {
+        app.publish(&body).await;
+    }
+    assert!(
+        app.broker.sent(1, QUIET).await.is_empty(),
+        "a second SmsSent"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.broker.commands_waiting().await, 0);
+    assert!(app.broker.dead_letters(1, Duration::ZERO).await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_phone_number_yields_sms_failed_and_a_dead_letter_with_the_reason() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "never", 0).await;
+    let body = command("bad-phone", "0712345678", "hello");
+    let mut headers = FieldTable::default();
+    headers.insert("x-producer".into(), AMQPValue::LongString("billing".into()));
+    app.broker
+        .publish_command(&body, BasicProperties::default().with_headers(headers))
+        .await;
+
+    let failed = app.broker.failed(1, WAIT).await;
+    assert_eq!(failed.len(), 1);
+    let event = failed[0].json();
+    assert_eq!(event["idempotencyKey"], "bad-phone");
+    assert_eq!(event["phoneNumber"], "0712345678");
+    assert_eq!(event["reason"], "invalid_phone_number");
+    assert_eq!(event["detail"], "phoneNumber must be E.164");
+    assert_eq!(event["attempts"], 0);
+    assert_eq!(
+        failed[0].properties.kind().as_ref().unwrap().as_str(),
+        "SmsFailed"
+    );
+    assert_eq!(*failed[0].properties.delivery_mode(), Some(2));
+
+    let dead = app.broker.dead_letters(1, WAIT).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].body, body,
+        "dead letter body is byte-for-byte the command"
+    );
+    assert_eq!(dead[0].header("x-producer").as_deref(), Some("billing"));
+    assert!(dead[0]
+        .header("x-sms-error")
+        .unwrap()
+        .starts_with("invalid_phone_number"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_dead_lettered_without_an_event() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "never", 0).await;
+    let bodies: Vec<Vec<u8>> = vec![
+        b"not json at all".to_vec(),
+        b"\xff\xfe\x00binary".to_vec(),
+        br#"{"phoneNumber":"+254712345678","text":"no key"}"#.to_vec(),
+        br#"{"idempotencyKey":"has space","phoneNumber":"+254712345678","text":"x"}"#.to_vec(),
+        vec![b'['; 100_000],
+    ];
+    for body in &bodies {
+        app.publish(body).await;
+    }
+    let dead = app.broker.dead_letters(bodies.len(), WAIT).await;
+    assert_eq!(dead.len(), bodies.len());
+    for letter in &dead {
+        assert!(bodies.contains(&letter.body));
+        assert!(letter
+            .header("x-sms-error")
+            .unwrap()
+            .starts_with("malformed"));
+    }
+    assert!(
+        app.broker.failed(1, QUIET).await.is_empty(),
+        "malformed bodies get no event"
+    );
+    // The service is still there and working.
+    let (status, _) = app.get_json("/readyz").await;
+    assert_eq!(status, 200);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn provider_400_is_provider_rejected_and_dead_lettered() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("number barred"))
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    app.publish(&command("rejected-1", "+254712345678", "hello"))
+        .await;
+    let failed = app.broker.failed(1, WAIT).await;
+    assert_eq!(failed.len(), 1);
+    let event = failed[0].json();
+    assert_eq!(event["reason"], "provider_rejected");
+    assert_eq!(event["attempts"], 1);
+    assert!(event["detail"].as_str().unwrap().contains("400"));
+    let dead = app.broker.dead_letters(1, WAIT).await;
+    assert!(dead[0]
+        .header("x-sms-error")
+        .unwrap()
+        .starts_with("provider_rejected"));
+    let (_, status) = app.get_json("/v1/messages/rejected-1").await;
+    assert_eq!(status["status"], "failed");
+    // A duplicate of a failed key is not sent again.
+    app.publish(&command("rejected-1", "+254712345678", "hello"))
+        .await;
+    assert_eq!(app.broker.dead_letters(1, WAIT).await.len(), 1);
+    assert!(app.broker.failed(1, QUIET).await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn provider_503_then_200_is_sent_with_two_attempts() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    provider_accepts(&app, "after-retry", 1).await;
+    app.publish(&command("retry-1", "+254712345678", "hello"))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].json()["attempts"], 2);
+    assert_eq!(sent[0].json()["providerMessageId"], "after-retry");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn provider_429_retry_after_is_honoured() {
+    let mut app = spawn_app_with(&[
+        ("SMS__RETRY__MAX_DELAY_MS", "3000"),
+        ("SMS__REDIS__LEASE_MS", "20000"),
+    ])
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    provider_accepts(&app, "patient", 1).await;
+    let started = Instant::now();
+    app.publish(&command("throttled-1", "+254712345678", "hello"))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].json()["attempts"], 2);
+    let requests = app.provider.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 not honoured"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn provider_that_keeps_failing_ends_in_retries_exhausted() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(3)
+        .mount(&app.provider)
+        .await;
+    app.publish(&command("down-1", "+254712345678", "hello"))
+        .await;
+    let failed = app.broker.failed(1, WAIT).await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].json()["reason"], "retries_exhausted");
+    assert_eq!(failed[0].json()["attempts"], 3);
+    let dead = app.broker.dead_letters(1, WAIT).await;
+    assert!(dead[0]
+        .header("x-sms-error")
+        .unwrap()
+        .starts_with("retries_exhausted"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn commands_are_processed_concurrently() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "slow"}))
+                .set_delay(Duration::from_millis(500)),
+        )
+        .expect(40)
+        .mount(&app.provider)
+        .await;
+    let started = Instant::now();
+    for i in 0..40 {
+        app.publish(&command(&format!("conc-{i}"), "+254712345678", "hello"))
+            .await;
+    }
+    let sent = app.broker.sent(40, Duration::from_secs(15)).await;
+    assert_eq!(sent.len(), 40);
+    // One at a time this takes 20 s; concurrently about one delay.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_recorded_send_whose_event_was_lost_is_published_without_calling_the_provider() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "never", 0).await;
+    // As left by an instance that crashed after recording the send and
+    // before its SmsSent was confirmed (its lease has run out).
+    let key = format!("{}:msg:crashed-1", app.names.key_prefix);
+    let mut redis = redis_connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&["status", "sent", "published", "0", "provider", "generic"])
+        .arg(&[
+            "provider_message_id",
+            "msg-before-crash",
+            "segments",
+            "1",
+            "attempts",
+            "1",
+        ])
+        .arg(&["sent_at", "2026-11-22T10:00:00Z"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    app.publish(&command("crashed-1", "+254712345678", "hello"))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].json()["providerMessageId"], "msg-before-crash");
+    assert_eq!(sent[0].json()["sentAt"], "2026-11-22T10:00:00Z");
+    // And now it is a plain duplicate.
+    app.publish(&command("crashed-1", "+254712345678", "hello"))
+        .await;
+    assert!(app.broker.sent(1, QUIET).await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_lease_left_by_a_crashed_instance_expires_and_the_command_is_sent() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "second-life", 1).await;
+    let key = format!("{}:msg:stale-1", app.names.key_prefix);
+    let mut redis = redis_connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&["status", "processing", "published", "0", "attempts", "1"])
+        .arg(&["owner", "dead-instance", "lease_until", "1"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    app.publish(&command("stale-1", "+254712345678", "hello"))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].json()["attempts"],
+        2,
+        "attempts count the crashed call"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_key_in_flight_is_acked_at_once() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "never", 0).await;
+    let key = format!("{}:msg:leased-1", app.names.key_prefix);
+    let mut redis = redis_connection().await;
+    let now_ms: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&[
+            "status",
+            "processing",
+            "published",
+            "0",
+            "attempts",
+            "0",
+            "owner",
+            "other",
+        ])
+        .arg("lease_until")
+        .arg(now_ms + 1500)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Not a redelivery: a duplicate of a key in flight, acked at once.
+    app.publish(&command("leased-1", "+254712345678", "hello"))
+        .await;
+    assert!(app.broker.sent(1, QUIET).await.is_empty());
+    assert_eq!(app.broker.commands_waiting().await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn status_api_reports_known_and_unknown_keys() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "st-1", 1).await;
+    let (status, _) = app.get_json("/v1/messages/unknown-key").await;
+    assert_eq!(status, 404);
+    app.publish(&command("status-1", "+254712345678", "hello"))
+        .await;
+    app.broker.sent(1, WAIT).await;
+    let (status, body) = app.get_json("/v1/messages/status-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["idempotencyKey"], "status-1");
+    assert_eq!(body["status"], "sent");
+    assert!(body["updatedAt"].as_str().is_some());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn http_submission_validates_and_publishes_to_the_command_queue() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "via-http", 1).await;
+    let url = format!("{}/v1/messages", app.base_url);
+    let response = app
+        .http
+        .post(&url)
+        .json(&json!({"idempotencyKey": "http-1", "phoneNumber": "+254712345678", "text": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["idempotencyKey"],
+        "http-1"
+    );
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+
+    let bad = app
+        .http
+        .post(&url)
+        .json(&json!({"idempotencyKey": "http-2", "phoneNumber": "12", "text": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.json::<serde_json::Value>().await.unwrap()["error"],
+        "invalid_phone_number"
+    );
+    let huge = app
+        .http
+        .post(&url)
+        .body(vec![b' '; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn delivery_reports_update_the_status_and_are_published() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "dlr-1", 1).await;
+    app.publish(&command("dlr-key", "+254712345678", "hello"))
+        .await;
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    let url = format!("{}/v1/delivery-reports", app.base_url);
+    let response = app
+        .http
+        .post(&url)
+        .json(&json!({"id": "dlr-1", "status": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let reports = app.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].json()["idempotencyKey"], "dlr-key");
+    assert_eq!(reports[0].json()["status"], "delivered");
+    let (_, body) = app.get_json("/v1/messages/dlr-key").await;
+    assert_eq!(body["status"], "delivered");
+
+    let unknown = app
+        .http
+        .post(&url)
+        .json(&json!({"id": "no-such-id", "status": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn unsigned_delivery_reports_are_refused_when_a_secret_is_set() {
+    let app = spawn_app_with(&[("SMS__PROVIDER__CALLBACK_SECRET", "s3cret")]).await;
+    let response = app
+        .http
+        .post(format!("{}/v1/delivery-reports", app.base_url))
+        .json(&json!({"id": "x", "status": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "m-1", 1).await;
+    app.publish(&command("metrics-1", "+254712345678", "hello"))
+        .await;
+    app.broker.sent(1, WAIT).await;
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let (ready, _) = app.get_json("/readyz").await;
+    assert_eq!(ready, 200);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "sms_commands_received_total",
+        "sms_sent_total",
+        "sms_provider_requests_total",
+        "sms_provider_request_duration_seconds",
+        "sms_processing_duration_seconds",
+        "sms_in_flight",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn readiness_is_503_when_redis_is_unreachable() {
+    let app = spawn(
+        &[
+            ("SMS__REDIS__URL", "redis://127.0.0.1:1"),
+            ("SMS__REDIS__TIMEOUT_MS", "200"),
+        ],
+        false,
+    )
+    .await;
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body["reason"].as_str().unwrap().contains("Redis"), "{body}");
+    app.cleanup().await;
+}
