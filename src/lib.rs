@@ -30,3 +30,5 @@ pub mod notification;
 pub mod ports;
 pub mod processing;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -421,3 +421,349 @@ impl NotificationService for Notifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::Accepted;
+    use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    struct Harness {
+        cache: Arc<MemoryCache>,
+        provider: Arc<ScriptedProvider>,
+        events: Arc<MemoryEvents>,
+        notifier: Notifier,
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            requeue_delay: Duration::from_secs(1),
+        }
+    }
+
+    fn harness(provider: Arc<ScriptedProvider>) -> Harness {
+        let cache = MemoryCache::new(LEASE);
+        let events = Arc::new(MemoryEvents::default());
+        let notifier = Notifier::new(
+            cache.clone(),
+            provider.clone(),
+            events.clone(),
+            policy(),
+            1024,
+        );
+        Harness {
+            cache,
+            provider,
+            events,
+            notifier,
+        }
+    }
+
+    fn body(key: &str) -> Vec<u8> {
+        format!(r#"{{"idempotencyKey":"{key}","phoneNumber":"+254712345678","text":"hello"}}"#)
+            .into_bytes()
+    }
+
+    impl Harness {
+        async fn handle(&self, body: &[u8], redelivered: bool) -> Outcome {
+            let meta = EventMeta {
+                correlation_id: Some("c-1".into()),
+                traceparent: None,
+            };
+            self.notifier
+                .handle(Inbound {
+                    body,
+                    redelivered,
+                    meta: &meta,
+                })
+                .await
+        }
+    }
+
+    fn transient(retry_after: Option<Duration>) -> Result<Accepted, ProviderError> {
+        Err(ProviderError::Transient {
+            detail: "503".into(),
+            retry_after,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_key_is_claimed_sent_recorded_published_and_released() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1);
+        let sent = h.events.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].provider_message_id, "id-1");
+        assert_eq!(sent[0].provider, "scripted");
+        assert_eq!((sent[0].attempts, sent[0].segments), (1, 1));
+        assert_eq!(
+            h.events.sent.lock().unwrap()[0].1.correlation_id.as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(h.cache.status_of("k1"), Some(("sent".into(), true, 1)));
+        assert_eq!(
+            h.cache.lease_holder("k1"),
+            None,
+            "lease released after publish"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicate_command_is_acked_without_second_send() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Duplicate);
+        assert_eq!(h.provider.calls(), 1);
+        assert_eq!(h.events.sent().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicate_while_in_flight_is_acked_and_a_redelivery_waits_for_the_lease() {
+        let h = Arc::new(harness(ScriptedProvider::slow(Duration::from_secs(5))));
+        let first = tokio::spawn({
+            let h = h.clone();
+            async move { h.handle(&body("k1"), false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
+        match h.handle(&body("k1"), true).await {
+            Outcome::RetryAfter(d) => assert!(d <= policy().max_delay && d > Duration::ZERO),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(first.await.unwrap(), Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1);
+        assert_eq!(h.events.sent().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unconfirmed_sms_sent_is_republished_on_redelivery_without_calling_the_provider() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        h.events.down.store(true, SeqCst);
+        // Crash window: recorded sent, event not confirmed.
+        assert_eq!(
+            h.handle(&body("k1"), false).await,
+            Outcome::RetryAfter(policy().requeue_delay)
+        );
+        assert_eq!(h.cache.status_of("k1"), Some(("sent".into(), false, 1)));
+        assert_eq!(
+            h.cache.lease_holder("k1"),
+            None,
+            "lease released for the next try"
+        );
+        h.events.down.store(false, SeqCst);
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1, "no second provider call");
+        let sent = h.events.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].provider_message_id, "id-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_holders_lease_expires_and_the_key_is_processed_again() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        let key = IdempotencyKey::parse("k1").unwrap();
+        // An instance claimed the key and died before calling the provider.
+        assert_eq!(
+            h.cache.claim(&key, "dead").await.unwrap(),
+            Claim::Send { attempts: 0 }
+        );
+        assert!(matches!(
+            h.handle(&body("k1"), true).await,
+            Outcome::RetryAfter(_)
+        ));
+        assert_eq!(h.provider.calls(), 0);
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_documented_window_provider_accepted_but_nothing_recorded_sends_twice() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        let key = IdempotencyKey::parse("k1").unwrap();
+        // Simulates a crash right after the provider accepted: the claim is
+        // held, nothing is recorded, the lease must run out.
+        assert_eq!(
+            h.cache.claim(&key, "crashed").await.unwrap(),
+            Claim::Send { attempts: 0 }
+        );
+        h.provider.calls.fetch_add(1, SeqCst); // the call that the crash swallowed
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 2, "the one duplicate the design allows");
+        assert_eq!(h.events.sent().len(), 1, "still one SmsSent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn store_down_at_claim_requeues_without_sending() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        h.cache.down.store(true, SeqCst);
+        assert_eq!(
+            h.handle(&body("k1"), false).await,
+            Outcome::RetryAfter(policy().requeue_delay)
+        );
+        assert_eq!(
+            h.provider.calls(),
+            0,
+            "never send without the idempotency check"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn store_down_after_the_send_still_publishes_rather_than_sending_again() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        h.cache.fail_records.store(true, SeqCst);
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1);
+        assert_eq!(h.events.sent().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_with_backoff_then_sent() {
+        let h = harness(ScriptedProvider::new(vec![
+            transient(None),
+            transient(None),
+        ]));
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 3);
+        assert_eq!(h.events.sent()[0].attempts, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_waited_in_process_when_short() {
+        let h = harness(ScriptedProvider::new(vec![transient(Some(
+            Duration::from_secs(1),
+        ))]));
+        let started = tokio::time::Instant::now();
+        assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+        assert!(started.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_retry_after_hands_the_command_back_keeping_the_attempts() {
+        let h = harness(ScriptedProvider::new(vec![transient(Some(
+            Duration::from_secs(60),
+        ))]));
+        assert_eq!(
+            h.handle(&body("k1"), false).await,
+            Outcome::RetryAfter(Duration::from_secs(60))
+        );
+        assert_eq!(h.cache.status_of("k1"), Some(("retrying".into(), false, 1)));
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+        assert_eq!(h.events.sent()[0].attempts, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_running_out_is_retries_exhausted() {
+        let h = harness(ScriptedProvider::new(vec![
+            transient(None),
+            transient(None),
+            transient(None),
+        ]));
+        match h.handle(&body("k1"), false).await {
+            Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.provider.calls(), 3);
+        let failed = h.events.failed();
+        assert_eq!(
+            (failed[0].reason.as_str(), failed[0].attempts),
+            ("retries_exhausted", 3)
+        );
+        // A duplicate of the failed key is dead-lettered, not sent, no event.
+        assert!(matches!(
+            h.handle(&body("k1"), false).await,
+            Outcome::Failed(_)
+        ));
+        assert_eq!(h.provider.calls(), 3);
+        assert_eq!(h.events.failed().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_is_provider_rejected_at_once() {
+        let rejected = Err(ProviderError::Rejected {
+            detail: "HTTP 400: barred".into(),
+        });
+        let h = harness(ScriptedProvider::new(vec![rejected]));
+        match h.handle(&body("k1"), false).await {
+            Outcome::Failed(reason) => assert_eq!(reason, "provider_rejected: HTTP 400: barred"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.provider.calls(), 1);
+        assert_eq!(h.cache.status_of("k1"), Some(("failed".into(), true, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unconfirmed_sms_failed_is_republished_on_redelivery() {
+        let rejected = Err(ProviderError::Rejected {
+            detail: "no".into(),
+        });
+        let h = harness(ScriptedProvider::new(vec![rejected]));
+        h.events.down.store(true, SeqCst);
+        assert!(matches!(
+            h.handle(&body("k1"), false).await,
+            Outcome::RetryAfter(_)
+        ));
+        h.events.down.store(false, SeqCst);
+        assert!(matches!(
+            h.handle(&body("k1"), true).await,
+            Outcome::Failed(_)
+        ));
+        assert_eq!(h.provider.calls(), 1);
+        assert_eq!(h.events.failed().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_bodies_are_dead_lettered_without_events() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        for bad in [&b"nope"[..], br#"{"text":"no key"}"#, &[b'x'; 2000]] {
+            assert!(
+                matches!(h.handle(bad, false).await, Outcome::DeadLetter(r) if r.starts_with("malformed"))
+            );
+        }
+        assert_eq!(h.provider.calls(), 0);
+        assert!(h.events.failed().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalid_commands_get_sms_failed_and_touch_neither_provider_nor_store() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        let bad = br#"{"idempotencyKey":"k9","phoneNumber":"12","text":"hi"}"#;
+        match h.handle(bad, false).await {
+            Outcome::Failed(reason) => assert!(reason.starts_with("invalid_phone_number")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.events.failed()[0].reason, "invalid_phone_number");
+        assert_eq!(h.cache.status_of("k9"), None);
+        h.events.down.store(true, SeqCst);
+        assert!(
+            matches!(h.handle(bad, false).await, Outcome::RetryAfter(_)),
+            "event must be confirmed"
+        );
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_capped_exponential_and_honours_retry_after() {
+        let p = policy();
+        for made in 1..10 {
+            let cap = (p.base_delay * 2u32.pow(made - 1)).min(p.max_delay);
+            for _ in 0..50 {
+                assert!(p.delay(made, None) <= cap, "attempt {made}");
+            }
+        }
+        let waits: Vec<Duration> = (0..50).map(|_| p.delay(3, None)).collect();
+        assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(9))),
+            Duration::from_secs(9)
+        );
+    }
+}

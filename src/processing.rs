@@ -222,3 +222,143 @@ async fn settle(
     metrics::gauge!("sms_in_flight").decrement(1.0);
     metrics::histogram!("sms_processing_duration_seconds").record(started.elapsed().as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::{Notifier, RetryPolicy};
+    use crate::ports::{Accepted, ProviderError};
+    use crate::testing::{MemoryCache, MemoryEvents, MemoryQueue, ScriptedProvider, Settled};
+
+    fn service(
+        provider: Arc<ScriptedProvider>,
+        max_in_flight: usize,
+        grace: Duration,
+    ) -> (Arc<MemoryQueue>, QueueProcessingService) {
+        let queue = MemoryQueue::new();
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(100),
+            requeue_delay: Duration::from_millis(50),
+        };
+        let notifier = Notifier::new(
+            MemoryCache::new(Duration::from_secs(60)),
+            provider,
+            Arc::new(MemoryEvents::default()),
+            policy,
+            4096,
+        );
+        let settings = ProcessingSettings {
+            max_in_flight,
+            shutdown_grace: grace,
+            resubscribe_delay: Duration::from_millis(10),
+        };
+        (
+            queue.clone(),
+            QueueProcessingService::new(queue, Arc::new(notifier), settings),
+        )
+    }
+
+    fn body(key: &str) -> Vec<u8> {
+        format!(r#"{{"idempotencyKey":"{key}","phoneNumber":"+254712345678","text":"hi"}}"#)
+            .into_bytes()
+    }
+
+    async fn settle_all(queue: &MemoryQueue, n: usize) {
+        while queue.settled().len() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_outcome_settles_its_delivery_once() {
+        let rejected = Err(ProviderError::Rejected {
+            detail: "no".into(),
+        });
+        let (queue, svc) = service(
+            ScriptedProvider::new(vec![
+                Ok(Accepted {
+                    provider_message_id: "a".into(),
+                }),
+                rejected,
+            ]),
+            8,
+            Duration::from_secs(1),
+        );
+        let shutdown = CancellationToken::new();
+        let consuming = svc.consuming();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        queue.push(&body("ok"));
+        settle_all(&queue, 1).await;
+        queue.push(&body("ok"));
+        queue.push(&body("rejected"));
+        queue.push(b"garbage");
+        settle_all(&queue, 4).await;
+        assert!(consuming.get());
+        let settled = queue.settled();
+        assert_eq!(settled[0], Settled::Acked);
+        assert_eq!(
+            settled.iter().filter(|s| **s == Settled::Acked).count(),
+            2,
+            "sent, then duplicate"
+        );
+        assert!(settled
+            .iter()
+            .any(|s| matches!(s, Settled::DeadLettered(r) if r.starts_with("provider_rejected"))));
+        assert!(settled
+            .iter()
+            .any(|s| matches!(s, Settled::DeadLettered(r) if r.starts_with("malformed"))));
+        shutdown.cancel();
+        run.await.unwrap();
+        assert!(queue.closed.load(Ordering::SeqCst));
+        assert!(!consuming.get());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_is_bounded_by_max_in_flight() {
+        let provider = ScriptedProvider::slow(Duration::from_secs(1));
+        let (queue, svc) = service(provider.clone(), 4, Duration::from_secs(5));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        for i in 0..10 {
+            queue.push(&body(&format!("k{i}")));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(provider.calls(), 4, "four in flight, the rest wait");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(provider.calls(), 8);
+        settle_all(&queue, 10).await;
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_finishes_in_flight_work_within_the_grace_period() {
+        let provider = ScriptedProvider::slow(Duration::from_secs(2));
+        let (queue, svc) = service(provider, 8, Duration::from_secs(5));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        queue.push(&body("k1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        run.await.unwrap();
+        assert_eq!(queue.settled(), [Settled::Acked]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_requeues_what_outlasts_the_grace_period() {
+        let provider = ScriptedProvider::slow(Duration::from_secs(60));
+        let (queue, svc) = service(provider, 8, Duration::from_secs(1));
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        queue.push(&body("k1"));
+        queue.push(&body("k2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = tokio::time::Instant::now();
+        shutdown.cancel();
+        run.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(queue.settled(), [Settled::Requeued, Settled::Requeued]);
+    }
+}
