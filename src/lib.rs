@@ -23,6 +23,7 @@
 
 pub mod adapters;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod fake_provider;

@@ -46,6 +46,27 @@ enum Command {
         #[arg(long)]
         sender: Option<String>,
     },
+    /// Load-test a running service (and, with --baseline, a bare relay first).
+    Bench {
+        /// Commands to publish.
+        #[arg(long, short = 'n', default_value_t = 20_000)]
+        count: usize,
+        /// Share of commands (0 to 1) that repeat an earlier key.
+        #[arg(long, default_value_t = 0.0)]
+        duplicates: f64,
+        /// Publish at this steady rate (commands/s) instead of flat out.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Measure a bare relay on the same broker first, and print the ratio.
+        #[arg(long)]
+        baseline: bool,
+        /// Publisher confirms in flight.
+        #[arg(long, default_value_t = 1000)]
+        window: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a fake of the generic provider's API.
     FakeProvider {
         /// Address to listen on.
@@ -83,6 +104,23 @@ fn main() -> ExitCode {
                 key,
                 sender,
             } => send(settings, to, text, key, sender).await,
+            Command::Bench {
+                count,
+                duplicates,
+                rate,
+                baseline,
+                window,
+                json,
+            } => {
+                let options = sms_service::bench::BenchOptions {
+                    count,
+                    duplicates,
+                    rate,
+                    baseline,
+                    window,
+                };
+                bench(settings, options, json).await
+            }
             Command::FakeProvider {
                 bind,
                 latency_ms,
@@ -138,6 +176,25 @@ async fn send(
         Ok(Err(e)) => Err(e.into()),
         Err(_) => anyhow::bail!("broker did not confirm within 15 s"),
     }
+}
+
+async fn bench(
+    settings: Settings,
+    options: sms_service::bench::BenchOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(options.count > 0, "--count must be at least 1");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&options.duplicates),
+        "--duplicates must be in [0, 1)"
+    );
+    let report = sms_service::bench::run(&settings, &options).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", sms_service::bench::render(&report));
+    }
+    Ok(())
 }
 
 async fn fake_provider(bind: String, latency_ms: u64, fail_rate: f64) -> anyhow::Result<()> {

@@ -64,6 +64,9 @@ pub trait DeliveryStream: Send {
     /// Stops the broker from delivering more; what was delivered stays ours
     /// to settle.
     async fn cancel(&mut self);
+    /// Ends the subscription; whatever is still unsettled goes back to the
+    /// queue.
+    async fn close(&mut self);
 }
 
 /// The command queue.

@@ -146,7 +146,9 @@ impl QueueProcessingService {
             hand_back.cancel();
             tasks.wait().await;
         }
-        drop(stream);
+        if let Some(mut stream) = stream {
+            stream.close().await;
+        }
         self.queue.close().await;
         info!("processing stopped");
     }

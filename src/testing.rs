@@ -396,6 +396,7 @@ impl DeliveryStream for MemoryStream {
         self.0.recv().await.map(Ok)
     }
     async fn cancel(&mut self) {}
+    async fn close(&mut self) {}
 }
 
 #[async_trait]

@@ -443,6 +443,11 @@ async fn http_submission_validates_and_publishes_to_the_command_queue() {
     let response = app
         .http
         .post(&url)
+        .header("X-Correlation-Id", "corr-http")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
         .json(&json!({"idempotencyKey": "http-1", "phoneNumber": "+254712345678", "text": "hi"}))
         .send()
         .await
@@ -497,6 +502,13 @@ async fn delivery_reports_update_the_status_and_are_published() {
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].json()["idempotencyKey"], "dlr-key");
     assert_eq!(reports[0].json()["status"], "delivered");
+    let message_id = reports[0]
+        .properties
+        .message_id()
+        .as_ref()
+        .unwrap()
+        .to_string();
+    assert_eq!(message_id, "dlr-1:delivered");
     let (_, body) = app.get_json("/v1/messages/dlr-key").await;
     assert_eq!(body["status"], "delivered");
 

@@ -70,6 +70,14 @@ impl DeliveryStream for RabbitStream {
     async fn cancel(&mut self) {
         super::cancel(&self.channel, self.consumer.tag()).await;
     }
+
+    async fn close(&mut self) {
+        if self.channel.status().connected() {
+            if let Err(e) = self.channel.close(200, "OK".into()).await {
+                tracing::debug!(error = %e, "closing the consumer channel failed");
+            }
+        }
+    }
 }
 
 /// A header value as text, if it is text of a sane length.
@@ -122,7 +130,12 @@ impl DeliveryHandle for RabbitDelivery {
             "x-sms-error".into(),
             AMQPValue::LongString(bounded(reason).into()),
         );
-        let properties = self.properties.clone().with_headers(headers);
+        // Persistent whatever the command was: a dead letter is kept for people.
+        let properties = self
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
         let queue = self.broker.topology().dead_letter_queue.clone();
         self.broker.publish("", &queue, body, properties).await?;
         self.ack().await

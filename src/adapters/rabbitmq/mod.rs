@@ -239,19 +239,12 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
     Ok(())
 }
 
-/// Properties of an event: JSON, persistent, typed, keyed, traced.
-fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProperties {
+/// Properties every message the service publishes carries: JSON,
+/// persistent, and the command's correlation id and trace context.
+fn traced_properties(meta: &EventMeta) -> BasicProperties {
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_type(kind.into())
-        .with_message_id(message_id.into())
-        .with_timestamp(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default(),
-        );
+        .with_delivery_mode(2);
     if let Some(correlation_id) = &meta.correlation_id {
         properties = properties.with_correlation_id(correlation_id.as_str().into());
     }
@@ -264,6 +257,18 @@ fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProp
         properties = properties.with_headers(headers);
     }
     properties
+}
+
+/// Properties of an event: also typed, keyed and timestamped.
+fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProperties {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    traced_properties(meta)
+        .with_type(kind.into())
+        .with_message_id(message_id.into())
+        .with_timestamp(now)
 }
 
 #[async_trait]
@@ -292,14 +297,9 @@ impl QueueClient for RabbitMq {
     }
 
     async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError> {
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        if let Some(correlation_id) = &meta.correlation_id {
-            properties = properties.with_correlation_id(correlation_id.as_str().into());
-        }
         let queue = self.inner.topology.command_queue.clone();
-        self.publish("", &queue, body, properties).await
+        self.publish("", &queue, body, traced_properties(meta))
+            .await
     }
 
     fn is_connected(&self) -> bool {
@@ -340,15 +340,12 @@ impl EventBus for RabbitMq {
     async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError> {
         let body = serde_json::to_vec(report).expect("events always serialise");
         let exchange = &self.inner.topology.delivery_exchange;
+        // One message id per report, so subscribers that deduplicate on it
+        // keep a "delivered" that follows an "undelivered".
+        let message_id = format!("{}:{}", report.provider_message_id, report.status.as_str());
         let meta = EventMeta::default();
-        self.publish_event(
-            exchange,
-            "SmsDeliveryReport",
-            &report.idempotency_key,
-            body,
-            &meta,
-        )
-        .await
+        self.publish_event(exchange, "SmsDeliveryReport", &message_id, body, &meta)
+            .await
     }
 }
 

@@ -1,0 +1,446 @@
+//! `sms-service bench`: a load generator for a running service, and a bare
+//! relay to compare it with.
+//!
+//! It publishes N SendSms commands with publisher confirms (a window of
+//! confirms in flight, never one at a time), subscribes to `sms.sent`
+//! through a private queue, and waits for one event per distinct key. The
+//! publish instant of each key is kept in memory (the key carries its
+//! index), so end-to-end latency is measured on one monotonic clock.
+//!
+//! With `--baseline` it first runs the same load through a built-in bare
+//! relay on the same broker (consume, publish a small event with confirm,
+//! ack; no Redis, no provider) with the service's prefetch and concurrency:
+//! the ceiling this machine's broker sets, against which the service is
+//! measured.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::config::Settings;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub count: usize,
+    /// Share of commands (0 to 1) that repeat an earlier key.
+    pub duplicates: f64,
+    /// Steady publish rate in commands/s; `None` publishes as fast as confirms allow.
+    pub rate: Option<f64>,
+    pub baseline: bool,
+    /// Confirms in flight while publishing.
+    pub window: usize,
+}
+
+/// Figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub target: String,
+    pub commands: usize,
+    pub distinct_keys: usize,
+    pub seconds: f64,
+    /// Distinct keys per second, first publish to last event.
+    pub throughput_per_s: f64,
+    /// Commands per second the publisher managed in this run.
+    pub publish_rate_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub baseline: Option<RunReport>,
+    pub service: RunReport,
+    /// service throughput / baseline throughput.
+    pub ratio: Option<f64>,
+}
+
+/// Runs the benchmark against the broker and service that `settings` name.
+pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let url = settings.amqp.url.expose_secret().to_owned();
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ (amqp.url)")?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let baseline = if options.baseline {
+        let relay = Relay::start(&connection, &run_id, settings).await?;
+        let report = load(
+            &connection,
+            options,
+            &relay.queue,
+            &relay.exchange,
+            &format!("{run_id}-relay"),
+            "bare relay",
+        )
+        .await?;
+        relay.stop(&connection).await;
+        Some(report)
+    } else {
+        None
+    };
+    let service = load(
+        &connection,
+        options,
+        &settings.amqp.command_queue,
+        &settings.amqp.sent_exchange,
+        &format!("{run_id}-svc"),
+        "sms-service",
+    )
+    .await?;
+    let _ = connection.close(200, "bench done".into()).await;
+    let ratio = baseline
+        .as_ref()
+        .map(|b| service.throughput_per_s / b.throughput_per_s);
+    Ok(BenchReport {
+        baseline,
+        service,
+        ratio,
+    })
+}
+
+/// Publishes the load to `queue`, collects one event per key from `exchange`.
+async fn load(
+    connection: &Connection,
+    options: &BenchOptions,
+    queue: &str,
+    exchange: &str,
+    run_id: &str,
+    target: &str,
+) -> anyhow::Result<RunReport> {
+    // Which key each command carries: every so often an earlier one again.
+    let mut keys = Vec::with_capacity(options.count);
+    let mut distinct = 0usize;
+    for i in 0..options.count {
+        if distinct > 0 && rand::random::<f64>() < options.duplicates {
+            keys.push(rand::random_range(0..distinct));
+        } else {
+            keys.push(distinct);
+            distinct += 1;
+        }
+        let _ = i;
+    }
+
+    // Subscribe before publishing.
+    let events = connection.create_channel().await?;
+    let event_queue = events
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    events
+        .queue_bind(
+            event_queue.name().clone(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding to exchange {exchange} (is the service running?)"))?;
+    let mut consumer = events
+        .basic_consume(
+            event_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+
+    let published_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; distinct]));
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let started = Instant::now();
+    let publish = {
+        let published_at = published_at.clone();
+        let (queue, run_id, options) = (queue.to_owned(), run_id.to_owned(), options.clone());
+        tokio::spawn(async move {
+            publish_all(publisher, &queue, &run_id, &keys, &options, published_at).await
+        })
+    };
+
+    let prefix = format!("bench-{run_id}-");
+    let mut latencies = Vec::with_capacity(distinct);
+    let mut seen = vec![false; distinct];
+    let mut last_progress = Instant::now();
+    let mut last_event = started;
+    while latencies.len() < distinct {
+        let delivery = match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(_) => anyhow::bail!("event subscription ended"),
+            Err(_) => anyhow::bail!(
+                "no event for 30 s with {}/{distinct} received: is the service running and consuming {queue}?",
+                latencies.len()
+            ),
+        };
+        let now = Instant::now();
+        let Some(index) = event_index(&delivery.data, &prefix) else {
+            continue; // someone else's event on the same exchange
+        };
+        if index >= distinct || std::mem::replace(&mut seen[index], true) {
+            continue;
+        }
+        if let Some(at) = published_at.lock().unwrap_or_else(|e| e.into_inner())[index] {
+            latencies.push(now.duration_since(at));
+        }
+        last_event = now;
+        if now.duration_since(last_progress) >= Duration::from_secs(1) {
+            last_progress = now;
+            eprintln!(
+                "  {target}: {}/{distinct} events, {:.0}/s",
+                latencies.len(),
+                latencies.len() as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let publish_seconds = publish.await??;
+    let _ = events.close(200, "done".into()).await;
+    let seconds = last_event.duration_since(started).as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    Ok(RunReport {
+        target: target.to_owned(),
+        commands: options.count,
+        distinct_keys: distinct,
+        seconds,
+        throughput_per_s: distinct as f64 / seconds,
+        publish_rate_per_s: options.count as f64 / publish_seconds,
+        latency_ms_p50: pct(0.50),
+        latency_ms_p95: pct(0.95),
+        latency_ms_p99: pct(0.99),
+        latency_ms_max: pct(1.0),
+    })
+}
+
+/// The key index of an event body, if it belongs to this run.
+fn event_index(body: &[u8], prefix: &str) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "idempotencyKey", borrow)]
+        key: &'a str,
+    }
+    let event: Event = serde_json::from_slice(body).ok()?;
+    event.key.strip_prefix(prefix)?.parse().ok()
+}
+
+/// Publishes every command with confirms, `window` in flight; returns seconds taken.
+async fn publish_all(
+    channel: Channel,
+    queue: &str,
+    run_id: &str,
+    keys: &[usize],
+    options: &BenchOptions,
+    published_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let window = Arc::new(Semaphore::new(options.window.max(1)));
+    let mut confirms = tokio::task::JoinSet::new();
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(rate) = options.rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let permit = window.clone().acquire_owned().await?;
+        let body = format!(
+            r#"{{"idempotencyKey":"bench-{run_id}-{key}","phoneNumber":"+254712345678","text":"Your code is {key}"}}"#
+        );
+        {
+            let mut at = published_at.lock().unwrap_or_else(|e| e.into_inner());
+            at[*key].get_or_insert_with(Instant::now);
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties.clone(),
+            )
+            .await?;
+        confirms.spawn(async move {
+            let confirmation = confirm.await;
+            drop(permit);
+            confirmation
+        });
+        while let Some(done) = confirms.try_join_next() {
+            anyhow::ensure!(done??.is_ack(), "broker refused a command");
+        }
+    }
+    while let Some(done) = confirms.join_next().await {
+        anyhow::ensure!(done??.is_ack(), "broker refused a command");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The bare relay: consume, publish a small event with confirm, ack.
+struct Relay {
+    queue: String,
+    exchange: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(
+        connection: &Connection,
+        run_id: &str,
+        settings: &Settings,
+    ) -> anyhow::Result<Self> {
+        let queue = format!("sms.bench.{run_id}.relay");
+        let exchange = format!("sms.bench.{run_id}.relayed");
+        let setup = connection.create_channel().await?;
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        setup
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let consume = connection.create_channel().await?;
+        consume
+            .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let in_flight = Arc::new(Semaphore::new(settings.processing.max_in_flight));
+        let target = exchange.clone();
+        let task = tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (publish, target) = (publish.clone(), target.clone());
+                tokio::spawn(async move {
+                    let key = event_key(&delivery.data);
+                    let event = format!(r#"{{"idempotencyKey":"{key}"}}"#);
+                    let properties = BasicProperties::default().with_delivery_mode(2);
+                    if let Ok(confirm) = publish
+                        .basic_publish(
+                            target.as_str().into(),
+                            "".into(),
+                            BasicPublishOptions::default(),
+                            event.as_bytes(),
+                            properties,
+                        )
+                        .await
+                    {
+                        if confirm.await.is_ok() {
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Self {
+            queue,
+            exchange,
+            task,
+        })
+    }
+
+    async fn stop(self, connection: &Connection) {
+        self.task.abort();
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+fn event_key(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Command {
+        #[serde(rename = "idempotencyKey")]
+        key: String,
+    }
+    serde_json::from_slice::<Command>(body)
+        .map(|c| c.key)
+        .unwrap_or_default()
+}
+
+/// The report as a table.
+pub fn render(report: &BenchReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<12} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
+        "target", "commands", "keys", "cmd/s", "publish/s", "p50 ms", "p95 ms", "p99 ms", "max ms"
+    ));
+    for r in report
+        .baseline
+        .iter()
+        .chain(std::iter::once(&report.service))
+    {
+        out.push_str(&format!(
+            "{:<12} {:>8} {:>8} {:>10.0} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1}\n",
+            r.target,
+            r.commands,
+            r.distinct_keys,
+            r.throughput_per_s,
+            r.publish_rate_per_s,
+            r.latency_ms_p50,
+            r.latency_ms_p95,
+            r.latency_ms_p99,
+            r.latency_ms_max
+        ));
+    }
+    if let Some(ratio) = report.ratio {
+        out.push_str(&format!("ratio service/baseline: {ratio:.2}\n"));
+    }
+    out
+}
