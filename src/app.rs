@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
@@ -11,8 +12,9 @@ use tracing::info;
 
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore};
+use crate::breaker::CircuitBreaker;
 use crate::config::{configured, Settings};
-use crate::notification::Notifier;
+use crate::notification::{Notifier, ProviderGuard};
 use crate::processing::QueueProcessingService;
 
 /// A started service.
@@ -39,20 +41,28 @@ impl RunningApp {
 
 /// Builds everything and starts it in the background.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
-    let broker = RabbitMq::new(&settings.amqp);
+    let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
     let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
     let provider_name = sms.name().to_owned();
+    let breaker = Arc::new(CircuitBreaker::new(
+        settings.provider.breaker_threshold,
+        Duration::from_millis(settings.provider.breaker_cool_down_ms),
+    ));
+    let guard = ProviderGuard::new(breaker.clone(), settings.provider.max_sends_per_second);
     let notifier = Notifier::new(
         store.clone(),
         sms,
         Arc::new(broker.clone()),
         settings.retry_policy(),
+        guard,
         settings.amqp.max_body_bytes,
+        settings.processing.max_redeliveries,
     );
     let processing = QueueProcessingService::new(
         Arc::new(broker.clone()),
         Arc::new(notifier),
+        breaker,
         settings.processing_settings(),
     );
     let (listener, http_addr) = http::bind(&settings.http.bind)

@@ -67,14 +67,20 @@ pub struct ProviderSettings {
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
     pub max_idle_connections: usize,
+    pub max_sends_per_second: u32,
+    pub breaker_threshold: u32,
+    pub breaker_cool_down_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     pub max_attempts: u32,
+    pub max_age_secs: u64,
+    pub in_process_attempts: u32,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
+    pub tiers_ms: Vec<u64>,
     pub requeue_delay_ms: u64,
 }
 
@@ -82,6 +88,7 @@ pub struct RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct ProcessingConfig {
     pub max_in_flight: usize,
+    pub max_redeliveries: u32,
     pub shutdown_grace_ms: u64,
 }
 
@@ -111,15 +118,21 @@ pub struct LogSettings {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// The `SMS__SECTION__KEY` overlay; lists (`retry.tiers_ms`) are
+/// comma-separated. Tests give it a map with `.source(Some(map))`.
+pub fn environment() -> Environment {
+    Environment::with_prefix("SMS")
+        .prefix_separator("__")
+        .separator("__")
+        .list_separator(",")
+        .with_list_parse_key("retry.tiers_ms")
+        .try_parsing(true)
+}
+
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(
-            file,
-            Environment::with_prefix("SMS")
-                .prefix_separator("__")
-                .separator("__"),
-        )
+        Self::load_from(file, environment())
     }
 
     /// As [`Settings::load`], with the environment given (tests pass a map).
@@ -188,6 +201,19 @@ impl Settings {
                 self.provider.request_timeout_ms,
             ),
             ("retry.max_attempts", u64::from(self.retry.max_attempts)),
+            (
+                "retry.in_process_attempts",
+                u64::from(self.retry.in_process_attempts),
+            ),
+            ("retry.max_age_secs", self.retry.max_age_secs),
+            (
+                "processing.max_redeliveries",
+                u64::from(self.processing.max_redeliveries),
+            ),
+            (
+                "provider.breaker_cool_down_ms",
+                self.provider.breaker_cool_down_ms,
+            ),
             ("retry.base_delay_ms", self.retry.base_delay_ms),
             (
                 "processing.max_in_flight",
@@ -202,15 +228,21 @@ impl Settings {
         if self.retry.max_delay_ms < self.retry.base_delay_ms {
             return bad("retry.max_delay_ms", "must be at least retry.base_delay_ms");
         }
-        // A lease must outlast one processing attempt, or a second instance
-        // could claim a key whose first send is still under way.
-        let attempt_ms = u64::from(self.retry.max_attempts) * self.provider.request_timeout_ms
-            + u64::from(self.retry.max_attempts.saturating_sub(1)) * self.retry.max_delay_ms;
+        let tiers = &self.retry.tiers_ms;
+        if tiers.is_empty() || tiers.len() > 20 || tiers.iter().any(|t| *t == 0 || *t > 86_400_000)
+        {
+            return bad("retry.tiers_ms", "must list 1 to 20 delays of 1 ms to 24 h");
+        }
+        // A lease must outlast one delivery's provider calls, or a second
+        // instance could claim a key whose send is still under way.
+        let calls = self.retry.in_process_attempts;
+        let attempt_ms = u64::from(calls) * self.provider.request_timeout_ms
+            + u64::from(calls.saturating_sub(1)) * self.retry.max_delay_ms;
         if self.redis.lease_ms <= attempt_ms {
             return bad(
                 "redis.lease_ms",
                 &format!(
-                    "must exceed max_attempts x request_timeout_ms + backoff ({attempt_ms} ms), \
+                    "must exceed in_process_attempts x request_timeout_ms + backoff ({attempt_ms} ms), \
                      or a second instance could send a key still in flight"
                 ),
             );
@@ -227,10 +259,21 @@ impl Settings {
     pub fn retry_policy(&self) -> crate::notification::RetryPolicy {
         crate::notification::RetryPolicy {
             max_attempts: self.retry.max_attempts,
+            max_age: Duration::from_secs(self.retry.max_age_secs),
+            in_process_attempts: self.retry.in_process_attempts,
             base_delay: Duration::from_millis(self.retry.base_delay_ms),
             max_delay: Duration::from_millis(self.retry.max_delay_ms),
+            tiers: self.retry_tiers(),
             requeue_delay: Duration::from_millis(self.retry.requeue_delay_ms),
         }
+    }
+
+    pub fn retry_tiers(&self) -> Vec<Duration> {
+        self.retry
+            .tiers_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect()
     }
 
     pub fn processing_settings(&self) -> crate::processing::ProcessingSettings {
@@ -269,11 +312,24 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let env = Environment::with_prefix("SMS")
-            .prefix_separator("__")
-            .separator("__")
-            .source(Some(map));
-        Settings::load_from(None, env)
+        Settings::load_from(None, environment().source(Some(map)))
+    }
+
+    #[test]
+    fn retry_tiers_come_from_a_comma_separated_list() {
+        let s = load(&[("SMS__RETRY__TIERS_MS", "100,250,1000")]).unwrap();
+        assert_eq!(s.retry.tiers_ms, [100, 250, 1000]);
+        let defaults = load(&[]).unwrap();
+        assert_eq!(
+            defaults.retry.tiers_ms,
+            [5000, 30000, 120000, 600000, 3600000]
+        );
+        assert_eq!(defaults.retry.max_attempts, 12);
+        assert_eq!(defaults.retry.max_age_secs, 86_400);
+        let err = load(&[("SMS__RETRY__TIERS_MS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry.tiers_ms"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,7 @@
 pub mod adapters;
 pub mod app;
 pub mod bench;
+pub mod breaker;
 pub mod config;
 pub mod domain;
 pub mod fake_provider;

@@ -161,7 +161,8 @@ async fn send(
     if let Err(e) = SendSms::from_json(&body) {
         anyhow::bail!("not a valid command: {}", e.dead_letter_reason());
     }
-    let broker = sms_service::adapters::rabbitmq::RabbitMq::new(&settings.amqp);
+    let broker =
+        sms_service::adapters::rabbitmq::RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let published = tokio::time::timeout(
         Duration::from_secs(15),
         broker.publish_command(&body, &EventMeta::default()),

@@ -7,8 +7,10 @@
 //!    that either grants a lease, or says the key is done, or that someone
 //!    else holds it. No provider call happens without a granted lease.
 //! 2. **send** through the provider, passing the key as `Idempotency-Key`,
-//!    retrying transient failures in process (bounded, exponential backoff
-//!    with full jitter, `Retry-After` honoured).
+//!    retrying transient failures a few times in process (exponential
+//!    backoff with full jitter, `Retry-After` honoured). Longer waits go to
+//!    the broker: the lease is released (state `retrying`, attempts kept)
+//!    and the command is handed to a delay tier ([`Outcome::Delay`]).
 //! 3. **record** the outcome (`sent` with the provider's id, or `failed`).
 //! 4. **publish** SmsSent or SmsFailed and wait for the broker's confirm.
 //! 5. **mark published**, releasing the lease.
@@ -20,46 +22,58 @@
 //! happen); between 3 and 5 it publishes the recorded event without calling
 //! the provider; after 5 it is a duplicate and is acknowledged.
 //!
-//! A duplicate command (not a redelivery) that finds the key leased is
-//! acknowledged at once: the holder's delivery is still in the broker's
-//! hands and will reach an outcome. A *redelivered* command that finds the
-//! key leased may be the holder's own delivery after a crash, so it is
-//! retried once the lease has run out.
+//! A duplicate command (neither a redelivery nor back from a delay tier)
+//! that finds the key leased is acknowledged at once: the holder's delivery
+//! is still in the broker's hands and will reach an outcome. A redelivered
+//! or returning command that finds the key leased may be the holder's own
+//! delivery after a crash, so it is delayed until the lease has run out.
+//!
+//! A command redelivered by the broker more than `max_redeliveries` times
+//! (it kept killing its consumer, or never reached an outcome) is a poison
+//! message and is dead-lettered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use backon::BackoffBuilder;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
+use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::domain::{
     count_segments, rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed,
     SmsSent,
 };
 use crate::ports::{
     CacheService, Claim, EventBus, EventMeta, FailedRecord, Inbound, NotificationService, Outcome,
-    ProviderError, SentRecord, SmsService,
+    ProviderError, RetryState, SentRecord, SmsService,
 };
 
 /// How provider failures are retried.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Provider calls per key in all, across redeliveries.
+    /// Provider calls per key in all, across deliveries and delay tiers.
     pub max_attempts: u32,
-    /// First backoff step; doubles each attempt.
+    /// A key still failing this long after its first attempt has failed.
+    pub max_age: Duration,
+    /// Provider calls per delivery before handing over to a delay tier.
+    pub in_process_attempts: u32,
+    /// First in-process backoff step; doubles each attempt.
     pub base_delay: Duration,
-    /// Longest backoff step, and the longest wait done in process: a
-    /// `Retry-After` longer than this hands the command back to the queue.
+    /// Longest in-process backoff step and longest in-process wait.
     pub max_delay: Duration,
-    /// How long to wait before requeueing when the broker or the store failed.
+    /// The broker's delay tiers; the n-th hand-over waits about `tiers[n]`.
+    pub tiers: Vec<Duration>,
+    /// How long to wait before requeueing when the broker failed.
     pub requeue_delay: Duration,
 }
 
 impl RetryPolicy {
-    /// The wait before attempt `made + 1`: full jitter over a capped
-    /// exponential step, but never less than what the provider asked for.
+    /// The in-process wait before attempt `made + 1`: full jitter over a
+    /// capped exponential step, but never less than what the provider asked.
     pub fn delay(&self, made: u32, retry_after: Option<Duration>) -> Duration {
         let step = backon::ExponentialBuilder::default()
             .with_min_delay(self.base_delay)
@@ -72,6 +86,38 @@ impl RetryPolicy {
         let jittered = step.mul_f64(rand::random::<f64>());
         jittered.max(retry_after.unwrap_or_default())
     }
+
+    /// The broker wait after `delays` earlier hand-overs: the tier's delay
+    /// with jitter (half to all of it), never less than `Retry-After`.
+    pub fn broker_delay(&self, delays: u32, retry_after: Option<Duration>) -> Duration {
+        let tier = self
+            .tiers
+            .get(delays as usize)
+            .or(self.tiers.last())
+            .copied()
+            .unwrap_or(self.max_delay);
+        let jittered = tier.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        jittered.max(retry_after.unwrap_or_default())
+    }
+}
+
+/// Limits on the provider: the breaker and the send rate.
+pub struct ProviderGuard {
+    pub breaker: Arc<CircuitBreaker>,
+    /// Sends per second for this instance; `None` for no limit.
+    pub limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl ProviderGuard {
+    pub fn new(breaker: Arc<CircuitBreaker>, max_per_second: u32) -> Self {
+        let limiter = std::num::NonZeroU32::new(max_per_second)
+            .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
+        Self { breaker, limiter }
+    }
+
+    pub fn unlimited() -> Self {
+        Self::new(Arc::new(CircuitBreaker::new(0, Duration::from_secs(1))), 0)
+    }
 }
 
 /// The notification step over its ports.
@@ -80,8 +126,11 @@ pub struct Notifier {
     sms: Arc<dyn SmsService>,
     events: Arc<dyn EventBus>,
     retry: RetryPolicy,
+    guard: ProviderGuard,
     /// Larger bodies are dead-lettered unread.
     max_body_bytes: usize,
+    /// Broker redeliveries of one body before it is called poison.
+    max_redeliveries: u32,
     /// Makes each claim's lease owner unique across instances and attempts.
     instance: String,
     claims: AtomicU64,
@@ -91,20 +140,39 @@ pub struct Notifier {
 /// going on without them.
 const RECORD_TRIES: u32 = 3;
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// What one delivery of a command carries through the send loop.
+struct Attempt<'a> {
+    cmd: &'a SendSms,
+    owner: &'a str,
+    meta: &'a EventMeta,
+    retry: RetryState,
+}
+
 impl Notifier {
     pub fn new(
         cache: Arc<dyn CacheService>,
         sms: Arc<dyn SmsService>,
         events: Arc<dyn EventBus>,
         retry: RetryPolicy,
+        guard: ProviderGuard,
         max_body_bytes: usize,
+        max_redeliveries: u32,
     ) -> Self {
         Self {
             cache,
             sms,
             events,
             retry,
+            guard,
             max_body_bytes,
+            max_redeliveries,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             claims: AtomicU64::new(0),
         }
@@ -115,25 +183,47 @@ impl Notifier {
         format!("{}-{n}", self.instance)
     }
 
-    async fn process(&self, cmd: SendSms, redelivered: bool, meta: &EventMeta) -> Outcome {
+    /// Counts broker redeliveries of this body; `Some` reason once it is poison.
+    async fn poisoned(&self, body: &[u8]) -> Result<Option<String>, Outcome> {
+        let fingerprint = hex::encode(Sha256::digest(body));
+        match self.cache.count_redelivery(&fingerprint).await {
+            Ok(n) if n > self.max_redeliveries => Ok(Some(format!(
+                "poison: redelivered {n} times without reaching an outcome"
+            ))),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                warn!(error = %e, "store unavailable; pausing");
+                Err(Outcome::StoreUnavailable)
+            }
+        }
+    }
+
+    async fn process(&self, cmd: SendSms, message: &Inbound<'_>) -> Outcome {
         let key = &cmd.idempotency_key;
         let owner = self.next_owner();
         let claim = match self.cache.claim(key, &owner).await {
             Ok(claim) => claim,
             Err(e) => {
-                warn!(error = %e, "cannot claim key; requeueing");
-                return Outcome::RetryAfter(self.retry.requeue_delay);
+                warn!(error = %e, "cannot claim key; pausing");
+                return Outcome::StoreUnavailable;
             }
         };
+        let returning = message.redelivered || message.retry.delays > 0;
+        let attempt = Attempt {
+            cmd: &cmd,
+            owner: &owner,
+            meta: message.meta,
+            retry: message.retry.clone(),
+        };
         match claim {
-            Claim::Send { attempts } => self.send(&cmd, attempts, &owner, meta).await,
+            Claim::Send { attempts } => self.send(attempt, attempts).await,
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
-                self.publish_sent(&cmd, &record, &owner, meta).await
+                self.publish_sent(&attempt, &record).await
             }
             Claim::PublishFailed(record) => {
                 info!("resuming: failure already recorded, publishing SmsFailed");
-                self.publish_failed(&cmd, &record, &owner, meta).await
+                self.publish_failed(&attempt, &record).await
             }
             Claim::AlreadySent => {
                 metrics::counter!("sms_duplicates_total").increment(1);
@@ -147,14 +237,14 @@ impl Notifier {
                     record.reason.as_str()
                 ))
             }
-            Claim::Busy { lease_left } if redelivered => {
-                debug!(
-                    ?lease_left,
-                    "redelivered while leased; retrying after the lease"
-                );
-                Outcome::RetryAfter(
-                    lease_left.clamp(Duration::from_millis(50), self.retry.max_delay),
-                )
+            Claim::Busy { lease_left } if returning => {
+                // Possibly this command's own lease, left by a crash: come
+                // back once it has run out.
+                debug!(?lease_left, "leased and returning; delaying past the lease");
+                Outcome::Delay {
+                    delay: lease_left + Duration::from_millis(100),
+                    retry: message.retry.clone(),
+                }
             }
             Claim::Busy { .. } => {
                 metrics::counter!("sms_duplicates_total").increment(1);
@@ -164,89 +254,82 @@ impl Notifier {
         }
     }
 
-    /// Calls the provider until it accepts, rejects, or the attempts run out.
-    async fn send(
-        &self,
-        cmd: &SendSms,
-        mut attempts: u32,
-        owner: &str,
-        meta: &EventMeta,
-    ) -> Outcome {
+    /// Calls the provider until it accepts, rejects, the attempts or the age
+    /// run out, or the wait grows long enough to hand to the broker.
+    async fn send(&self, mut a: Attempt<'_>, stored_attempts: u32) -> Outcome {
+        a.retry.attempts = a.retry.attempts.max(stored_attempts);
+        let first_attempt_ms = *a.retry.first_attempt_at_ms.get_or_insert_with(now_ms);
+        let mut this_delivery = 0u32;
         loop {
-            if attempts >= self.retry.max_attempts {
-                let detail = format!("provider failed {attempts} times");
-                return self
-                    .fail(
-                        cmd,
-                        FailureReason::RetriesExhausted,
-                        detail,
-                        attempts,
-                        owner,
-                        meta,
-                    )
-                    .await;
+            let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
+            if a.retry.attempts >= self.retry.max_attempts || age >= self.retry.max_age {
+                let detail = format!(
+                    "provider failed {} times over {}s",
+                    a.retry.attempts,
+                    age.as_secs()
+                );
+                return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
             }
-            attempts += 1;
+            if self.guard.breaker.state() == BreakerState::Open {
+                let wait = self
+                    .guard
+                    .breaker
+                    .open_for()
+                    .unwrap_or(self.retry.max_delay);
+                debug!(?wait, "provider circuit open; delaying without a call");
+                return self.hand_over(&a, wait.max(Duration::from_secs(1))).await;
+            }
+            if let Some(limiter) = &self.guard.limiter {
+                limiter.until_ready().await;
+            }
+            a.retry.attempts += 1;
+            this_delivery += 1;
             let started = Instant::now();
-            let result = self.sms.send(cmd).await;
+            let result = self.sms.send(a.cmd).await;
             metrics::histogram!("sms_provider_request_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(accepted) => {
+                    self.guard.breaker.record_success();
                     metrics::counter!("sms_provider_requests_total", "outcome" => "accepted")
                         .increment(1);
                     let record = SentRecord {
                         provider: self.sms.name().to_owned(),
                         provider_message_id: accepted.provider_message_id,
-                        segments: count_segments(cmd.text.as_str()).1,
-                        attempts,
+                        segments: count_segments(a.cmd.text.as_str()).1,
+                        attempts: a.retry.attempts,
                         sent_at: rfc3339(SystemTime::now()),
                     };
-                    self.record(|| self.cache.record_sent(&cmd.idempotency_key, &record))
+                    self.record(|| self.cache.record_sent(&a.cmd.idempotency_key, &record))
                         .await;
-                    return self.publish_sent(cmd, &record, owner, meta).await;
+                    return self.publish_sent(&a, &record).await;
                 }
                 Err(ProviderError::Rejected { detail }) => {
+                    self.guard.breaker.record_success();
                     metrics::counter!("sms_provider_requests_total", "outcome" => "rejected")
                         .increment(1);
-                    warn!(%detail, attempts, "provider rejected the message");
-                    return self
-                        .fail(
-                            cmd,
-                            FailureReason::ProviderRejected,
-                            detail,
-                            attempts,
-                            owner,
-                            meta,
-                        )
-                        .await;
+                    warn!(%detail, attempts = a.retry.attempts, "provider rejected the message");
+                    return self.fail(&a, FailureReason::ProviderRejected, detail).await;
                 }
                 Err(ProviderError::Transient {
                     detail,
                     retry_after,
                 }) => {
+                    self.guard.breaker.record_failure();
                     metrics::counter!("sms_provider_requests_total", "outcome" => "transient")
                         .increment(1);
-                    if attempts >= self.retry.max_attempts {
-                        let detail = format!("provider failed {attempts} times; last: {detail}");
-                        return self
-                            .fail(
-                                cmd,
-                                FailureReason::RetriesExhausted,
-                                detail,
-                                attempts,
-                                owner,
-                                meta,
-                            )
-                            .await;
+                    if a.retry.attempts >= self.retry.max_attempts {
+                        let detail =
+                            format!("provider failed {} times; last: {detail}", a.retry.attempts);
+                        return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
                     }
-                    let wait = self.retry.delay(attempts, retry_after);
-                    warn!(%detail, attempts, ?wait, "transient provider failure");
-                    if wait > self.retry.max_delay {
-                        // Too long to hold the lease and a delivery for:
-                        // hand the command back and let the next claim retry.
-                        self.release(&cmd.idempotency_key, owner, attempts).await;
-                        return Outcome::RetryAfter(wait);
+                    let wait = self.retry.delay(this_delivery, retry_after);
+                    warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
+                    if this_delivery >= self.retry.in_process_attempts
+                        || wait > self.retry.max_delay
+                    {
+                        let wait = self.retry.broker_delay(a.retry.delays, retry_after);
+                        return self.hand_over(&a, wait).await;
                     }
                     tokio::time::sleep(wait).await;
                 }
@@ -254,77 +337,66 @@ impl Notifier {
         }
     }
 
-    async fn fail(
-        &self,
-        cmd: &SendSms,
-        reason: FailureReason,
-        detail: String,
-        attempts: u32,
-        owner: &str,
-        meta: &EventMeta,
-    ) -> Outcome {
+    /// Releases the lease (keeping the attempts) and asks for a delay tier.
+    async fn hand_over(&self, a: &Attempt<'_>, delay: Duration) -> Outcome {
+        self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
+            .await;
+        let mut retry = a.retry.clone();
+        retry.delays += 1;
+        Outcome::Delay { delay, retry }
+    }
+
+    async fn fail(&self, a: &Attempt<'_>, reason: FailureReason, detail: String) -> Outcome {
         let record = FailedRecord {
             reason,
             detail,
-            attempts,
+            attempts: a.retry.attempts,
             failed_at: rfc3339(SystemTime::now()),
         };
-        self.record(|| self.cache.record_failed(&cmd.idempotency_key, &record))
+        self.record(|| self.cache.record_failed(&a.cmd.idempotency_key, &record))
             .await;
-        self.publish_failed(cmd, &record, owner, meta).await
+        self.publish_failed(a, &record).await
     }
 
-    async fn publish_sent(
-        &self,
-        cmd: &SendSms,
-        record: &SentRecord,
-        owner: &str,
-        meta: &EventMeta,
-    ) -> Outcome {
+    async fn publish_sent(&self, a: &Attempt<'_>, record: &SentRecord) -> Outcome {
         let event = SmsSent {
-            idempotency_key: cmd.idempotency_key.to_string(),
-            phone_number: cmd.phone_number.as_str().to_owned(),
+            idempotency_key: a.cmd.idempotency_key.to_string(),
+            phone_number: a.cmd.phone_number.as_str().to_owned(),
             provider: record.provider.clone(),
             provider_message_id: record.provider_message_id.clone(),
             segments: record.segments,
             attempts: record.attempts,
             sent_at: record.sent_at.clone(),
         };
-        if let Err(e) = self.events.publish_sent(&event, meta).await {
+        if let Err(e) = self.events.publish_sent(&event, a.meta).await {
             warn!(error = %e, "SmsSent not confirmed; requeueing to publish it again");
-            self.release(&cmd.idempotency_key, owner, record.attempts)
+            self.release(&a.cmd.idempotency_key, a.owner, record.attempts)
                 .await;
             return Outcome::RetryAfter(self.retry.requeue_delay);
         }
-        self.record(|| self.cache.mark_published(&cmd.idempotency_key, owner))
+        self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
             .await;
         metrics::counter!("sms_sent_total").increment(1);
         info!(provider_message_id = %record.provider_message_id, attempts = record.attempts, "sms sent");
         Outcome::Sent
     }
 
-    async fn publish_failed(
-        &self,
-        cmd: &SendSms,
-        record: &FailedRecord,
-        owner: &str,
-        meta: &EventMeta,
-    ) -> Outcome {
+    async fn publish_failed(&self, a: &Attempt<'_>, record: &FailedRecord) -> Outcome {
         let event = SmsFailed {
-            idempotency_key: cmd.idempotency_key.to_string(),
-            phone_number: cmd.phone_number.as_str().to_owned(),
+            idempotency_key: a.cmd.idempotency_key.to_string(),
+            phone_number: a.cmd.phone_number.as_str().to_owned(),
             reason: record.reason.as_str().to_owned(),
             detail: record.detail.clone(),
             attempts: record.attempts,
             failed_at: record.failed_at.clone(),
         };
-        if let Err(e) = self.events.publish_failed(&event, meta).await {
+        if let Err(e) = self.events.publish_failed(&event, a.meta).await {
             warn!(error = %e, "SmsFailed not confirmed; requeueing to publish it again");
-            self.release(&cmd.idempotency_key, owner, record.attempts)
+            self.release(&a.cmd.idempotency_key, a.owner, record.attempts)
                 .await;
             return Outcome::RetryAfter(self.retry.requeue_delay);
         }
-        self.record(|| self.cache.mark_published(&cmd.idempotency_key, owner))
+        self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
             .await;
         metrics::counter!("sms_failed_total", "reason" => record.reason.as_str()).increment(1);
         info!(
@@ -405,13 +477,23 @@ impl NotificationService for Notifier {
                 self.max_body_bytes
             ));
         }
+        if message.redelivered {
+            match self.poisoned(message.body).await {
+                Ok(Some(reason)) => {
+                    warn!(%reason, "poison message");
+                    return Outcome::DeadLetter(reason);
+                }
+                Ok(None) => {}
+                Err(outcome) => return outcome,
+            }
+        }
         match SendSms::from_json(message.body) {
             Ok(cmd) => {
                 let span = tracing::Span::current();
                 span.record("key", cmd.idempotency_key.as_str());
                 span.record("to", cmd.phone_number.masked());
                 tracing::trace!(text = cmd.text.as_str(), "command");
-                self.process(cmd, message.redelivered, message.meta).await
+                self.process(cmd, &message).await
             }
             Err(CommandError::Malformed(detail)) => {
                 warn!(%detail, "malformed command");
@@ -419,6 +501,10 @@ impl NotificationService for Notifier {
             }
             Err(invalid) => self.reject_invalid(invalid, message.meta).await,
         }
+    }
+
+    async fn ready(&self) -> bool {
+        self.cache.ping().await.is_ok()
     }
 }
 
@@ -441,21 +527,34 @@ mod tests {
     fn policy() -> RetryPolicy {
         RetryPolicy {
             max_attempts: 3,
+            max_age: Duration::from_secs(3600),
+            in_process_attempts: 3,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
+            tiers: vec![Duration::from_secs(10), Duration::from_secs(60)],
             requeue_delay: Duration::from_secs(1),
         }
     }
 
     fn harness(provider: Arc<ScriptedProvider>) -> Harness {
+        harness_with(provider, policy(), ProviderGuard::unlimited())
+    }
+
+    fn harness_with(
+        provider: Arc<ScriptedProvider>,
+        policy: RetryPolicy,
+        guard: ProviderGuard,
+    ) -> Harness {
         let cache = MemoryCache::new(LEASE);
         let events = Arc::new(MemoryEvents::default());
         let notifier = Notifier::new(
             cache.clone(),
             provider.clone(),
             events.clone(),
-            policy(),
+            policy,
+            guard,
             1024,
+            3,
         );
         Harness {
             cache,
@@ -472,17 +571,27 @@ mod tests {
 
     impl Harness {
         async fn handle(&self, body: &[u8], redelivered: bool) -> Outcome {
+            self.handle_retry(body, redelivered, &RetryState::default())
+                .await
+        }
+
+        async fn handle_retry(
+            &self,
+            body: &[u8],
+            redelivered: bool,
+            retry: &RetryState,
+        ) -> Outcome {
             let meta = EventMeta {
                 correlation_id: Some("c-1".into()),
                 traceparent: None,
             };
-            self.notifier
-                .handle(Inbound {
-                    body,
-                    redelivered,
-                    meta: &meta,
-                })
-                .await
+            let inbound = Inbound {
+                body,
+                redelivered,
+                meta: &meta,
+                retry,
+            };
+            self.notifier.handle(inbound).await
         }
     }
 
@@ -491,6 +600,13 @@ mod tests {
             detail: "503".into(),
             retry_after,
         })
+    }
+
+    fn delayed(outcome: Outcome) -> (Duration, RetryState) {
+        match outcome {
+            Outcome::Delay { delay, retry } => (delay, retry),
+            other => panic!("expected Delay, got {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -526,7 +642,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn duplicate_while_in_flight_is_acked_and_a_redelivery_waits_for_the_lease() {
+    async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_the_lease() {
         let h = Arc::new(harness(ScriptedProvider::slow(Duration::from_secs(5))));
         let first = tokio::spawn({
             let h = h.clone();
@@ -534,10 +650,17 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
-        match h.handle(&body("k1"), true).await {
-            Outcome::RetryAfter(d) => assert!(d <= policy().max_delay && d > Duration::ZERO),
-            other => panic!("{other:?}"),
-        }
+        // A broker redelivery, or a command back from a delay tier, may be
+        // the lease holder's own: it waits out the lease instead.
+        let (delay, _) = delayed(h.handle(&body("k1"), true).await);
+        assert!(delay > LEASE - Duration::from_secs(1) && delay <= LEASE + Duration::from_secs(1));
+        let back = RetryState {
+            attempts: 1,
+            delays: 1,
+            first_attempt_at_ms: Some(1),
+        };
+        let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &back).await);
+        assert_eq!(retry, back, "waiting for a lease changes no counts");
         assert_eq!(first.await.unwrap(), Outcome::Sent);
         assert_eq!(h.provider.calls(), 1);
         assert_eq!(h.events.sent().len(), 1);
@@ -575,10 +698,7 @@ mod tests {
             h.cache.claim(&key, "dead").await.unwrap(),
             Claim::Send { attempts: 0 }
         );
-        assert!(matches!(
-            h.handle(&body("k1"), true).await,
-            Outcome::RetryAfter(_)
-        ));
+        delayed(h.handle(&body("k1"), true).await);
         assert_eq!(h.provider.calls(), 0);
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
@@ -603,18 +723,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn store_down_at_claim_requeues_without_sending() {
+    async fn store_down_at_claim_pauses_without_sending() {
         let h = harness(ScriptedProvider::new(vec![]));
         h.cache.down.store(true, SeqCst);
         assert_eq!(
             h.handle(&body("k1"), false).await,
-            Outcome::RetryAfter(policy().requeue_delay)
+            Outcome::StoreUnavailable
         );
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::StoreUnavailable);
         assert_eq!(
             h.provider.calls(),
             0,
             "never send without the idempotency check"
         );
+        assert!(!h.notifier.ready().await);
+        h.cache.down.store(false, SeqCst);
+        assert!(h.notifier.ready().await);
     }
 
     #[tokio::test(start_paused = true)]
@@ -648,17 +772,88 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_long_retry_after_hands_the_command_back_keeping_the_attempts() {
+    async fn a_long_retry_after_goes_to_a_delay_tier_keeping_the_attempts() {
         let h = harness(ScriptedProvider::new(vec![transient(Some(
-            Duration::from_secs(60),
+            Duration::from_secs(90),
         ))]));
+        let (delay, retry) = delayed(h.handle(&body("k1"), false).await);
+        assert!(
+            delay >= Duration::from_secs(90),
+            "Retry-After honoured: {delay:?}"
+        );
+        assert_eq!((retry.attempts, retry.delays), (1, 1));
+        assert!(retry.first_attempt_at_ms.is_some());
+        assert_eq!(h.cache.status_of("k1"), Some(("retrying".into(), false, 1)));
+        assert_eq!(
+            h.cache.lease_holder("k1"),
+            None,
+            "lease released while waiting"
+        );
+        assert_eq!(
+            h.handle_retry(&body("k1"), false, &retry).await,
+            Outcome::Sent
+        );
+        assert_eq!(h.events.sent()[0].attempts, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_quick_attempts_the_command_climbs_the_delay_tiers() {
+        let quick = RetryPolicy {
+            in_process_attempts: 2,
+            max_attempts: 12,
+            ..policy()
+        };
+        let h = harness_with(
+            ScriptedProvider::new(vec![transient(None); 7]),
+            quick,
+            ProviderGuard::unlimited(),
+        );
+        let (first, retry) = delayed(h.handle(&body("k1"), false).await);
+        assert_eq!(h.provider.calls(), 2, "two quick attempts, then the broker");
+        assert!(
+            first >= Duration::from_secs(5) && first <= Duration::from_secs(10),
+            "{first:?}"
+        );
+        let (second, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+        assert!(
+            second >= Duration::from_secs(30) && second <= Duration::from_secs(60),
+            "{second:?}"
+        );
+        let (third, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+        assert!(
+            third >= Duration::from_secs(30),
+            "the last tier repeats: {third:?}"
+        );
+        assert_eq!((retry.attempts, retry.delays), (6, 3));
+        assert_eq!(
+            h.handle_retry(&body("k1"), false, &retry).await,
+            Outcome::Sent
+        );
+        assert_eq!(h.events.sent()[0].attempts, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_arriving_while_the_command_waits_in_a_tier_sends_it_once() {
+        let h = harness_with(
+            ScriptedProvider::new(vec![transient(None)]),
+            RetryPolicy {
+                in_process_attempts: 1,
+                ..policy()
+            },
+            ProviderGuard::unlimited(),
+        );
+        let (_, retry) = delayed(h.handle(&body("k1"), false).await);
         assert_eq!(
             h.handle(&body("k1"), false).await,
-            Outcome::RetryAfter(Duration::from_secs(60))
+            Outcome::Sent,
+            "the duplicate sends"
         );
-        assert_eq!(h.cache.status_of("k1"), Some(("retrying".into(), false, 1)));
-        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
-        assert_eq!(h.events.sent()[0].attempts, 2);
+        assert_eq!(
+            h.handle_retry(&body("k1"), false, &retry).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(h.provider.calls(), 2);
+        assert_eq!(h.events.sent().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -685,6 +880,95 @@ mod tests {
         ));
         assert_eq!(h.provider.calls(), 3);
         assert_eq!(h.events.failed().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_older_than_the_maximum_age_is_retries_exhausted() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        let old = RetryState {
+            attempts: 1,
+            delays: 1,
+            first_attempt_at_ms: Some(now_ms() - 3_601_000),
+        };
+        match h.handle_retry(&body("k1"), false, &old).await {
+            Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.provider.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_delays_commands_without_calling_the_provider() {
+        let breaker = Arc::new(CircuitBreaker::new(2, Duration::from_secs(20)));
+        let h = harness_with(
+            ScriptedProvider::new(vec![transient(None), transient(None)]),
+            RetryPolicy {
+                in_process_attempts: 1,
+                ..policy()
+            },
+            ProviderGuard::new(breaker.clone(), 0),
+        );
+        delayed(h.handle(&body("k1"), false).await);
+        delayed(h.handle(&body("k2"), false).await);
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let (delay, retry) = delayed(h.handle(&body("k3"), false).await);
+        assert_eq!(h.provider.calls(), 2, "no call while open");
+        assert!(delay >= Duration::from_secs(19), "{delay:?}");
+        assert_eq!(retry.attempts, 0, "no attempt burnt");
+        // Rejections are answers: they close it again.
+        breaker.admit().await;
+        assert_eq!(h.handle(&body("k3"), false).await, Outcome::Sent);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_spaces_provider_calls() {
+        let h = harness_with(
+            ScriptedProvider::new(vec![]),
+            policy(),
+            ProviderGuard::unlimited(),
+        );
+        let limited = harness_with(
+            ScriptedProvider::new(vec![]),
+            policy(),
+            ProviderGuard::new(Arc::new(CircuitBreaker::new(0, Duration::from_secs(1))), 20),
+        );
+        let started = std::time::Instant::now();
+        for i in 0..30 {
+            assert_eq!(
+                limited.handle(&body(&format!("k{i}")), false).await,
+                Outcome::Sent
+            );
+        }
+        // 20 at once (the burst), then 10 more at 20/s.
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        let unlimited = std::time::Instant::now();
+        for i in 0..30 {
+            h.handle(&body(&format!("k{i}")), false).await;
+        }
+        assert!(unlimited.elapsed() < Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_redelivered_too_often_is_dead_lettered_as_poison() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        let poison = br#"{"idempotencyKey":"p1","phoneNumber":"+254712345678","text":"x"}"#;
+        for _ in 0..3 {
+            assert_ne!(
+                std::mem::discriminant(&h.handle(poison, true).await),
+                std::mem::discriminant(&Outcome::DeadLetter(String::new()))
+            );
+        }
+        match h.handle(poison, true).await {
+            Outcome::DeadLetter(reason) => assert!(reason.starts_with("poison"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // First deliveries are not counted (no store round trip on the hot path).
+        assert_eq!(h.handle(&body("fresh"), false).await, Outcome::Sent);
     }
 
     #[tokio::test(start_paused = true)]
@@ -765,5 +1049,10 @@ mod tests {
             p.delay(1, Some(Duration::from_secs(9))),
             Duration::from_secs(9)
         );
+        for delays in 0..5 {
+            let tier = p.tiers[(delays as usize).min(1)];
+            let d = p.broker_delay(delays, None);
+            assert!(d >= tier / 2 && d <= tier, "{d:?}");
+        }
     }
 }

@@ -34,6 +34,18 @@ pub enum QueueError {
     Unroutable(String),
 }
 
+/// Retry bookkeeping a command carries through delay tiers, in headers of
+/// the service's own (never the broker's `x-death` counts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryState {
+    /// Provider calls made for this command so far.
+    pub attempts: u32,
+    /// Times it was handed to a delay tier; picks the next tier.
+    pub delays: u32,
+    /// When its first provider call was made (ms since the Unix epoch).
+    pub first_attempt_at_ms: Option<u64>,
+}
+
 /// One command delivered from the queue, with the handle that settles it.
 pub struct InboundMessage {
     pub body: Vec<u8>,
@@ -41,6 +53,7 @@ pub struct InboundMessage {
     /// consumer died), so a lease on its key may be this command's own.
     pub redelivered: bool,
     pub meta: EventMeta,
+    pub retry: RetryState,
     pub handle: Box<dyn DeliveryHandle>,
 }
 
@@ -54,6 +67,15 @@ pub trait DeliveryHandle: Send + Sync {
     /// Publishes the body unchanged, with its headers and an `x-sms-error`
     /// reason, to the dead-letter queue (with confirm), then acknowledges.
     async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError>;
+    /// Publishes the body unchanged, with its headers and `retry`, to a
+    /// delay tier that returns it to the command queue after about `delay`
+    /// (with confirm), then acknowledges.
+    async fn delay(
+        &mut self,
+        body: &[u8],
+        delay: Duration,
+        retry: &RetryState,
+    ) -> Result<(), QueueError>;
 }
 
 /// A subscription to the command queue.
@@ -219,6 +241,9 @@ pub trait CacheService: Send + Sync {
         status: DeliveryStatus,
         error_code: Option<&str>,
     ) -> Result<Option<String>, CacheError>;
+    /// Counts one more broker redelivery of a body (by fingerprint) and
+    /// returns the count so far.
+    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError>;
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), CacheError>;
 }
@@ -231,6 +256,7 @@ pub struct Inbound<'a> {
     pub body: &'a [u8],
     pub redelivered: bool,
     pub meta: &'a EventMeta,
+    pub retry: &'a RetryState,
 }
 
 /// How one command ended, for the processing loop to settle.
@@ -240,8 +266,13 @@ pub enum Outcome {
     Sent,
     /// A duplicate of a key that is sent or being sent: acknowledge.
     Duplicate,
-    /// Not now: requeue after this delay.
+    /// Not now: requeue after this (short) delay.
     RetryAfter(Duration),
+    /// Not now: hand to a delay tier for about `delay`, carrying `retry`.
+    Delay { delay: Duration, retry: RetryState },
+    /// The idempotency store is away: requeue, and take no new work until
+    /// it answers again.
+    StoreUnavailable,
     /// SmsFailed is published: dead-letter with this reason.
     Failed(String),
     /// No event possible (malformed): dead-letter with this reason.
@@ -252,4 +283,6 @@ pub enum Outcome {
 #[async_trait]
 pub trait NotificationService: Send + Sync {
     async fn handle(&self, message: Inbound<'_>) -> Outcome;
+    /// Whether the step can work (its store answers).
+    async fn ready(&self) -> bool;
 }

@@ -1,6 +1,14 @@
 //! The processing loop: pulls deliveries, runs the notification step on
 //! each with bounded concurrency, and settles each delivery from the step's
-//! [`Outcome`]. It is the only place that acks, requeues or dead-letters.
+//! [`Outcome`]. It is the only place that acks, requeues, delays or
+//! dead-letters.
+//!
+//! It takes a new delivery only when a slot is free (`max_in_flight`) and
+//! the provider's circuit breaker admits it. When the step reports the
+//! idempotency store unreachable, the loop cancels its subscription, hands
+//! back what was prefetched, and polls the store until it answers: it never
+//! sends without its idempotency check, and other instances take the work
+//! meanwhile.
 //!
 //! Shutdown is explicit and small: when `shutdown` fires the loop stops
 //! taking deliveries and cancels its subscription, waits up to the grace
@@ -12,11 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::breaker::CircuitBreaker;
 use crate::ports::{
     DeliveryStream, Inbound, InboundMessage, NotificationService, Outcome, QueueClient,
 };
@@ -28,7 +37,7 @@ pub struct ProcessingSettings {
     pub max_in_flight: usize,
     /// How long in-flight commands may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
-    /// Wait between attempts to subscribe when the broker is away.
+    /// Wait between attempts to subscribe when the broker or store is away.
     pub resubscribe_delay: Duration,
 }
 
@@ -49,19 +58,42 @@ impl Consuming {
 pub struct QueueProcessingService {
     queue: Arc<dyn QueueClient>,
     notifier: Arc<dyn NotificationService>,
+    breaker: Arc<CircuitBreaker>,
     settings: ProcessingSettings,
     consuming: Arc<Consuming>,
+}
+
+/// Why the loop stopped reading its subscription.
+enum Stop {
+    Shutdown,
+    /// The broker ended the subscription or the connection failed.
+    Ended,
+    /// The store is away.
+    Pause,
+}
+
+/// What a settling task needs besides its delivery.
+#[derive(Clone)]
+struct Settler {
+    notifier: Arc<dyn NotificationService>,
+    shutdown: CancellationToken,
+    /// Fired when the grace period is over: in-flight work requeues.
+    hand_back: CancellationToken,
+    /// Signalled when the store is found away.
+    pause: Arc<Notify>,
 }
 
 impl QueueProcessingService {
     pub fn new(
         queue: Arc<dyn QueueClient>,
         notifier: Arc<dyn NotificationService>,
+        breaker: Arc<CircuitBreaker>,
         settings: ProcessingSettings,
     ) -> Self {
         Self {
             queue,
             notifier,
+            breaker,
             settings,
             consuming: Arc::new(Consuming::default()),
         }
@@ -76,56 +108,71 @@ impl QueueProcessingService {
     pub async fn run(self, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
         let tasks = TaskTracker::new();
-        // Fired when the grace period is over: in-flight work requeues.
-        let hand_back = CancellationToken::new();
-        let mut stream: Option<Box<dyn DeliveryStream>> = None;
+        let settler = Settler {
+            notifier: self.notifier.clone(),
+            shutdown: shutdown.clone(),
+            hand_back: CancellationToken::new(),
+            pause: Arc::new(Notify::new()),
+        };
+        // Subscriptions no longer read, closed at the end so that their
+        // in-flight deliveries can still be settled on their channel.
+        let mut retired: Vec<Box<dyn DeliveryStream>> = Vec::new();
 
         while !shutdown.is_cancelled() {
-            let mut current = match stream.take() {
-                Some(s) => s,
-                None => match self.subscribe(&shutdown).await {
-                    Some(s) => s,
-                    None => break,
-                },
+            let Some(mut current) = self.subscribe(&shutdown).await else {
+                break;
             };
             self.consuming.set(true);
-            let ended = loop {
+            let stop = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = self.breaker.admit() => {}
+                }
                 let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break false,
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = settler.pause.notified() => break Stop::Pause,
                     p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 };
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => break false,
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = settler.pause.notified() => break Stop::Pause,
                     n = current.next() => n,
                 };
                 match next {
                     Some(Ok(message)) => {
-                        let notifier = self.notifier.clone();
-                        let (shutdown, hand_back) = (shutdown.clone(), hand_back.clone());
+                        let settler = settler.clone();
                         tasks.spawn(async move {
-                            settle(message, notifier.as_ref(), &shutdown, &hand_back).await;
+                            settle(message, &settler).await;
                             drop(permit);
                         });
                     }
                     Some(Err(e)) => {
                         warn!(error = %e, "consumer failed; subscribing again");
-                        break true;
+                        break Stop::Ended;
                     }
                     None => {
                         warn!("broker ended the subscription; subscribing again");
-                        break true;
+                        break Stop::Ended;
                     }
                 }
             };
             self.consuming.set(false);
-            if ended {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(self.settings.resubscribe_delay) => {}
+            match stop {
+                Stop::Shutdown => {
+                    current.cancel().await;
+                    retired.push(current);
                 }
-            } else {
-                current.cancel().await;
-                stream = Some(current);
+                Stop::Ended => self.wait(&shutdown, self.settings.resubscribe_delay).await,
+                Stop::Pause => {
+                    warn!("idempotency store unavailable: pausing consumption");
+                    current.cancel().await;
+                    hand_back_prefetched(current.as_mut()).await;
+                    retired.push(current);
+                    while !shutdown.is_cancelled() && !self.notifier.ready().await {
+                        self.wait(&shutdown, self.settings.resubscribe_delay).await;
+                    }
+                    info!("idempotency store answers again: resuming");
+                }
             }
         }
 
@@ -143,14 +190,21 @@ impl QueueProcessingService {
                 remaining = tasks.len(),
                 "grace period over: requeueing in-flight commands"
             );
-            hand_back.cancel();
+            settler.hand_back.cancel();
             tasks.wait().await;
         }
-        if let Some(mut stream) = stream {
+        for mut stream in retired {
             stream.close().await;
         }
         self.queue.close().await;
         info!("processing stopped");
+    }
+
+    async fn wait(&self, shutdown: &CancellationToken, delay: Duration) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
     }
 
     async fn subscribe(&self, shutdown: &CancellationToken) -> Option<Box<dyn DeliveryStream>> {
@@ -166,31 +220,34 @@ impl QueueProcessingService {
                 }
                 Err(e) => warn!(error = %e, "cannot subscribe yet"),
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(self.settings.resubscribe_delay) => {}
-            }
+            self.wait(shutdown, self.settings.resubscribe_delay).await;
+        }
+    }
+}
+
+/// Requeues what a cancelled subscription had already delivered to us.
+async fn hand_back_prefetched(stream: &mut dyn DeliveryStream) {
+    let idle = Duration::from_millis(200);
+    while let Ok(Some(Ok(mut message))) = tokio::time::timeout(idle, stream.next()).await {
+        if let Err(e) = message.handle.requeue().await {
+            warn!(error = %e, "could not requeue a prefetched delivery; the broker will");
         }
     }
 }
 
 /// Runs one command to its outcome and settles its delivery.
-async fn settle(
-    mut message: InboundMessage,
-    notifier: &dyn NotificationService,
-    shutdown: &CancellationToken,
-    hand_back: &CancellationToken,
-) {
+async fn settle(mut message: InboundMessage, s: &Settler) {
     let started = Instant::now();
     metrics::gauge!("sms_in_flight").increment(1.0);
     let inbound = Inbound {
         body: &message.body,
         redelivered: message.redelivered,
         meta: &message.meta,
+        retry: &message.retry,
     };
     let outcome = tokio::select! {
-        outcome = notifier.handle(inbound) => outcome,
-        _ = hand_back.cancelled() => Outcome::RetryAfter(Duration::ZERO),
+        outcome = s.notifier.handle(inbound) => outcome,
+        _ = s.hand_back.cancelled() => Outcome::RetryAfter(Duration::ZERO),
     };
     let handle = &mut message.handle;
     let settled = match &outcome {
@@ -202,12 +259,23 @@ async fn settle(
             }
             result
         }
+        Outcome::Delay { delay, retry } => {
+            let result = handle.delay(&message.body, *delay, retry).await;
+            if result.is_ok() {
+                metrics::counter!("sms_retries_scheduled_total").increment(1);
+            }
+            result
+        }
+        Outcome::StoreUnavailable => {
+            s.pause.notify_one();
+            handle.requeue().await
+        }
         Outcome::RetryAfter(delay) => {
             // Wait before requeueing, or the broker hands it straight back;
             // but never hold a delivery past shutdown.
             tokio::select! {
                 _ = tokio::time::sleep(*delay) => {}
-                _ = shutdown.cancelled() => {}
+                _ = s.shutdown.cancelled() => {}
             }
             metrics::counter!("sms_requeued_total").increment(1);
             handle.requeue().await
@@ -217,7 +285,7 @@ async fn settle(
         // Unsettled deliveries return to the queue when the channel closes;
         // the store makes the next attempt resume where this one stopped.
         error!(error = %e, ?outcome, "could not settle delivery; the broker will redeliver it");
-        if !matches!(outcome, Outcome::RetryAfter(_)) {
+        if !matches!(outcome, Outcome::RetryAfter(_) | Outcome::StoreUnavailable) {
             let _ = handle.requeue().await;
         }
     }
@@ -228,7 +296,7 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::{Notifier, RetryPolicy};
+    use crate::notification::{Notifier, ProviderGuard, RetryPolicy};
     use crate::ports::{Accepted, ProviderError};
     use crate::testing::{MemoryCache, MemoryEvents, MemoryQueue, ScriptedProvider, Settled};
 
@@ -240,8 +308,11 @@ mod tests {
         let queue = MemoryQueue::new();
         let policy = RetryPolicy {
             max_attempts: 3,
+            max_age: Duration::from_secs(3600),
+            in_process_attempts: 3,
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(100),
+            tiers: vec![Duration::from_secs(1)],
             requeue_delay: Duration::from_millis(50),
         };
         let notifier = Notifier::new(
@@ -249,8 +320,11 @@ mod tests {
             provider,
             Arc::new(MemoryEvents::default()),
             policy,
+            ProviderGuard::unlimited(),
             4096,
+            3,
         );
+        let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
         let settings = ProcessingSettings {
             max_in_flight,
             shutdown_grace: grace,
@@ -258,7 +332,7 @@ mod tests {
         };
         (
             queue.clone(),
-            QueueProcessingService::new(queue, Arc::new(notifier), settings),
+            QueueProcessingService::new(queue, Arc::new(notifier), breaker, settings),
         )
     }
 

@@ -28,6 +28,7 @@ struct Entry {
 #[derive(Default)]
 pub struct MemoryCache {
     entries: Mutex<HashMap<String, Entry>>,
+    redeliveries: Mutex<HashMap<String, u32>>,
     pub lease: Duration,
     /// Fail every call: the store is down.
     pub down: AtomicBool,
@@ -198,6 +199,14 @@ impl CacheService for MemoryCache {
         Ok(None)
     }
 
+    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError> {
+        self.check()?;
+        let mut counts = self.redeliveries.lock().unwrap();
+        let count = counts.entry(fingerprint.to_owned()).or_default();
+        *count += 1;
+        Ok(*count)
+    }
+
     async fn ping(&self) -> Result<(), CacheError> {
         self.check()
     }
@@ -311,6 +320,7 @@ pub enum Settled {
     Acked,
     Requeued,
     DeadLettered(String),
+    Delayed(Duration, RetryState),
 }
 
 type Log = Arc<Mutex<Vec<(Vec<u8>, Settled)>>>;
@@ -335,10 +345,16 @@ impl MemoryQueue {
     }
 
     pub fn push(&self, body: &[u8]) {
+        self.push_as(body, false);
+    }
+
+    /// Pushes a delivery, marked as a broker redelivery or not.
+    pub fn push_as(&self, body: &[u8], redelivered: bool) {
         let message = InboundMessage {
             body: body.to_vec(),
-            redelivered: false,
+            redelivered,
             meta: EventMeta::default(),
+            retry: RetryState::default(),
             handle: Box::new(MemoryHandle {
                 body: body.to_vec(),
                 log: self.log.clone(),
@@ -384,6 +400,16 @@ impl DeliveryHandle for MemoryHandle {
             .lock()
             .unwrap()
             .push((self.body.clone(), Settled::DeadLettered(reason.into())));
+        Ok(())
+    }
+    async fn delay(
+        &mut self,
+        _body: &[u8],
+        delay: Duration,
+        retry: &RetryState,
+    ) -> Result<(), QueueError> {
+        let settled = Settled::Delayed(delay, retry.clone());
+        self.log.lock().unwrap().push((self.body.clone(), settled));
         Ok(())
     }
 }

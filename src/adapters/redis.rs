@@ -11,8 +11,9 @@
 //! | others | the provider's id, segments, reason, times |
 //!
 //! `{prefix}:pid:{provider}:{providerMessageId}` maps a provider's id back
-//! to the idempotency key, for delivery reports. Both expire after the
-//! idempotency TTL (refreshed when the key is sent).
+//! to the idempotency key, for delivery reports, and
+//! `{prefix}:redeliveries:{sha256 of a body}` counts broker redeliveries to
+//! catch poison messages. All expire after the idempotency TTL.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -382,6 +383,20 @@ impl CacheService for RedisStore {
         ];
         self.run(&self.scripts.record_delivery, &[&pid], &args)
             .await
+    }
+
+    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError> {
+        let key = format!("{}:redeliveries:{fingerprint}", self.prefix);
+        let mut connection = self.connection().await?;
+        let (count,): (u32,) = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .expire(&key, self.ttl_secs as i64)
+            .ignore()
+            .query_async(&mut connection)
+            .await
+            .map_err(store_error)?;
+        Ok(count)
     }
 
     async fn ping(&self) -> Result<(), CacheError> {

@@ -73,6 +73,8 @@ impl Names {
             ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "2000"),
             ("SMS__PROVIDER__CONNECT_TIMEOUT_MS", "500"),
             ("SMS__RETRY__MAX_ATTEMPTS", "3"),
+            ("SMS__RETRY__IN_PROCESS_ATTEMPTS", "2"),
+            ("SMS__RETRY__TIERS_MS", "300,600"),
             ("SMS__RETRY__BASE_DELAY_MS", "20"),
             ("SMS__RETRY__MAX_DELAY_MS", "200"),
             ("SMS__RETRY__REQUEUE_DELAY_MS", "100"),
@@ -87,10 +89,7 @@ impl Names {
 
 pub fn settings(env: &[(String, String)]) -> Settings {
     let map: HashMap<String, String> = env.iter().cloned().collect();
-    let source = config::Environment::with_prefix("SMS")
-        .prefix_separator("__")
-        .separator("__")
-        .source(Some(map));
+    let source = sms_service::config::environment().source(Some(map));
     Settings::load_from(None, source).expect("test settings are valid")
 }
 
@@ -390,7 +389,11 @@ impl TestBroker {
 
     pub async fn cleanup(&self) {
         let n = &self.names;
-        for queue in [&n.command_queue, &n.dead_letter_queue] {
+        let tiers = ["300ms", "600ms"].map(|t| format!("{}.retry.{t}", n.command_queue));
+        for queue in [&n.command_queue, &n.dead_letter_queue]
+            .into_iter()
+            .chain(&tiers)
+        {
             let _ = self
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -1,6 +1,8 @@
 //! A subscription and its deliveries: turns lapin deliveries into
 //! [`InboundMessage`]s and settles them through their own acker.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -9,7 +11,9 @@ use lapin::types::AMQPValue;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 
 use super::{unavailable, RabbitMq};
-use crate::ports::{DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError};
+use crate::ports::{
+    DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError, RetryState,
+};
 
 /// Longest `x-sms-error` reason, and longest trace header carried over.
 const MAX_HEADER_CHARS: usize = 512;
@@ -55,10 +59,22 @@ impl DeliveryStream for RabbitStream {
                 .and_then(|h| h.inner().get("traceparent"))
                 .and_then(header_text),
         };
+        let headers = properties.headers().as_ref();
+        let count = |name: &str| {
+            headers
+                .and_then(|h| h.inner().get(name))
+                .and_then(header_number)
+        };
+        let retry = RetryState {
+            attempts: count(ATTEMPTS).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32),
+            delays: count(DELAYS).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32),
+            first_attempt_at_ms: count(FIRST_ATTEMPT),
+        };
         Some(Ok(InboundMessage {
             body: data,
             redelivered,
             meta,
+            retry,
             handle: Box::new(RabbitDelivery {
                 acker,
                 properties,
@@ -77,6 +93,28 @@ impl DeliveryStream for RabbitStream {
                 tracing::debug!(error = %e, "closing the consumer channel failed");
             }
         }
+    }
+}
+
+/// Headers of the service's own, carried through delay tiers.
+const ATTEMPTS: &str = "x-sms-attempts";
+const DELAYS: &str = "x-sms-delays";
+const FIRST_ATTEMPT: &str = "x-sms-first-attempt-ms";
+
+/// A header value as a non-negative number, whatever integer type (or
+/// decimal string) a producer used; anything else counts as absent.
+fn header_number(value: &AMQPValue) -> Option<u64> {
+    match value {
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -138,6 +176,35 @@ impl DeliveryHandle for RabbitDelivery {
             .with_delivery_mode(2);
         let queue = self.broker.topology().dead_letter_queue.clone();
         self.broker.publish("", &queue, body, properties).await?;
+        self.ack().await
+    }
+
+    async fn delay(
+        &mut self,
+        body: &[u8],
+        delay: Duration,
+        retry: &RetryState,
+    ) -> Result<(), QueueError> {
+        let tier = self.broker.topology().tier_for(delay).clone();
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        let number = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
+        headers.insert(ATTEMPTS.into(), number(u64::from(retry.attempts)));
+        headers.insert(DELAYS.into(), number(u64::from(retry.delays)));
+        if let Some(at) = retry.first_attempt_at_ms {
+            headers.insert(FIRST_ATTEMPT.into(), number(at));
+        }
+        // The tier's own TTL caps the wait; a shorter per-message expiry
+        // spreads retries (jitter) within the tier.
+        let expiration = delay.min(tier.delay).as_millis().max(1).to_string();
+        let properties = self
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_expiration(expiration.as_str().into());
+        self.broker
+            .publish("", &tier.queue, body, properties)
+            .await?;
         self.ack().await
     }
 }

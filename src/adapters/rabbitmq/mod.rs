@@ -10,6 +10,7 @@
 mod delivery;
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{
@@ -37,17 +38,56 @@ pub struct Topology {
     pub sent_exchange: String,
     pub failed_exchange: String,
     pub delivery_exchange: String,
+    /// Delay tiers, shortest first: queues whose messages expire back into
+    /// the command queue after the tier's delay.
+    pub retry_tiers: Vec<RetryTier>,
 }
 
-impl From<&AmqpSettings> for Topology {
-    fn from(s: &AmqpSettings) -> Self {
+#[derive(Debug, Clone)]
+pub struct RetryTier {
+    pub queue: String,
+    pub delay: Duration,
+}
+
+impl Topology {
+    pub fn new(s: &AmqpSettings, tiers: &[Duration]) -> Self {
+        let mut tiers = tiers.to_vec();
+        tiers.sort();
+        tiers.dedup();
         Self {
             command_queue: s.command_queue.clone(),
             dead_letter_queue: s.dead_letter_queue.clone(),
             sent_exchange: s.sent_exchange.clone(),
             failed_exchange: s.failed_exchange.clone(),
             delivery_exchange: s.delivery_exchange.clone(),
+            retry_tiers: tiers
+                .into_iter()
+                .map(|delay| RetryTier {
+                    queue: format!("{}.retry.{}", s.command_queue, tier_label(delay)),
+                    delay,
+                })
+                .collect(),
         }
+    }
+
+    /// The shortest tier that waits at least `delay`, else the longest.
+    pub fn tier_for(&self, delay: Duration) -> &RetryTier {
+        self.retry_tiers
+            .iter()
+            .find(|t| t.delay >= delay)
+            .or(self.retry_tiers.last())
+            .expect("settings validation keeps at least one tier")
+    }
+}
+
+/// `5s`, `2m`, `1h`, or `250ms`: part of a tier queue's name.
+fn tier_label(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    match ms {
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
     }
 }
 
@@ -85,11 +125,11 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
 
 impl RabbitMq {
     /// Makes the adapter; nothing connects until first use.
-    pub fn new(settings: &AmqpSettings) -> Self {
+    pub fn new(settings: &AmqpSettings, retry_tiers: &[Duration]) -> Self {
         Self {
             inner: Arc::new(Inner {
                 url: settings.url.clone(),
-                topology: Topology::from(settings),
+                topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -222,6 +262,23 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
         .queue_declare(t.command_queue.as_str().into(), durable, dead_lettering)
         .await
         .map_err(unavailable)?;
+    for tier in &t.retry_tiers {
+        let mut expiring = FieldTable::default();
+        let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
+        expiring.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        expiring.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        expiring.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(t.command_queue.as_str().into()),
+        );
+        channel
+            .queue_declare(tier.queue.as_str().into(), durable, expiring)
+            .await
+            .map_err(unavailable)?;
+    }
     for exchange in [&t.sent_exchange, &t.failed_exchange, &t.delivery_exchange] {
         channel
             .exchange_declare(

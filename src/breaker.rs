@@ -1,0 +1,215 @@
+//! A circuit breaker on the provider. After `threshold` transient failures
+//! in a row it opens: the processing loop stops taking new commands and
+//! commands already in hand are handed to a delay tier without a call, so
+//! no attempts are burnt on a dead provider. After the cool-down one probe
+//! is let through (half-open); its success closes the breaker, its failure
+//! opens it again. Rejections (4xx) are answers, so they count as success.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    fn gauge(self) -> f64 {
+        match self {
+            Self::Closed => 0.0,
+            Self::Open => 1.0,
+            Self::HalfOpen => 2.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is out; everything else waits for its answer.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    cool_down: Duration,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl CircuitBreaker {
+    /// `threshold` 0 disables the breaker.
+    pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        metrics::gauge!("sms_circuit_state").set(0.0);
+        Self {
+            threshold,
+            cool_down,
+            state: Mutex::new(State::Closed { failures: 0 }),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match *self.lock() {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen => BreakerState::HalfOpen,
+        }
+    }
+
+    /// How long the breaker stays open yet, if it is open.
+    pub fn open_for(&self) -> Option<Duration> {
+        match *self.lock() {
+            State::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            State::HalfOpen => Some(self.cool_down),
+            State::Closed { .. } => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, state: &mut State, next: State) {
+        let before = std::mem::replace(state, next);
+        let after = match state {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen => BreakerState::HalfOpen,
+        };
+        let was = matches!(before, State::Closed { .. });
+        if !(was && after == BreakerState::Closed) {
+            metrics::gauge!("sms_circuit_state").set(after.gauge());
+            match after {
+                BreakerState::Open => warn!(cool_down = ?self.cool_down, "provider circuit open"),
+                BreakerState::HalfOpen => info!("provider circuit half-open: probing"),
+                BreakerState::Closed => info!("provider circuit closed"),
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// A provider call ended with an answer (accepted or rejected).
+    pub fn record_success(&self) {
+        let mut state = self.lock();
+        if !matches!(*state, State::Closed { failures: 0 }) {
+            self.set(&mut state, State::Closed { failures: 0 });
+        }
+    }
+
+    /// A provider call failed transiently.
+    pub fn record_failure(&self) {
+        if self.threshold == 0 {
+            return;
+        }
+        let mut state = self.lock();
+        let next = match *state {
+            State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
+                failures: failures + 1,
+            },
+            State::Open { until } => State::Open { until },
+            _ => State::Open {
+                until: Instant::now() + self.cool_down,
+            },
+        };
+        self.set(&mut state, next);
+    }
+
+    /// Waits until a new command may be taken: at once while closed; while
+    /// open, until the cool-down ends, and then only the one probe.
+    pub async fn admit(&self) {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut state = self.lock();
+                match *state {
+                    State::Closed { .. } => return,
+                    State::Open { until } if until <= Instant::now() => {
+                        self.set(&mut state, State::HalfOpen);
+                        return;
+                    }
+                    State::Open { until } => Some(until),
+                    State::HalfOpen => None,
+                }
+            };
+            match wait {
+                Some(until) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_probes_after_the_cool_down() {
+        let breaker = CircuitBreaker::new(3, Duration::from_secs(10));
+        breaker.record_failure();
+        breaker.record_failure();
+        breaker.record_success();
+        breaker.record_failure();
+        breaker.record_failure();
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "a success resets the count"
+        );
+        breaker.record_failure();
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let started = Instant::now();
+        breaker.admit().await;
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        // The probe fails: open again.
+        breaker.record_failure();
+        assert_eq!(breaker.state(), BreakerState::Open);
+        breaker.admit().await;
+        breaker.record_success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        breaker.admit().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_half_open_others_wait_for_the_probe() {
+        let breaker = std::sync::Arc::new(CircuitBreaker::new(1, Duration::from_secs(1)));
+        breaker.record_failure();
+        breaker.admit().await; // the probe
+        let waiter = tokio::spawn({
+            let breaker = breaker.clone();
+            async move { breaker.admit().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished());
+        breaker.record_success();
+        waiter.await.unwrap();
+    }
+
+    #[test]
+    fn a_zero_threshold_never_opens() {
+        let breaker = CircuitBreaker::new(0, Duration::from_secs(1));
+        for _ in 0..100 {
+            breaker.record_failure();
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+}
