@@ -212,6 +212,54 @@ impl Received {
     }
 }
 
+/// Deletes a test's queues, exchanges and keys even when the test panicked
+/// before its own cleanup: on drop, on a thread of its own.
+pub struct Leftovers(pub Names);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let names = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let Ok(connection) =
+                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(channel) = connection.create_channel().await else {
+                    return;
+                };
+                let tiers =
+                    ["300ms", "600ms"].map(|t| format!("{}.retry.{t}", names.command_queue));
+                for queue in [&names.command_queue, &names.dead_letter_queue]
+                    .into_iter()
+                    .chain(&tiers)
+                {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in [
+                    &names.sent_exchange,
+                    &names.failed_exchange,
+                    &names.delivery_exchange,
+                ] {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "bye".into()).await;
+                delete_redis_keys(&names.key_prefix).await;
+            });
+        })
+        .join();
+    }
+}
+
 /// A plain AMQP client, as a producer or subscriber would use.
 pub struct TestBroker {
     pub names: Names,
@@ -220,6 +268,7 @@ pub struct TestBroker {
     sent: Consumer,
     failed: Consumer,
     delivery: Consumer,
+    _leftovers: Leftovers,
 }
 
 impl TestBroker {
@@ -293,6 +342,7 @@ impl TestBroker {
             sent,
             failed,
             delivery,
+            _leftovers: Leftovers(names.clone()),
         }
     }
 
@@ -387,26 +437,9 @@ impl TestBroker {
             .unwrap_or(0)
     }
 
-    pub async fn cleanup(&self) {
-        let n = &self.names;
-        let tiers = ["300ms", "600ms"].map(|t| format!("{}.retry.{t}", n.command_queue));
-        for queue in [&n.command_queue, &n.dead_letter_queue]
-            .into_iter()
-            .chain(&tiers)
-        {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in [&n.sent_exchange, &n.failed_exchange, &n.delivery_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+    /// Closes the client; the names are deleted when it drops.
+    pub async fn cleanup(self) {
         let _ = self.connection.close(200, "bye".into()).await;
-        delete_redis_keys(&n.key_prefix).await;
     }
 }
 
