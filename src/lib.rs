@@ -26,6 +26,7 @@ pub mod app;
 pub mod bench;
 pub mod breaker;
 pub mod config;
+pub mod dead_letters;
 pub mod domain;
 pub mod fake_provider;
 pub mod notification;

@@ -67,6 +67,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect or replay the dead-letter queue.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Serve a fake of the generic provider's API.
     FakeProvider {
         /// Address to listen on.
@@ -78,6 +83,23 @@ enum Command {
         /// Share of calls (0 to 1) answered 503.
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Show dead letters with their reason, leaving them in the queue.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the command queue (confirmed, then removed).
+    Replay {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -121,6 +143,7 @@ fn main() -> ExitCode {
                 };
                 bench(settings, options, json).await
             }
+            Command::DeadLetters { action } => dead_letters(settings, action).await,
             Command::FakeProvider {
                 bind,
                 latency_ms,
@@ -194,6 +217,32 @@ async fn bench(
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", sms_service::bench::render(&report));
+    }
+    Ok(())
+}
+
+async fn dead_letters(settings: Settings, action: DeadLetterAction) -> anyhow::Result<()> {
+    use sms_service::dead_letters;
+    match action {
+        DeadLetterAction::List { limit, json } => {
+            let letters = dead_letters::list(&settings, limit).await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+            } else {
+                print!("{}", dead_letters::render(&letters));
+            }
+        }
+        DeadLetterAction::Replay { limit } => {
+            let moved = dead_letters::replay(&settings, limit).await?;
+            print!("{}", dead_letters::render(&moved));
+            println!(
+                "replayed {} to {}",
+                moved.len(),
+                settings.amqp.command_queue
+            );
+        }
     }
     Ok(())
 }

@@ -5,3 +5,5 @@ mod e2e;
 mod helpers;
 mod pipeline;
 mod provider;
+mod proxy;
+mod resilience;
