@@ -239,11 +239,15 @@ impl Notifier {
             }
             Claim::Busy { lease_left } if returning => {
                 // Possibly this command's own lease, left by a crash: come
-                // back once it has run out.
+                // back once it has run out. Counting the delay marks it as
+                // returning when it comes back, so it is never taken for a
+                // duplicate (and acked) while the dead holder's lease lasts.
                 debug!(?lease_left, "leased and returning; delaying past the lease");
+                let mut retry = message.retry.clone();
+                retry.delays += 1;
                 Outcome::Delay {
                     delay: lease_left + Duration::from_millis(100),
-                    retry: message.retry.clone(),
+                    retry,
                 }
             }
             Claim::Busy { .. } => {
@@ -652,15 +656,22 @@ mod tests {
         assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
         // A broker redelivery, or a command back from a delay tier, may be
         // the lease holder's own: it waits out the lease instead.
-        let (delay, _) = delayed(h.handle(&body("k1"), true).await);
+        let (delay, retry) = delayed(h.handle(&body("k1"), true).await);
         assert!(delay > LEASE - Duration::from_secs(1) && delay <= LEASE + Duration::from_secs(1));
+        // Back from the tier it is marked as returning, not a duplicate.
+        let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+        assert_eq!((retry.attempts, retry.delays), (0, 2));
         let back = RetryState {
             attempts: 1,
             delays: 1,
             first_attempt_at_ms: Some(1),
         };
         let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &back).await);
-        assert_eq!(retry, back, "waiting for a lease changes no counts");
+        assert_eq!(
+            retry.attempts, back.attempts,
+            "waiting for a lease makes no attempt"
+        );
+        assert_eq!(retry.delays, back.delays + 1);
         assert_eq!(first.await.unwrap(), Outcome::Sent);
         assert_eq!(h.provider.calls(), 1);
         assert_eq!(h.events.sent().len(), 1);
