@@ -41,6 +41,8 @@ impl RunningApp {
 
 /// Builds everything and starts it in the background.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
+    // The recorder first: the core registers its metric handles when built.
+    let metrics = crate::telemetry::metrics();
     let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
     let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
@@ -73,7 +75,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         queue: Arc::new(broker.clone()),
         events: Arc::new(broker),
         consuming: processing.consuming(),
-        metrics: crate::telemetry::metrics(),
+        metrics,
         callback_secret: configured(&settings.provider.callback_secret)
             .map(|s| s.to_owned().into()),
         provider: provider_name,

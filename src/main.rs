@@ -14,6 +14,11 @@ use sms_service::domain::SendSms;
 use sms_service::ports::{EventMeta, QueueClient};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the hot path allocates small, short-lived buffers (frames,
+/// futures, JSON); glibc's allocator showed up at ~15% of the service's CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -120,6 +120,34 @@ impl ProviderGuard {
     }
 }
 
+/// Handles of the metrics recorded for every command, registered once
+/// (the macros look their key up on each call). Make the notifier after
+/// installing the recorder, or these record nowhere.
+struct Meters {
+    received: metrics::Counter,
+    sent: metrics::Counter,
+    duplicates: metrics::Counter,
+    accepted: metrics::Counter,
+    rejected: metrics::Counter,
+    transient: metrics::Counter,
+    provider_seconds: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        let requests = |outcome: &'static str| metrics::counter!("sms_provider_requests_total", "outcome" => outcome);
+        Self {
+            received: metrics::counter!("sms_commands_received_total"),
+            sent: metrics::counter!("sms_sent_total"),
+            duplicates: metrics::counter!("sms_duplicates_total"),
+            accepted: requests("accepted"),
+            rejected: requests("rejected"),
+            transient: requests("transient"),
+            provider_seconds: metrics::histogram!("sms_provider_request_duration_seconds"),
+        }
+    }
+}
+
 /// The notification step over its ports.
 pub struct Notifier {
     cache: Arc<dyn CacheService>,
@@ -134,6 +162,7 @@ pub struct Notifier {
     /// Makes each claim's lease owner unique across instances and attempts.
     instance: String,
     claims: AtomicU64,
+    meters: Meters,
 }
 
 /// Store writes that follow a provider call are retried this often before
@@ -175,6 +204,7 @@ impl Notifier {
             max_redeliveries,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             claims: AtomicU64::new(0),
+            meters: Meters::new(),
         }
     }
 
@@ -226,12 +256,12 @@ impl Notifier {
                 self.publish_failed(&attempt, &record).await
             }
             Claim::AlreadySent => {
-                metrics::counter!("sms_duplicates_total").increment(1);
+                self.meters.duplicates.increment(1);
                 debug!("duplicate of a sent key");
                 Outcome::Duplicate
             }
             Claim::AlreadyFailed(record) => {
-                metrics::counter!("sms_duplicates_total").increment(1);
+                self.meters.duplicates.increment(1);
                 Outcome::Failed(format!(
                     "duplicate of failed command: {}",
                     record.reason.as_str()
@@ -251,7 +281,7 @@ impl Notifier {
                 }
             }
             Claim::Busy { .. } => {
-                metrics::counter!("sms_duplicates_total").increment(1);
+                self.meters.duplicates.increment(1);
                 debug!("duplicate of a key in flight");
                 Outcome::Duplicate
             }
@@ -290,13 +320,13 @@ impl Notifier {
             this_delivery += 1;
             let started = Instant::now();
             let result = self.sms.send(a.cmd).await;
-            metrics::histogram!("sms_provider_request_duration_seconds")
+            self.meters
+                .provider_seconds
                 .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(accepted) => {
                     self.guard.breaker.record_success();
-                    metrics::counter!("sms_provider_requests_total", "outcome" => "accepted")
-                        .increment(1);
+                    self.meters.accepted.increment(1);
                     let record = SentRecord {
                         provider: self.sms.name().to_owned(),
                         provider_message_id: accepted.provider_message_id,
@@ -310,8 +340,7 @@ impl Notifier {
                 }
                 Err(ProviderError::Rejected { detail }) => {
                     self.guard.breaker.record_success();
-                    metrics::counter!("sms_provider_requests_total", "outcome" => "rejected")
-                        .increment(1);
+                    self.meters.rejected.increment(1);
                     warn!(%detail, attempts = a.retry.attempts, "provider rejected the message");
                     return self.fail(&a, FailureReason::ProviderRejected, detail).await;
                 }
@@ -320,8 +349,7 @@ impl Notifier {
                     retry_after,
                 }) => {
                     self.guard.breaker.record_failure();
-                    metrics::counter!("sms_provider_requests_total", "outcome" => "transient")
-                        .increment(1);
+                    self.meters.transient.increment(1);
                     if a.retry.attempts >= self.retry.max_attempts {
                         let detail =
                             format!("provider failed {} times; last: {detail}", a.retry.attempts);
@@ -380,7 +408,7 @@ impl Notifier {
         }
         self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
             .await;
-        metrics::counter!("sms_sent_total").increment(1);
+        self.meters.sent.increment(1);
         info!(provider_message_id = %record.provider_message_id, attempts = record.attempts, "sms sent");
         Outcome::Sent
     }
@@ -473,7 +501,7 @@ impl Notifier {
 impl NotificationService for Notifier {
     #[tracing::instrument(skip_all, fields(key, to, correlation_id = message.meta.correlation_id, traceparent = message.meta.traceparent))]
     async fn handle(&self, message: Inbound<'_>) -> Outcome {
-        metrics::counter!("sms_commands_received_total").increment(1);
+        self.meters.received.increment(1);
         if message.body.len() > self.max_body_bytes {
             warn!(bytes = message.body.len(), "command body too large");
             return Outcome::DeadLetter(format!(

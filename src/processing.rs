@@ -81,6 +81,9 @@ struct Settler {
     hand_back: CancellationToken,
     /// Signalled when the store is found away.
     pause: Arc<Notify>,
+    /// Per-delivery metrics, registered once.
+    in_flight: metrics::Gauge,
+    processing_seconds: metrics::Histogram,
 }
 
 impl QueueProcessingService {
@@ -113,6 +116,8 @@ impl QueueProcessingService {
             shutdown: shutdown.clone(),
             hand_back: CancellationToken::new(),
             pause: Arc::new(Notify::new()),
+            in_flight: metrics::gauge!("sms_in_flight"),
+            processing_seconds: metrics::histogram!("sms_processing_duration_seconds"),
         };
         // Subscriptions no longer read, closed at the end so that their
         // in-flight deliveries can still be settled on their channel.
@@ -238,7 +243,7 @@ async fn hand_back_prefetched(stream: &mut dyn DeliveryStream) {
 /// Runs one command to its outcome and settles its delivery.
 async fn settle(mut message: InboundMessage, s: &Settler) {
     let started = Instant::now();
-    metrics::gauge!("sms_in_flight").increment(1.0);
+    s.in_flight.increment(1.0);
     let inbound = Inbound {
         body: &message.body,
         redelivered: message.redelivered,
@@ -289,8 +294,8 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
             let _ = handle.requeue().await;
         }
     }
-    metrics::gauge!("sms_in_flight").decrement(1.0);
-    metrics::histogram!("sms_processing_duration_seconds").record(started.elapsed().as_secs_f64());
+    s.in_flight.decrement(1.0);
+    s.processing_seconds.record(started.elapsed().as_secs_f64());
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 pub struct GenericProvider {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing a URL string per request showed in profiles.
+    url: reqwest::Url,
     authorization: Option<HeaderValue>,
 }
 
@@ -65,7 +66,11 @@ impl GenericProvider {
             .transpose()?;
         Ok(Self {
             client,
-            url: format!("{}/messages", settings.base_url.trim_end_matches('/')),
+            url: reqwest::Url::parse(&format!(
+                "{}/messages",
+                settings.base_url.trim_end_matches('/')
+            ))
+            .map_err(|e| format!("provider.base_url: {e}"))?,
             authorization,
         })
     }
@@ -145,7 +150,7 @@ impl SmsService for GenericProvider {
         };
         let mut request = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("Idempotency-Key", sms.idempotency_key.as_str())
             .json(&body);
         if let Some(authorization) = &self.authorization {
