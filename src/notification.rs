@@ -522,8 +522,10 @@ impl NotificationService for Notifier {
         match SendSms::from_json(message.body) {
             Ok(cmd) => {
                 let span = tracing::Span::current();
-                span.record("key", cmd.idempotency_key.as_str());
-                span.record("to", cmd.phone_number.masked());
+                if !span.is_disabled() {
+                    span.record("key", cmd.idempotency_key.as_str());
+                    span.record("to", cmd.phone_number.masked());
+                }
                 tracing::trace!(text = cmd.text.as_str(), "command");
                 self.process(cmd, &message).await
             }

@@ -221,7 +221,8 @@ pub trait CacheService: Send + Sync {
         key: &IdempotencyKey,
         record: &FailedRecord,
     ) -> Result<(), CacheError>;
-    /// Marks the key's event as published and releases `owner`'s lease.
+    /// Marks the key's event as published and releases the lease (whoever
+    /// holds it: a published key is done for every claim).
     async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError>;
     /// Releases `owner`'s lease without an outcome, keeping the attempts made.
     async fn release(

@@ -31,19 +31,24 @@ use crate::ports::{CacheError, CacheService, Claim, FailedRecord, MessageStatus,
 const CLAIM: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local status = redis.call('HGET', KEYS[1], 'status')
-local published = redis.call('HGET', KEYS[1], 'published')
-if status and status ~= 'processing' and status ~= 'retrying' and published == '1' then
-  return {'done', redis.call('HGETALL', KEYS[1])}
-end
-local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease_until > now then
-  return {'busy', tostring(lease_until - now)}
-end
+local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until')
+local status = h[1]
 if not status then
-  redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '0', 'published', '0')
+  redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '0', 'published', '0',
+    'owner', ARGV[1], 'lease_until', tostring(now + tonumber(ARGV[2])), 'updated_at', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-elseif status == 'retrying' then
+  return {'new'}
+end
+if status ~= 'processing' and status ~= 'retrying' and h[2] == '1' then
+  if status == 'failed' then
+    return {'done', redis.call('HGETALL', KEYS[1])}
+  end
+  return {'done'}
+end
+if tonumber(h[3] or '0') > now then
+  return {'busy', tostring(tonumber(h[3]) - now)}
+end
+if status == 'retrying' then
   redis.call('HSET', KEYS[1], 'status', 'processing')
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', tostring(now + tonumber(ARGV[2])), 'updated_at', ARGV[4])
@@ -76,15 +81,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
 
-const MARK_PUBLISHED: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'published', '1')
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-end
-return 1
-"#;
-
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
@@ -109,7 +105,6 @@ struct Scripts {
     claim: Script,
     record_sent: Script,
     record_failed: Script,
-    mark_published: Script,
     release: Script,
     record_delivery: Script,
 }
@@ -150,7 +145,6 @@ impl RedisStore {
                 claim: Script::new(CLAIM),
                 record_sent: Script::new(RECORD_SENT),
                 record_failed: Script::new(RECORD_FAILED),
-                mark_published: Script::new(MARK_PUBLISHED),
                 release: Script::new(RELEASE),
                 record_delivery: Script::new(RECORD_DELIVERY),
             },
@@ -269,6 +263,7 @@ impl CacheService for RedisStore {
         let f = fields(&detail);
         let status = field(&f, "status");
         Ok(match (verdict.as_str(), status.as_str()) {
+            ("new", _) => Claim::Send { attempts: 0 },
             ("busy", _) => Claim::Busy {
                 lease_left: Duration::from_millis(
                     text(&detail)
@@ -321,11 +316,25 @@ impl CacheService for RedisStore {
             .map(drop)
     }
 
-    async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError> {
+    async fn mark_published(&self, key: &IdempotencyKey, _owner: &str) -> Result<(), CacheError> {
+        // Plain commands, no script: once `published` is 1 a claim answers
+        // "done" before it looks at any lease, so dropping the lease here
+        // cannot let a second holder in, whoever holds it.
         let msg = self.msg_key(key.as_str());
-        self.run::<i64>(&self.scripts.mark_published, &[&msg], &[owner])
-            .await
-            .map(drop)
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&msg, "published", "1")
+            .ignore()
+            .hdel(&msg, &["owner", "lease_until"])
+            .ignore()
+            .expire(&msg, self.ttl_secs as i64)
+            .ignore();
+        let mut connection = self.connection().await?;
+        match pipe.query_async::<()>(&mut connection).await {
+            Ok(()) => Ok(()),
+            // The first command after a dropped connection fails.
+            Err(_) => pipe.query_async(&mut connection).await.map_err(store_error),
+        }
     }
 
     async fn release(
