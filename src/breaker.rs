@@ -3,7 +3,9 @@
 //! commands already in hand are handed to a delay tier without a call, so
 //! no attempts are burnt on a dead provider. After the cool-down one probe
 //! is let through (half-open); its success closes the breaker, its failure
-//! opens it again. Rejections (4xx) are answers, so they count as success.
+//! opens it again. A probe that brings no answer within a cool-down (it made
+//! no provider call: a duplicate, an invalid command) is followed by another.
+//! Rejections (4xx) are answers, so they count as success.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -37,8 +39,20 @@ enum State {
     Open {
         until: Instant,
     },
-    /// One probe is out; everything else waits for its answer.
-    HalfOpen,
+    /// A probe is out; everything else waits for its answer until `until`.
+    HalfOpen {
+        until: Instant,
+    },
+}
+
+impl State {
+    fn kind(&self) -> BreakerState {
+        match self {
+            Self::Closed { .. } => BreakerState::Closed,
+            Self::Open { .. } => BreakerState::Open,
+            Self::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -62,18 +76,14 @@ impl CircuitBreaker {
     }
 
     pub fn state(&self) -> BreakerState {
-        match *self.lock() {
-            State::Closed { .. } => BreakerState::Closed,
-            State::Open { .. } => BreakerState::Open,
-            State::HalfOpen => BreakerState::HalfOpen,
-        }
+        self.lock().kind()
     }
 
-    /// How long the breaker stays open yet, if it is open.
+    /// How long the breaker stays open yet, if it is open or probing.
     pub fn open_for(&self) -> Option<Duration> {
         match *self.lock() {
             State::Open { until } => Some(until.saturating_duration_since(Instant::now())),
-            State::HalfOpen => Some(self.cool_down),
+            State::HalfOpen { .. } => Some(self.cool_down),
             State::Closed { .. } => None,
         }
     }
@@ -83,14 +93,9 @@ impl CircuitBreaker {
     }
 
     fn set(&self, state: &mut State, next: State) {
-        let before = std::mem::replace(state, next);
-        let after = match state {
-            State::Closed { .. } => BreakerState::Closed,
-            State::Open { .. } => BreakerState::Open,
-            State::HalfOpen => BreakerState::HalfOpen,
-        };
-        let was = matches!(before, State::Closed { .. });
-        if !(was && after == BreakerState::Closed) {
+        let before = std::mem::replace(state, next).kind();
+        let after = state.kind();
+        if before != after {
             metrics::gauge!("sms_circuit_state").set(after.gauge());
             match after {
                 BreakerState::Open => warn!(cool_down = ?self.cool_down, "provider circuit open"),
@@ -136,22 +141,19 @@ impl CircuitBreaker {
                 let mut state = self.lock();
                 match *state {
                     State::Closed { .. } => return,
-                    State::Open { until } if until <= Instant::now() => {
-                        self.set(&mut state, State::HalfOpen);
+                    State::Open { until } | State::HalfOpen { until }
+                        if until <= Instant::now() =>
+                    {
+                        let until = Instant::now() + self.cool_down;
+                        self.set(&mut state, State::HalfOpen { until });
                         return;
                     }
-                    State::Open { until } => Some(until),
-                    State::HalfOpen => None,
+                    State::Open { until } | State::HalfOpen { until } => until,
                 }
             };
-            match wait {
-                Some(until) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(until) => {}
-                        _ = notified => {}
-                    }
-                }
-                None => notified.await,
+            tokio::select! {
+                _ = tokio::time::sleep_until(wait) => {}
+                _ = notified => {}
             }
         }
     }
@@ -191,7 +193,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn while_half_open_others_wait_for_the_probe() {
-        let breaker = std::sync::Arc::new(CircuitBreaker::new(1, Duration::from_secs(1)));
+        let breaker = std::sync::Arc::new(CircuitBreaker::new(1, Duration::from_secs(10)));
         breaker.record_failure();
         breaker.admit().await; // the probe
         let waiter = tokio::spawn({
@@ -202,6 +204,17 @@ mod tests {
         assert!(!waiter.is_finished());
         breaker.record_success();
         waiter.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_answers_is_followed_by_another() {
+        let breaker = CircuitBreaker::new(1, Duration::from_secs(2));
+        breaker.record_failure();
+        breaker.admit().await; // the probe, which makes no provider call
+        let started = Instant::now();
+        breaker.admit().await; // so another goes after a cool-down
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
     }
 
     #[test]

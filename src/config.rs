@@ -80,6 +80,7 @@ pub struct RetrySettings {
     pub in_process_attempts: u32,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
+    #[serde(deserialize_with = "number_list")]
     pub tiers_ms: Vec<u64>,
     pub requeue_delay_ms: u64,
 }
@@ -124,9 +125,26 @@ pub fn environment() -> Environment {
     Environment::with_prefix("SMS")
         .prefix_separator("__")
         .separator("__")
-        .list_separator(",")
-        .with_list_parse_key("retry.tiers_ms")
-        .try_parsing(true)
+}
+
+/// A list of numbers from a TOML array, or from an environment variable
+/// as comma-separated text (`5000,30000`). Values are never reparsed
+/// otherwise, so a secret like `007` stays `007`.
+fn number_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<u64>),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::List(list) => Ok(list),
+        Raw::Text(text) => text
+            .split(',')
+            .map(|part| part.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| serde::de::Error::custom(format!("not a list of numbers: {text:?}"))),
+    }
 }
 
 impl Settings {
@@ -319,6 +337,18 @@ mod tests {
     fn retry_tiers_come_from_a_comma_separated_list() {
         let s = load(&[("SMS__RETRY__TIERS_MS", "100,250,1000")]).unwrap();
         assert_eq!(s.retry.tiers_ms, [100, 250, 1000]);
+        let one = load(&[("SMS__RETRY__TIERS_MS", "60000")]).unwrap();
+        assert_eq!(one.retry.tiers_ms, [60000]);
+        let token = load(&[
+            ("SMS__PROVIDER__TOKEN", "007123"),
+            ("SMS__LOG__LEVEL", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            configured(&token.provider.token),
+            Some("007123"),
+            "secrets are taken as written"
+        );
         let defaults = load(&[]).unwrap();
         assert_eq!(
             defaults.retry.tiers_ms,

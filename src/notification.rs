@@ -47,6 +47,7 @@ use crate::domain::{
     count_segments, rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed,
     SmsSent,
 };
+use crate::ports::QueueError;
 use crate::ports::{
     CacheService, Claim, EventBus, EventMeta, FailedRecord, Inbound, NotificationService, Outcome,
     ProviderError, RetryState, SentRecord, SmsService,
@@ -229,6 +230,9 @@ impl Notifier {
     }
 
     async fn process(&self, cmd: SendSms, message: &Inbound<'_>) -> Outcome {
+        // The rate limit is waited for before the claim, so that a long
+        // wait never eats into the lease.
+        self.rate_limit().await;
         let key = &cmd.idempotency_key;
         let owner = self.next_owner();
         let claim = match self.cache.claim(key, &owner).await {
@@ -313,8 +317,8 @@ impl Notifier {
                 debug!(?wait, "provider circuit open; delaying without a call");
                 return self.hand_over(&a, wait.max(Duration::from_secs(1))).await;
             }
-            if let Some(limiter) = &self.guard.limiter {
-                limiter.until_ready().await;
+            if this_delivery > 0 {
+                self.rate_limit().await; // a retry is a send too
             }
             a.retry.attempts += 1;
             this_delivery += 1;
@@ -369,6 +373,28 @@ impl Notifier {
         }
     }
 
+    /// What to do when an event was not confirmed. Unroutable (no queue is
+    /// bound to the exchange): wait in a delay tier until a subscriber binds,
+    /// without counting as a broker redelivery. Otherwise the broker itself
+    /// is failing: requeue after a short wait.
+    fn publish_failed_outcome(&self, error: &QueueError, retry: &RetryState) -> Outcome {
+        match error {
+            QueueError::Unroutable(_) => {
+                let mut retry = retry.clone();
+                let delay = self.retry.broker_delay(retry.delays, None);
+                retry.delays += 1;
+                Outcome::Delay { delay, retry }
+            }
+            _ => Outcome::RetryAfter(self.retry.requeue_delay),
+        }
+    }
+
+    async fn rate_limit(&self) {
+        if let Some(limiter) = &self.guard.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
     /// Releases the lease (keeping the attempts) and asks for a delay tier.
     async fn hand_over(&self, a: &Attempt<'_>, delay: Duration) -> Outcome {
         self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
@@ -401,10 +427,10 @@ impl Notifier {
             sent_at: record.sent_at.clone(),
         };
         if let Err(e) = self.events.publish_sent(&event, a.meta).await {
-            warn!(error = %e, "SmsSent not confirmed; requeueing to publish it again");
+            warn!(error = %e, "SmsSent not confirmed; will publish it again");
             self.release(&a.cmd.idempotency_key, a.owner, record.attempts)
                 .await;
-            return Outcome::RetryAfter(self.retry.requeue_delay);
+            return self.publish_failed_outcome(&e, &a.retry);
         }
         self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
             .await;
@@ -423,10 +449,10 @@ impl Notifier {
             failed_at: record.failed_at.clone(),
         };
         if let Err(e) = self.events.publish_failed(&event, a.meta).await {
-            warn!(error = %e, "SmsFailed not confirmed; requeueing to publish it again");
+            warn!(error = %e, "SmsFailed not confirmed; will publish it again");
             self.release(&a.cmd.idempotency_key, a.owner, record.attempts)
                 .await;
-            return Outcome::RetryAfter(self.retry.requeue_delay);
+            return self.publish_failed_outcome(&e, &a.retry);
         }
         self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
             .await;
@@ -728,6 +754,22 @@ mod tests {
         let sent = h.events.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].provider_message_id, "id-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unroutable_sms_sent_waits_in_a_delay_tier_for_a_subscriber() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        h.events.unroutable.store(true, SeqCst);
+        let (delay, retry) = delayed(h.handle(&body("k1"), false).await);
+        assert!(delay >= Duration::from_secs(5), "{delay:?}");
+        let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+        assert_eq!(h.provider.calls(), 1, "waiting for a route never resends");
+        h.events.unroutable.store(false, SeqCst);
+        assert_eq!(
+            h.handle_retry(&body("k1"), false, &retry).await,
+            Outcome::Sent
+        );
+        assert_eq!(h.events.sent().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

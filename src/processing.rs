@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,6 +82,8 @@ struct Settler {
     hand_back: CancellationToken,
     /// Signalled when the store is found away.
     pause: Arc<Notify>,
+    /// Wait before requeueing a delivery that could not be settled.
+    retry_wait: Duration,
     /// Per-delivery metrics, registered once.
     in_flight: metrics::Gauge,
     processing_seconds: metrics::Histogram,
@@ -116,6 +119,7 @@ impl QueueProcessingService {
             shutdown: shutdown.clone(),
             hand_back: CancellationToken::new(),
             pause: Arc::new(Notify::new()),
+            retry_wait: self.settings.resubscribe_delay,
             in_flight: metrics::gauge!("sms_in_flight"),
             processing_seconds: metrics::histogram!("sms_processing_duration_seconds"),
         };
@@ -176,6 +180,8 @@ impl QueueProcessingService {
                     while !shutdown.is_cancelled() && !self.notifier.ready().await {
                         self.wait(&shutdown, self.settings.resubscribe_delay).await;
                     }
+                    // Drop a pause signal that in-flight commands sent meanwhile.
+                    let _ = settler.pause.notified().now_or_never();
                     info!("idempotency store answers again: resuming");
                 }
             }
@@ -291,6 +297,12 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
         // the store makes the next attempt resume where this one stopped.
         error!(error = %e, ?outcome, "could not settle delivery; the broker will redeliver it");
         if !matches!(outcome, Outcome::RetryAfter(_) | Outcome::StoreUnavailable) {
+            // Not straight back: whatever failed (a tier or the dead-letter
+            // queue) would fail again at once, in a hot loop.
+            tokio::select! {
+                _ = tokio::time::sleep(s.retry_wait) => {}
+                _ = s.shutdown.cancelled() => {}
+            }
             let _ = handle.requeue().await;
         }
     }

@@ -268,6 +268,8 @@ pub struct MemoryEvents {
     pub failed: Mutex<Vec<SmsFailed>>,
     /// Fail every publish, as an unconfirmed one.
     pub down: AtomicBool,
+    /// Fail every publish as unroutable (no queue bound).
+    pub unroutable: AtomicBool,
 }
 
 impl MemoryEvents {
@@ -287,6 +289,9 @@ impl MemoryEvents {
     fn check(&self) -> Result<(), QueueError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(QueueError::NotConfirmed("down".into()));
+        }
+        if self.unroutable.load(Ordering::SeqCst) {
+            return Err(QueueError::Unroutable("sms.sent".into()));
         }
         Ok(())
     }
