@@ -590,3 +590,38 @@ async fn readiness_is_503_when_redis_is_unreachable() {
     assert!(body["reason"].as_str().unwrap().contains("Redis"), "{body}");
     app.cleanup().await;
 }
+
+/// A smoke run of `sms-service bench --baseline` (small N, no thresholds:
+/// figures come from the benchmark's report, not from timed tests).
+#[tokio::test]
+async fn the_bench_smoke_run_reports_relay_service_and_ratio() {
+    let app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "b"})))
+        .mount(&app.provider)
+        .await;
+    let settings = crate::helpers::settings(&app.names.env(&app.provider.uri()));
+    let options = sms_service::bench::BenchOptions {
+        count: 300,
+        duplicates: 0.1,
+        rate: None,
+        baseline: true,
+        window: 100,
+    };
+    let report = sms_service::bench::run(&settings, &options).await.unwrap();
+    eprintln!("{}", sms_service::bench::render(&report));
+    let service = &report.service;
+    assert_eq!(service.commands, 300);
+    assert!(service.distinct_keys < 300 && service.distinct_keys > 200);
+    assert!(service.latency_ms_p50 <= service.latency_ms_p99);
+    assert!(service.latency_ms_p99 <= service.latency_ms_max);
+    assert_eq!(report.baseline.as_ref().unwrap().commands, 300);
+    assert!(report.ratio.unwrap() > 0.0);
+    let calls = app.provider.received_requests().await.unwrap().len();
+    assert_eq!(
+        calls, service.distinct_keys,
+        "duplicates in the load are not sent"
+    );
+    app.cleanup().await;
+}
