@@ -467,7 +467,12 @@ impl Notifier {
 
     /// An invalid command with a usable key: its SmsFailed, no store write
     /// (nothing was sent, and a corrected command may reuse the key).
-    async fn reject_invalid(&self, error: CommandError, meta: &EventMeta) -> Outcome {
+    async fn reject_invalid(
+        &self,
+        error: CommandError,
+        meta: &EventMeta,
+        retry: &RetryState,
+    ) -> Outcome {
         let reason_text = error.dead_letter_reason();
         let CommandError::Invalid {
             key,
@@ -487,8 +492,8 @@ impl Notifier {
             failed_at: rfc3339(SystemTime::now()),
         };
         if let Err(e) = self.events.publish_failed(&event, meta).await {
-            warn!(error = %e, "SmsFailed for an invalid command not confirmed; requeueing");
-            return Outcome::RetryAfter(self.retry.requeue_delay);
+            warn!(error = %e, "SmsFailed for an invalid command not confirmed; will publish it again");
+            return self.publish_failed_outcome(&e, retry);
         }
         metrics::counter!("sms_failed_total", "reason" => reason.as_str()).increment(1);
         info!(reason = reason.as_str(), "invalid command");
@@ -559,7 +564,10 @@ impl NotificationService for Notifier {
                 warn!(%detail, "malformed command");
                 Outcome::DeadLetter(format!("malformed: {detail}"))
             }
-            Err(invalid) => self.reject_invalid(invalid, message.meta).await,
+            Err(invalid) => {
+                self.reject_invalid(invalid, message.meta, message.retry)
+                    .await
+            }
         }
     }
 

@@ -315,14 +315,7 @@ async fn killed_twice_with_sigkill_under_load_the_service_loses_no_command() {
     )
     .await;
     const N: usize = 1500;
-    for i in 0..N {
-        broker
-            .publish_command(
-                &command(&format!("kill-{i}"), "+254712345678", "hi"),
-                Default::default(),
-            )
-            .await;
-    }
+    broker.publish_many("kill-", N).await;
     for round in 0..2 {
         let mut svc = stack.start_service().await;
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -362,14 +355,7 @@ async fn sigterm_under_load_exits_0_and_a_restart_finishes_each_command_exactly_
     )
     .await;
     const N: usize = 400;
-    for i in 0..N {
-        broker
-            .publish_command(
-                &command(&format!("term-{i}"), "+254712345678", "hi"),
-                Default::default(),
-            )
-            .await;
-    }
+    broker.publish_many("term-", N).await;
     let mut svc = stack.start_service().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = stack.provider_stats().await["accepted"].as_u64().unwrap();

@@ -174,6 +174,19 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The service's `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!("{}/metrics", self.base_url);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Stops the service, then deletes everything the test made.
     pub async fn cleanup(mut self) {
         if let Some(app) = self.app.take() {
@@ -343,6 +356,15 @@ impl TestBroker {
             failed,
             delivery,
             _leftovers: Leftovers(names.clone()),
+        }
+    }
+
+    /// Publishes `n` valid commands keyed `{prefix}{i}`.
+    pub async fn publish_many(&self, prefix: &str, n: usize) {
+        for i in 0..n {
+            let body = command(&format!("{prefix}{i}"), "+254712345678", "hi");
+            self.publish_command(&body, BasicProperties::default())
+                .await;
         }
     }
 

@@ -553,15 +553,7 @@ async fn health_readiness_and_metrics_answer() {
     assert_eq!(health.status(), 200);
     let (ready, _) = app.get_json("/readyz").await;
     assert_eq!(ready, 200);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     for name in [
         "sms_commands_received_total",
         "sms_sent_total",

@@ -183,15 +183,7 @@ async fn a_provider_outage_opens_the_breaker_retries_through_delay_tiers_and_los
         .filter(|e| e.json()["attempts"].as_u64().unwrap() > 1)
         .count();
     assert!(retried > 0, "some commands went through the delay tiers");
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("sms_circuit_state"));
     assert!(metrics.contains("sms_retries_scheduled_total"));
     app.cleanup().await;
