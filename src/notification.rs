@@ -317,8 +317,13 @@ impl Notifier {
                 debug!(?wait, "provider circuit open; delaying without a call");
                 return self.hand_over(&a, wait.max(Duration::from_secs(1))).await;
             }
-            if this_delivery > 0 {
-                self.rate_limit().await; // a retry is a send too
+            // A retry is a send too; with no token to hand it goes to a
+            // delay tier rather than wait while holding the lease. (`check`
+            // takes the token when there is one.)
+            let limited = |l: &DefaultDirectRateLimiter| l.check().is_err();
+            if this_delivery > 0 && self.guard.limiter.as_ref().is_some_and(limited) {
+                let wait = self.retry.broker_delay(a.retry.delays, None);
+                return self.hand_over(&a, wait).await;
             }
             a.retry.attempts += 1;
             this_delivery += 1;
