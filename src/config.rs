@@ -38,6 +38,7 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     pub max_body_bytes: usize,
     pub reconnect_delay_ms: u64,
+    pub confirm_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +205,7 @@ impl Settings {
         for (key, value) in [
             ("amqp.prefetch", u64::from(self.amqp.prefetch)),
             ("amqp.max_body_bytes", self.amqp.max_body_bytes as u64),
+            ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             (
                 "redis.idempotency_ttl_secs",
                 self.redis.idempotency_ttl_secs,
@@ -251,16 +253,18 @@ impl Settings {
         {
             return bad("retry.tiers_ms", "must list 1 to 20 delays of 1 ms to 24 h");
         }
-        // A lease must outlast one delivery's provider calls, or a second
-        // instance could claim a key whose send is still under way.
+        // A lease must outlast one delivery's provider calls and the
+        // confirm of its event, or a second instance could claim a key
+        // whose send or publish is still under way.
         let calls = self.retry.in_process_attempts;
         let attempt_ms = u64::from(calls) * self.provider.request_timeout_ms
-            + u64::from(calls.saturating_sub(1)) * self.retry.max_delay_ms;
+            + u64::from(calls.saturating_sub(1)) * self.retry.max_delay_ms
+            + self.amqp.confirm_timeout_ms;
         if self.redis.lease_ms <= attempt_ms {
             return bad(
                 "redis.lease_ms",
                 &format!(
-                    "must exceed in_process_attempts x request_timeout_ms + backoff ({attempt_ms} ms), \
+                    "must exceed in_process_attempts x request_timeout_ms + backoff + amqp.confirm_timeout_ms ({attempt_ms} ms), \
                      or a second instance could send a key still in flight"
                 ),
             );

@@ -232,7 +232,13 @@ impl Notifier {
     async fn process(&self, cmd: SendSms, message: &Inbound<'_>) -> Outcome {
         // The rate limit is waited for before the claim, so that a long
         // wait never eats into the lease.
-        self.rate_limit().await;
+        tokio::select! {
+            _ = self.rate_limit() => {}
+            _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
+        }
+        if message.stop.is_cancelled() {
+            return Outcome::RetryAfter(Duration::ZERO);
+        }
         let key = &cmd.idempotency_key;
         let owner = self.next_owner();
         let claim = match self.cache.claim(key, &owner).await {
@@ -250,14 +256,32 @@ impl Notifier {
             retry: message.retry.clone(),
         };
         match claim {
-            Claim::Send { attempts } => self.send(attempt, attempts).await,
+            Claim::Send { attempts } => {
+                // Only a command that would send can be poison: one whose
+                // outcome is recorded is finished, however often it came.
+                if message.redelivered {
+                    match self.poisoned(message.body).await {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => {
+                            warn!(%reason, "poison message");
+                            self.release(key, &owner, attempts).await;
+                            return Outcome::DeadLetter(reason);
+                        }
+                        Err(outcome) => {
+                            self.release(key, &owner, attempts).await;
+                            return outcome;
+                        }
+                    }
+                }
+                self.send(attempt, attempts, message.stop).await
+            }
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
-                self.publish_sent(&attempt, &record).await
+                self.publish_sent(&attempt, &record, true).await
             }
             Claim::PublishFailed(record) => {
                 info!("resuming: failure already recorded, publishing SmsFailed");
-                self.publish_failed(&attempt, &record).await
+                self.publish_failed(&attempt, &record, true).await
             }
             Claim::AlreadySent => {
                 self.meters.duplicates.increment(1);
@@ -294,7 +318,12 @@ impl Notifier {
 
     /// Calls the provider until it accepts, rejects, the attempts or the age
     /// run out, or the wait grows long enough to hand to the broker.
-    async fn send(&self, mut a: Attempt<'_>, stored_attempts: u32) -> Outcome {
+    async fn send(
+        &self,
+        mut a: Attempt<'_>,
+        stored_attempts: u32,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Outcome {
         a.retry.attempts = a.retry.attempts.max(stored_attempts);
         let first_attempt_ms = *a.retry.first_attempt_at_ms.get_or_insert_with(now_ms);
         let mut this_delivery = 0u32;
@@ -307,6 +336,11 @@ impl Notifier {
                     age.as_secs()
                 );
                 return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
+            }
+            if stop.is_cancelled() {
+                self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
+                    .await;
+                return Outcome::RetryAfter(Duration::ZERO);
             }
             if self.guard.breaker.state() == BreakerState::Open {
                 let wait = self
@@ -343,9 +377,13 @@ impl Notifier {
                         attempts: a.retry.attempts,
                         sent_at: rfc3339(SystemTime::now()),
                     };
-                    self.record(|| self.cache.record_sent(&a.cmd.idempotency_key, &record))
+                    let recorded = self
+                        .record(|| {
+                            self.cache
+                                .record_sent(&a.cmd.idempotency_key, &record, false)
+                        })
                         .await;
-                    return self.publish_sent(&a, &record).await;
+                    return self.publish_sent(&a, &record, recorded).await;
                 }
                 Err(ProviderError::Rejected { detail }) => {
                     self.guard.breaker.record_success();
@@ -372,7 +410,10 @@ impl Notifier {
                         let wait = self.retry.broker_delay(a.retry.delays, retry_after);
                         return self.hand_over(&a, wait).await;
                     }
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => {}
+                    }
                 }
             }
         }
@@ -416,12 +457,20 @@ impl Notifier {
             attempts: a.retry.attempts,
             failed_at: rfc3339(SystemTime::now()),
         };
-        self.record(|| self.cache.record_failed(&a.cmd.idempotency_key, &record))
+        let recorded = self
+            .record(|| {
+                self.cache
+                    .record_failed(&a.cmd.idempotency_key, &record, false)
+            })
             .await;
-        self.publish_failed(a, &record).await
+        self.publish_failed(a, &record, recorded).await
     }
 
-    async fn publish_sent(&self, a: &Attempt<'_>, record: &SentRecord) -> Outcome {
+    /// Publishes SmsSent, then marks it published; `recorded` says whether
+    /// the outcome is in the store (if not, it is recorded now, as
+    /// published: marking alone would leave a published key that a later
+    /// duplicate could send again).
+    async fn publish_sent(&self, a: &Attempt<'_>, record: &SentRecord, recorded: bool) -> Outcome {
         let event = SmsSent {
             idempotency_key: a.cmd.idempotency_key.to_string(),
             phone_number: a.cmd.phone_number.as_str().to_owned(),
@@ -437,14 +486,25 @@ impl Notifier {
                 .await;
             return self.publish_failed_outcome(&e, &a.retry);
         }
-        self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
-            .await;
+        let key = &a.cmd.idempotency_key;
+        if recorded {
+            self.record(|| self.cache.mark_published(key, a.owner))
+                .await;
+        } else {
+            self.record(|| self.cache.record_sent(key, record, true))
+                .await;
+        }
         self.meters.sent.increment(1);
         info!(provider_message_id = %record.provider_message_id, attempts = record.attempts, "sms sent");
         Outcome::Sent
     }
 
-    async fn publish_failed(&self, a: &Attempt<'_>, record: &FailedRecord) -> Outcome {
+    async fn publish_failed(
+        &self,
+        a: &Attempt<'_>,
+        record: &FailedRecord,
+        recorded: bool,
+    ) -> Outcome {
         let event = SmsFailed {
             idempotency_key: a.cmd.idempotency_key.to_string(),
             phone_number: a.cmd.phone_number.as_str().to_owned(),
@@ -459,8 +519,14 @@ impl Notifier {
                 .await;
             return self.publish_failed_outcome(&e, &a.retry);
         }
-        self.record(|| self.cache.mark_published(&a.cmd.idempotency_key, a.owner))
-            .await;
+        let key = &a.cmd.idempotency_key;
+        if recorded {
+            self.record(|| self.cache.mark_published(key, a.owner))
+                .await;
+        } else {
+            self.record(|| self.cache.record_failed(key, record, true))
+                .await;
+        }
         metrics::counter!("sms_failed_total", "reason" => record.reason.as_str()).increment(1);
         info!(
             reason = record.reason.as_str(),
@@ -515,14 +581,14 @@ impl Notifier {
     /// Writes to the store after a provider call are retried a little: the
     /// SMS is out, so giving up here must not mean sending it again. If the
     /// store stays down the outcome is published anyway.
-    async fn record<F, Fut>(&self, write: F)
+    async fn record<F, Fut>(&self, write: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), crate::ports::CacheError>>,
     {
         for attempt in 1..=RECORD_TRIES {
             match write().await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) if attempt == RECORD_TRIES => {
                     metrics::counter!("sms_store_write_failures_total").increment(1);
                     warn!(error = %e, "store write failed; going on without it");
@@ -530,6 +596,7 @@ impl Notifier {
                 Err(_) => tokio::time::sleep(self.retry.base_delay * attempt).await,
             }
         }
+        false
     }
 }
 
@@ -544,16 +611,6 @@ impl NotificationService for Notifier {
                 "malformed: body larger than {} bytes",
                 self.max_body_bytes
             ));
-        }
-        if message.redelivered {
-            match self.poisoned(message.body).await {
-                Ok(Some(reason)) => {
-                    warn!(%reason, "poison message");
-                    return Outcome::DeadLetter(reason);
-                }
-                Ok(None) => {}
-                Err(outcome) => return outcome,
-            }
         }
         match SendSms::from_json(message.body) {
             Ok(cmd) => {
@@ -658,11 +715,13 @@ mod tests {
                 correlation_id: Some("c-1".into()),
                 traceparent: None,
             };
+            let stop = tokio_util::sync::CancellationToken::new();
             let inbound = Inbound {
                 body,
                 redelivered,
                 meta: &meta,
                 retry,
+                stop: &stop,
             };
             self.notifier.handle(inbound).await
         }
@@ -1051,20 +1110,48 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_redelivered_too_often_is_dead_lettered_as_poison() {
-        let h = harness(ScriptedProvider::new(vec![]));
+        // Each delivery kills its consumer mid-call (the task is aborted).
+        let h = Arc::new(harness(ScriptedProvider::slow(Duration::from_secs(3600))));
         let poison = br#"{"idempotencyKey":"p1","phoneNumber":"+254712345678","text":"x"}"#;
         for _ in 0..3 {
-            assert_ne!(
-                std::mem::discriminant(&h.handle(poison, true).await),
-                std::mem::discriminant(&Outcome::DeadLetter(String::new()))
-            );
+            let task = tokio::spawn({
+                let h = h.clone();
+                async move { h.handle(poison, true).await }
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            task.abort();
+            tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         }
         match h.handle(poison, true).await {
             Outcome::DeadLetter(reason) => assert!(reason.starts_with("poison"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        // First deliveries are not counted (no store round trip on the hot path).
-        assert_eq!(h.handle(&body("fresh"), false).await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 3);
+        assert_eq!(
+            h.cache.lease_holder("p1"),
+            None,
+            "released for an operator's replay"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sent_key_is_never_poison_however_often_it_is_redelivered() {
+        let h = harness(ScriptedProvider::new(vec![]));
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+        for _ in 0..10 {
+            assert_eq!(h.handle(&body("k1"), true).await, Outcome::Duplicate);
+        }
+        h.events.down.store(true, SeqCst);
+        let h2 = harness(ScriptedProvider::new(vec![]));
+        h2.events.down.store(true, SeqCst);
+        for _ in 0..10 {
+            // Recorded sent, event never confirmed: republished each time, never poison.
+            assert!(matches!(
+                h2.handle(&body("k2"), true).await,
+                Outcome::RetryAfter(_)
+            ));
+        }
+        assert_eq!(h2.provider.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]

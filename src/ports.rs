@@ -209,20 +209,26 @@ pub struct MessageStatus {
 pub trait CacheService: Send + Sync {
     /// Claims `key` for `owner`, atomically; see [`Claim`].
     async fn claim(&self, key: &IdempotencyKey, owner: &str) -> Result<Claim, CacheError>;
-    /// Records that the provider accepted `key` (keeps the lease).
+    /// Records that the provider accepted `key` (keeps the lease);
+    /// `published` when its event is already confirmed (the record is
+    /// late: the first try failed).
     async fn record_sent(
         &self,
         key: &IdempotencyKey,
         record: &SentRecord,
+        published: bool,
     ) -> Result<(), CacheError>;
-    /// Records that `key` failed for good (keeps the lease).
+    /// Records that `key` failed for good (keeps the lease); `published`
+    /// as for [`CacheService::record_sent`].
     async fn record_failed(
         &self,
         key: &IdempotencyKey,
         record: &FailedRecord,
+        published: bool,
     ) -> Result<(), CacheError>;
     /// Marks the key's event as published and releases the lease (whoever
-    /// holds it: a published key is done for every claim).
+    /// holds it: a published key is done for every claim). Only for a key
+    /// whose outcome is recorded.
     async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError>;
     /// Releases `owner`'s lease without an outcome, keeping the attempts made.
     async fn release(
@@ -258,6 +264,10 @@ pub struct Inbound<'a> {
     pub redelivered: bool,
     pub meta: &'a EventMeta,
     pub retry: &'a RetryState,
+    /// Fired when the command should be handed back (shutdown's grace is
+    /// over). Heeded only where stopping is safe: never between a provider
+    /// call and the recording and publishing of its answer.
+    pub stop: &'a tokio_util::sync::CancellationToken,
 }
 
 /// How one command ended, for the processing loop to settle.

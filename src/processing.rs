@@ -64,6 +64,9 @@ pub struct QueueProcessingService {
     consuming: Arc<Consuming>,
 }
 
+/// How long steps may take to stop after the grace period.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(30);
+
 /// Why the loop stopped reading its subscription.
 enum Stop {
     Shutdown,
@@ -128,6 +131,12 @@ impl QueueProcessingService {
         let mut retired: Vec<Box<dyn DeliveryStream>> = Vec::new();
 
         while !shutdown.is_cancelled() {
+            if tasks.is_empty() {
+                // Nothing left to settle on old subscriptions' channels.
+                for mut stream in retired.drain(..) {
+                    stream.close().await;
+                }
+            }
             let Some(mut current) = self.subscribe(&shutdown).await else {
                 break;
             };
@@ -177,8 +186,13 @@ impl QueueProcessingService {
                     current.cancel().await;
                     hand_back_prefetched(current.as_mut()).await;
                     retired.push(current);
-                    while !shutdown.is_cancelled() && !self.notifier.ready().await {
+                    // Always wait at least once, so a store that answers
+                    // probes but fails work cannot make this loop spin.
+                    loop {
                         self.wait(&shutdown, self.settings.resubscribe_delay).await;
+                        if shutdown.is_cancelled() || self.notifier.ready().await {
+                            break;
+                        }
                     }
                     // Drop a pause signal that in-flight commands sent meanwhile.
                     let _ = settler.pause.notified().now_or_never();
@@ -202,7 +216,18 @@ impl QueueProcessingService {
                 "grace period over: requeueing in-flight commands"
             );
             settler.hand_back.cancel();
-            tasks.wait().await;
+            // Each step finishes what it started (bounded by the provider,
+            // Redis and confirm timeouts); past this, the broker gets the
+            // rest back when the connection closes.
+            if tokio::time::timeout(HAND_BACK_LIMIT, tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    remaining = tasks.len(),
+                    "steps still running; closing anyway"
+                );
+            }
         }
         for mut stream in retired {
             stream.close().await;
@@ -255,11 +280,11 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
         redelivered: message.redelivered,
         meta: &message.meta,
         retry: &message.retry,
+        stop: &s.hand_back,
     };
-    let outcome = tokio::select! {
-        outcome = s.notifier.handle(inbound) => outcome,
-        _ = s.hand_back.cancelled() => Outcome::RetryAfter(Duration::ZERO),
-    };
+    // Not cancelled from outside: the step stops only where it is safe
+    // (never between a provider call and recording its answer).
+    let outcome = s.notifier.handle(inbound).await;
     let handle = &mut message.handle;
     let settled = match &outcome {
         Outcome::Sent | Outcome::Duplicate => handle.ack().await,
@@ -322,6 +347,15 @@ mod tests {
         max_in_flight: usize,
         grace: Duration,
     ) -> (Arc<MemoryQueue>, QueueProcessingService) {
+        service_with(provider, max_in_flight, grace, ProviderGuard::unlimited())
+    }
+
+    fn service_with(
+        provider: Arc<ScriptedProvider>,
+        max_in_flight: usize,
+        grace: Duration,
+        guard: ProviderGuard,
+    ) -> (Arc<MemoryQueue>, QueueProcessingService) {
         let queue = MemoryQueue::new();
         let policy = RetryPolicy {
             max_attempts: 3,
@@ -337,7 +371,7 @@ mod tests {
             provider,
             Arc::new(MemoryEvents::default()),
             policy,
-            ProviderGuard::unlimited(),
+            guard,
             4096,
             3,
         );
@@ -440,18 +474,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_requeues_what_outlasts_the_grace_period() {
-        let provider = ScriptedProvider::slow(Duration::from_secs(60));
-        let (queue, svc) = service(provider, 8, Duration::from_secs(1));
+    async fn shutdown_hands_back_waiting_commands_but_lets_a_started_send_finish() {
+        // One send per second: the first command calls the provider (which
+        // takes 3 s, past the 1 s grace); the others wait for their turn.
+        let provider = ScriptedProvider::slow(Duration::from_secs(3));
+        let guard = ProviderGuard::new(Arc::new(CircuitBreaker::new(0, Duration::from_secs(1))), 1);
+        let (queue, svc) = service_with(provider.clone(), 8, Duration::from_secs(1), guard);
         let shutdown = CancellationToken::new();
         let run = tokio::spawn(svc.run(shutdown.clone()));
         queue.push(&body("k1"));
-        queue.push(&body("k2"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let started = tokio::time::Instant::now();
+        queue.push(&body("k2"));
+        queue.push(&body("k3"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
         shutdown.cancel();
         run.await.unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2));
-        assert_eq!(queue.settled(), [Settled::Requeued, Settled::Requeued]);
+        let mut settled = queue.settled();
+        settled.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(
+            settled,
+            [Settled::Acked, Settled::Requeued, Settled::Requeued]
+        );
+        assert_eq!(provider.calls(), 1, "a started send is never cut off");
     }
 }

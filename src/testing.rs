@@ -108,6 +108,7 @@ impl CacheService for MemoryCache {
         &self,
         key: &IdempotencyKey,
         record: &SentRecord,
+        published: bool,
     ) -> Result<(), CacheError> {
         self.check()?;
         if self.fail_records.load(Ordering::SeqCst) {
@@ -117,7 +118,7 @@ impl CacheService for MemoryCache {
         let entry = entries.get_mut(key.as_str()).unwrap();
         if entry.status != "sent" {
             entry.status = "sent".into();
-            entry.published = false;
+            entry.published = published;
             entry.attempts = record.attempts;
             entry.sent = Some(record.clone());
         }
@@ -128,6 +129,7 @@ impl CacheService for MemoryCache {
         &self,
         key: &IdempotencyKey,
         record: &FailedRecord,
+        published: bool,
     ) -> Result<(), CacheError> {
         self.check()?;
         if self.fail_records.load(Ordering::SeqCst) {
@@ -137,7 +139,7 @@ impl CacheService for MemoryCache {
         let entry = entries.get_mut(key.as_str()).unwrap();
         if entry.status != "sent" {
             entry.status = "failed".into();
-            entry.published = false;
+            entry.published = published;
             entry.attempts = record.attempts;
             entry.failed = Some(record.clone());
         }

@@ -31,7 +31,7 @@ use crate::ports::{CacheError, CacheService, Claim, FailedRecord, MessageStatus,
 const CLAIM: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until')
+local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner')
 local status = h[1]
 if not status then
   redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '0', 'published', '0',
@@ -45,7 +45,8 @@ if status ~= 'processing' and status ~= 'retrying' and h[2] == '1' then
   end
   return {'done'}
 end
-if tonumber(h[3] or '0') > now then
+-- A lease of this very owner is this claim retried after a lost reply.
+if tonumber(h[3] or '0') > now and h[4] ~= ARGV[1] then
   return {'busy', tostring(tonumber(h[3]) - now)}
 end
 if status == 'retrying' then
@@ -60,7 +61,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'sent' or status == 'delivered' or status == 'undelivered' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'provider', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', 'sent', 'published', ARGV[8], 'provider', ARGV[1],
   'provider_message_id', ARGV[2], 'segments', ARGV[3], 'attempts', ARGV[4], 'sent_at', ARGV[5],
   'updated_at', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -75,7 +76,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'sent' or status == 'delivered' or status == 'undelivered' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'published', '0', 'reason', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', 'failed', 'published', ARGV[6], 'reason', ARGV[1],
   'detail', ARGV[2], 'attempts', ARGV[3], 'failed_at', ARGV[4], 'updated_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -284,7 +285,12 @@ impl CacheService for RedisStore {
         })
     }
 
-    async fn record_sent(&self, key: &IdempotencyKey, r: &SentRecord) -> Result<(), CacheError> {
+    async fn record_sent(
+        &self,
+        key: &IdempotencyKey,
+        r: &SentRecord,
+        published: bool,
+    ) -> Result<(), CacheError> {
         let msg = self.msg_key(key.as_str());
         let pid = self.pid_key(&r.provider, &r.provider_message_id);
         let (segments, attempts) = (r.segments.to_string(), r.attempts.to_string());
@@ -297,6 +303,7 @@ impl CacheService for RedisStore {
             &r.sent_at,
             &ttl,
             key.as_str(),
+            if published { "1" } else { "0" },
         ];
         self.run::<i64>(&self.scripts.record_sent, &[&msg, &pid], &args)
             .await
@@ -307,10 +314,19 @@ impl CacheService for RedisStore {
         &self,
         key: &IdempotencyKey,
         r: &FailedRecord,
+        published: bool,
     ) -> Result<(), CacheError> {
         let msg = self.msg_key(key.as_str());
         let (attempts, ttl) = (r.attempts.to_string(), self.ttl_secs.to_string());
-        let args = [r.reason.as_str(), &r.detail, &attempts, &r.failed_at, &ttl];
+        let published = if published { "1" } else { "0" };
+        let args = [
+            r.reason.as_str(),
+            &r.detail,
+            &attempts,
+            &r.failed_at,
+            &ttl,
+            published,
+        ];
         self.run::<i64>(&self.scripts.record_failed, &[&msg], &args)
             .await
             .map(drop)
@@ -408,12 +424,17 @@ impl CacheService for RedisStore {
         Ok(count)
     }
 
+    /// A write, not a PING: a replica after a failover, or a server at
+    /// maxmemory, answers PING but refuses the writes the service needs.
     async fn ping(&self) -> Result<(), CacheError> {
         let mut connection = self.connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
+        redis::cmd("SET")
+            .arg(format!("{}:health", self.prefix))
+            .arg("1")
+            .arg("PX")
+            .arg(10_000)
+            .query_async::<()>(&mut connection)
             .await
-            .map(drop)
             .map_err(store_error)
     }
 }

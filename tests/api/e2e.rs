@@ -307,7 +307,7 @@ async fn killed_twice_with_sigkill_under_load_the_service_loses_no_command() {
         &names,
         50,
         &[
-            ("SMS__REDIS__LEASE_MS", "3000"),
+            ("SMS__REDIS__LEASE_MS", "5000"),
             ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1000"),
             ("SMS__PROCESSING__MAX_IN_FLIGHT", "32"),
             ("SMS__AMQP__PREFETCH", "32"),

@@ -65,6 +65,7 @@ impl Names {
             ("SMS__AMQP__FAILED_EXCHANGE", &self.failed_exchange),
             ("SMS__AMQP__DELIVERY_EXCHANGE", &self.delivery_exchange),
             ("SMS__AMQP__RECONNECT_DELAY_MS", "200"),
+            ("SMS__AMQP__CONFIRM_TIMEOUT_MS", "2000"),
             ("SMS__REDIS__URL", REDIS_URL),
             ("SMS__REDIS__KEY_PREFIX", &self.key_prefix),
             ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", "600"),

@@ -7,3 +7,4 @@ mod pipeline;
 mod provider;
 mod proxy;
 mod resilience;
+mod store;

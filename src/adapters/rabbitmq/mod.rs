@@ -108,6 +108,8 @@ struct Inner {
     url: SecretString,
     topology: Topology,
     prefetch: u16,
+    /// Longest wait for a publish and its confirm.
+    confirm_timeout: Duration,
     current: RwLock<Option<Session>>,
     /// Serialises reconnects so a dead connection is replaced once.
     connecting: tokio::sync::Mutex<()>,
@@ -131,6 +133,7 @@ impl RabbitMq {
                 url: settings.url.clone(),
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
+                confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
                 current: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -193,22 +196,31 @@ impl RabbitMq {
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
         let session = self.session().await?;
-        let confirm = session
-            .publisher
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
+        let publish = async {
+            session
+                .publisher
+                .basic_publish(
+                    ShortString::from(exchange),
+                    ShortString::from(routing_key),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(|e| QueueError::NotConfirmed(e.to_string()))
+        };
+        // A broker under a memory or disk alarm stops reading: never wait
+        // for it past the lease's budget.
+        let confirm = tokio::time::timeout(self.inner.confirm_timeout, publish)
             .await
-            .map_err(unavailable)?
-            .await
-            .map_err(|e| QueueError::NotConfirmed(e.to_string()))?;
+            .map_err(|_| {
+                QueueError::NotConfirmed("no confirm within amqp.confirm_timeout_ms".into())
+            })??;
         let target = if exchange.is_empty() {
             routing_key
         } else {
