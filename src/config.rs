@@ -202,6 +202,13 @@ impl Settings {
                 return bad(key, "must be 1 to 255 characters");
             }
         }
+        // Delay tiers are named <command_queue>.retry.<delay>.
+        if self.amqp.command_queue.len() > 230 {
+            return bad(
+                "amqp.command_queue",
+                "must be at most 230 characters (its delay tiers add a suffix)",
+            );
+        }
         for (key, value) in [
             ("amqp.prefetch", u64::from(self.amqp.prefetch)),
             ("amqp.max_body_bytes", self.amqp.max_body_bytes as u64),
@@ -416,6 +423,11 @@ mod tests {
             ),
             ("SMS__REDIS__LEASE_MS", "1000", "redis.lease_ms"),
             ("SMS__PROVIDER__KIND", "carrier-pigeon", "provider.kind"),
+            (
+                "SMS__AMQP__COMMAND_QUEUE",
+                &"q".repeat(231),
+                "amqp.command_queue",
+            ),
             ("SMS__RETRY__MAX_ATTEMPTS", "many", "retry.max_attempts"),
         ] {
             let err = load(&[(var, value)]).unwrap_err().to_string();
