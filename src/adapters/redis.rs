@@ -333,15 +333,14 @@ impl CacheService for RedisStore {
     }
 
     async fn mark_published(&self, key: &IdempotencyKey, _owner: &str) -> Result<(), CacheError> {
-        // Plain commands, no script: once `published` is 1 a claim answers
-        // "done" before it looks at any lease, so dropping the lease here
-        // cannot let a second holder in, whoever holds it.
+        // Two plain commands in one round trip, no script and no MULTI:
+        // once `published` is 1 a claim answers "done" before it looks at
+        // the lease, so the lease fields may stay; both commands are
+        // idempotent, and the EXPIRE keeps a hash that expired meanwhile
+        // from living on without a TTL.
         let msg = self.msg_key(key.as_str());
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(&msg, "published", "1")
-            .ignore()
-            .hdel(&msg, &["owner", "lease_until"])
+        pipe.hset(&msg, "published", "1")
             .ignore()
             .expire(&msg, self.ttl_secs as i64)
             .ignore();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
-use wiremock::matchers::{body_json, header, method, path};
+use wiremock::matchers::{body_json, body_partial_json, header, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::{command, redis_connection, spawn, spawn_app, spawn_app_with, TestApp};
@@ -615,5 +615,48 @@ async fn the_bench_smoke_run_reports_relay_service_and_ratio() {
         calls, service.distinct_keys,
         "duplicates in the load are not sent"
     );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn acks_are_batched_but_never_held_behind_a_slow_command() {
+    // A prefetch of 4: were finished commands' acks held until the slow one
+    // ahead of them is done, the window would fill after three of them.
+    let mut app = spawn_app_with(&[
+        ("SMS__AMQP__PREFETCH", "4"),
+        ("SMS__PROCESSING__MAX_IN_FLIGHT", "4"),
+        ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "8000"),
+        ("SMS__REDIS__LEASE_MS", "30000"),
+    ])
+    .await;
+    let slow = Duration::from_secs(4);
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .and(body_partial_json(json!({"text": "slow"})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "slow"}))
+                .set_delay(slow),
+        )
+        .with_priority(1)
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    provider_accepts(&app, "fast", 40).await;
+    let started = Instant::now();
+    app.publish(&command("ack-slow", "+254712345678", "slow"))
+        .await;
+    for i in 0..40 {
+        app.publish(&command(&format!("ack-{i}"), "+254712345678", "fast"))
+            .await;
+    }
+    let fast = app.broker.sent(40, slow - Duration::from_millis(500)).await;
+    assert_eq!(fast.len(), 40, "fast commands waited behind the slow one");
+    assert!(started.elapsed() < slow, "took {:?}", started.elapsed());
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    // Stopped, the service has acked everything: nothing comes back.
+    app.app.take().expect("running").stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.broker.commands_waiting().await, 0);
     app.cleanup().await;
 }

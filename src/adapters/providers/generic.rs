@@ -53,6 +53,11 @@ impl GenericProvider {
             .pool_max_idle_per_host(settings.max_idle_connections)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A provider that redirects a POST is misconfigured, and retries
+            // are this service's own business (with the lease and breaker
+            // in view): both layers cost time on every request.
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .user_agent(concat!("sms-service/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("provider client: {e}"))?;

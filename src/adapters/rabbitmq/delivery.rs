@@ -1,15 +1,18 @@
 //! A subscription and its deliveries: turns lapin deliveries into
-//! [`InboundMessage`]s and settles them through their own acker.
+//! [`InboundMessage`]s and settles them, in order, through the channel's
+//! settling task ([`super::settle`]), which batches acks.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use lapin::{Acker, BasicProperties, Channel, Consumer};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
+use super::settle::{self, Settle};
 use super::{unavailable, RabbitMq};
 use crate::ports::{
     DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError, RetryState,
@@ -18,18 +21,27 @@ use crate::ports::{
 /// Longest `x-sms-error` reason, and longest trace header carried over.
 const MAX_HEADER_CHARS: usize = 512;
 
+/// Longest wait, when closing, for the settling task to send what it holds.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 pub struct RabbitStream {
     consumer: Consumer,
     channel: Channel,
     broker: RabbitMq,
+    /// `None` once closed.
+    settle: Option<mpsc::UnboundedSender<Settle>>,
+    settling: Option<JoinHandle<()>>,
 }
 
 impl RabbitStream {
     pub(super) fn new(consumer: Consumer, channel: Channel, broker: RabbitMq) -> Self {
+        let (settle, inbox) = mpsc::unbounded_channel();
         Self {
             consumer,
             channel,
             broker,
+            settle: Some(settle),
+            settling: Some(tokio::spawn(settle::run(inbox))),
         }
     }
 }
@@ -41,7 +53,9 @@ impl DeliveryStream for RabbitStream {
             Ok(delivery) => delivery,
             Err(e) => return Some(Err(unavailable(e))),
         };
+                let settle = self.settle.clone()?;
         let Delivery {
+            delivery_tag,
             redelivered,
             properties,
             data,
@@ -70,13 +84,17 @@ impl DeliveryStream for RabbitStream {
             delays: count(DELAYS).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32),
             first_attempt_at_ms: count(FIRST_ATTEMPT),
         };
+        // Registered before anyone can settle it, and in tag order.
+        let _ = settle.send(Settle::Open(delivery_tag));
         Some(Ok(InboundMessage {
             body: data,
             redelivered,
             meta,
             retry,
             handle: Box::new(RabbitDelivery {
-                acker,
+                tag: delivery_tag,
+                acker: Some(acker),
+                settle,
                 properties,
                 broker: self.broker.clone(),
             }),
@@ -88,6 +106,14 @@ impl DeliveryStream for RabbitStream {
     }
 
     async fn close(&mut self) {
+        // The settling task ends once no delivery can settle any more;
+        // what it still holds goes out before the channel closes.
+        self.settle = None;
+        if let Some(task) = self.settling.take() {
+            if tokio::time::timeout(FLUSH_LIMIT, task).await.is_err() {
+                tracing::warn!("deliveries still unsettled; closing the channel anyway");
+            }
+        }
         if self.channel.status().connected() {
             if let Err(e) = self.channel.close(200, "OK".into()).await {
                 tracing::debug!(error = %e, "closing the consumer channel failed");
@@ -133,9 +159,23 @@ fn bounded(text: &str) -> String {
 }
 
 struct RabbitDelivery {
-    acker: Acker,
+    tag: u64,
+    /// Taken by the one settlement a delivery gets.
+    acker: Option<Acker>,
+    settle: mpsc::UnboundedSender<Settle>,
     properties: BasicProperties,
     broker: RabbitMq,
+}
+
+impl RabbitDelivery {
+    /// The acker, if this delivery can still be settled on its channel.
+    fn take_acker(&mut self, what: &str) -> Result<Acker, QueueError> {
+        match self.acker.take() {
+            Some(acker) if acker.usable() => Ok(acker),
+            Some(_) => Err(QueueError::Unavailable(format!("{what}: channel closed"))),
+            None => Err(QueueError::Unavailable(format!("{what}: already settled"))),
+        }
+    }
 }
 
 /// `Ok(false)` from an acker means the channel is gone: the broker will
@@ -148,18 +188,36 @@ fn settled(result: lapin::Result<bool>, what: &str) -> Result<(), QueueError> {
     }
 }
 
+fn task_gone(what: &str) -> QueueError {
+    QueueError::Unavailable(format!("{what}: subscription closed"))
+}
+
+impl Drop for RabbitDelivery {
+    fn drop(&mut self) {
+        if self.acker.is_some() {
+            let _ = self.settle.send(Settle::Abandoned(self.tag));
+        }
+    }
+}
+
 #[async_trait]
 impl DeliveryHandle for RabbitDelivery {
+    /// Hands the ack to the settling task, which sends it within
+    /// [`settle::HOLD`], usually batched with its neighbours.
     async fn ack(&mut self) -> Result<(), QueueError> {
-        settled(self.acker.ack(BasicAckOptions::default()).await, "ack")
+        let acker = self.take_acker("ack")?;
+        self.settle
+            .send(Settle::Done(self.tag, acker))
+            .map_err(|_| task_gone("ack"))
     }
 
     async fn requeue(&mut self) -> Result<(), QueueError> {
-        let options = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        settled(self.acker.nack(options).await, "nack")
+        let acker = self.take_acker("nack")?;
+        let (answer, answered) = oneshot::channel();
+        self.settle
+            .send(Settle::Requeue(self.tag, acker, answer))
+            .map_err(|_| task_gone("nack"))?;
+        settled(answered.await.map_err(|_| task_gone("nack"))?, "nack")
     }
 
     async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError> {

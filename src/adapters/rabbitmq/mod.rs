@@ -8,6 +8,7 @@
 //! reconnects and redeclares the topology.
 
 mod delivery;
+mod settle;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
