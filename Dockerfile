@@ -5,10 +5,12 @@
 # ---- build ------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
 WORKDIR /build
-# Only what the build reads: the manifest, the lock file, the sources, and
-# config/ (src/config.rs embeds config/default.toml with include_str!).
+# Only what the build reads: the manifest, the lock file, .cargo/, the
+# sources, and config/ (src/config.rs embeds config/default.toml with include_str!).
 # Cargo.toml names no tests/, benches/ or build script, so they are not needed.
 COPY Cargo.toml Cargo.lock ./
+# .cargo/config.toml: build flags of the allocator (lazy commit, lower RSS).
+COPY .cargo ./.cargo
 COPY config ./config
 COPY src ./src
 # The cache mounts keep downloaded crates and target/ between builds, so a
