@@ -53,7 +53,7 @@ impl DeliveryStream for RabbitStream {
             Ok(delivery) => delivery,
             Err(e) => return Some(Err(unavailable(e))),
         };
-                let settle = self.settle.clone()?;
+        let settle = self.settle.clone()?;
         let Delivery {
             delivery_tag,
             redelivered,
