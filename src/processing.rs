@@ -180,7 +180,12 @@ impl QueueProcessingService {
                     current.cancel().await;
                     retired.push(current);
                 }
-                Stop::Ended => self.wait(&shutdown, self.settings.resubscribe_delay).await,
+                Stop::Ended => {
+                    // Kept, not dropped: dropping it would close its channel
+                    // under the acks its in-flight commands still owe.
+                    retired.push(current);
+                    self.wait(&shutdown, self.settings.resubscribe_delay).await;
+                }
                 Stop::Pause => {
                     warn!("idempotency store unavailable: pausing consumption");
                     current.cancel().await;

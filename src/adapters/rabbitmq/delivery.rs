@@ -172,7 +172,11 @@ impl RabbitDelivery {
     fn take_acker(&mut self, what: &str) -> Result<Acker, QueueError> {
         match self.acker.take() {
             Some(acker) if acker.usable() => Ok(acker),
-            Some(_) => Err(QueueError::Unavailable(format!("{what}: channel closed"))),
+            Some(acker) => {
+                // Out of the ledger too; the broker has it back already.
+                let _ = self.settle.send(Settle::Abandoned(self.tag, acker));
+                Err(QueueError::Unavailable(format!("{what}: channel closed")))
+            }
             None => Err(QueueError::Unavailable(format!("{what}: already settled"))),
         }
     }
@@ -194,8 +198,8 @@ fn task_gone(what: &str) -> QueueError {
 
 impl Drop for RabbitDelivery {
     fn drop(&mut self) {
-        if self.acker.is_some() {
-            let _ = self.settle.send(Settle::Abandoned(self.tag));
+        if let Some(acker) = self.acker.take() {
+            let _ = self.settle.send(Settle::Abandoned(self.tag, acker));
         }
     }
 }

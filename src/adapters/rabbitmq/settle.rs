@@ -10,8 +10,10 @@
 //!
 //! Safe because a delivery is marked done only once its outcome is durable
 //! (the core's rule), deliveries arrive in tag order and are registered as
-//! they are read, and a handle dropped unsettled is never covered by a
-//! multiple ack: its tag stays open and blocks the prefix for good.
+//! they are read, and a handle dropped unsettled is requeued (in order,
+//! like any requeue), never covered by a multiple ack. Each subscription has
+//! its own channel, so tags never restart under a ledger (lapin's automatic
+//! channel recovery, which would restart them, is not used).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,8 +34,9 @@ pub(super) enum Settle {
     Done(u64, Acker),
     /// Hand back to the queue now; the answer says whether it went out.
     Requeue(u64, Acker, oneshot::Sender<lapin::Result<bool>>),
-    /// Dropped without a settlement: never ack it.
-    Abandoned(u64),
+    /// Dropped without a settlement (its step panicked or was cancelled):
+    /// hand it back, never ack it.
+    Abandoned(u64, Acker),
 }
 
 #[derive(Debug)]
@@ -41,7 +44,6 @@ enum Slot<A> {
     Working,
     /// Done, since when.
     Done(A, Instant),
-    Abandoned,
 }
 
 /// The open tags of a channel and what became of them.
@@ -65,12 +67,6 @@ impl<A> Ledger<A> {
 
     pub(super) fn done(&mut self, tag: u64, acker: A, now: Instant) {
         self.open.insert(tag, Slot::Done(acker, now));
-    }
-
-    pub(super) fn abandon(&mut self, tag: u64) {
-        if let Some(slot @ Slot::Working) = self.open.get_mut(&tag) {
-            *slot = Slot::Abandoned;
-        }
     }
 
     /// Settled some other way (a requeue): no longer open.
@@ -148,14 +144,15 @@ pub(super) async fn run(mut inbox: mpsc::UnboundedReceiver<Settle>) {
             match message {
                 Settle::Open(tag) => ledger.open(tag),
                 Settle::Done(tag, acker) => ledger.done(tag, acker, now),
-                Settle::Abandoned(tag) => ledger.abandon(tag),
                 Settle::Requeue(tag, acker, answer) => {
                     ledger.forget(tag);
-                    let options = BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    };
-                    let _ = answer.send(acker.nack(options).await);
+                    let _ = answer.send(requeue(&acker).await);
+                }
+                Settle::Abandoned(tag, acker) => {
+                    ledger.forget(tag);
+                    if let Err(e) = requeue(&acker).await {
+                        tracing::warn!(error = %e, "could not requeue an abandoned delivery");
+                    }
                 }
             }
         }
@@ -171,13 +168,23 @@ pub(super) async fn run(mut inbox: mpsc::UnboundedReceiver<Settle>) {
     }
 }
 
+/// Awaited before anything else is sent: lapin sends each settlement from
+/// a task of its own, so awaiting is what keeps them in order on the wire.
+async fn requeue(acker: &Acker) -> lapin::Result<bool> {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    acker.nack(options).await
+}
+
 async fn ack(acker: &Acker, multiple: bool) {
     match acker.ack(BasicAckOptions { multiple }).await {
         Ok(true) => metrics::counter!("sms_amqp_acks_sent_total").increment(1),
         // The channel is gone: the broker redelivers, and the store turns
         // the redelivery into a duplicate that is acked then.
         Ok(false) => tracing::debug!("ack not sent: channel closed"),
-        Err(e) => tracing::debug!(error = %e, "ack not sent"),
+        Err(e) => tracing::warn!(error = %e, "ack not sent; the broker will redeliver"),
     }
 }
 
@@ -209,21 +216,15 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_acked_past_a_working_or_abandoned_tag() {
+    fn nothing_is_acked_past_a_working_tag() {
         let now = Instant::now();
         let mut l = ledger(1..=3);
-        l.abandon(1);
         l.done(2, 2, now);
         l.done(3, 3, now);
         assert_eq!(l.take_prefix(), None);
         // Held ones go out one by one, never as a multiple over 1.
         assert_eq!(l.take_held(now), vec![2, 3]);
         assert_eq!(l.take_prefix(), None);
-        // Abandoning a tag that was already done changes nothing.
-        let mut l = ledger([7]);
-        l.done(7, 7, now);
-        l.abandon(7);
-        assert_eq!(l.take_prefix(), Some(7));
     }
 
     #[test]
