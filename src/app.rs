@@ -83,6 +83,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     };
     let shutdown = CancellationToken::new();
     let http_shutdown = CancellationToken::new();
+    tokio::spawn(crate::telemetry::metrics_upkeep(
+        state.metrics.clone(),
+        crate::telemetry::METRICS_UPKEEP_EVERY,
+        http_shutdown.clone(),
+    ));
     let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
     info!(%http_addr, "HTTP API listening");
     let processing_shutdown = shutdown.clone();

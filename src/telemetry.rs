@@ -3,8 +3,10 @@
 //! Prometheus recorder, rendered by `/metrics`.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -38,4 +40,44 @@ pub fn metrics() -> PrometheusHandle {
                 .expect("the metrics recorder is installed once")
         })
         .clone()
+}
+
+/// How often [`metrics_upkeep`] folds recorded samples into histograms.
+pub const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Folds the samples histograms have recorded into their buckets every
+/// `every`, until `stop` fires. The recorder keeps each sample until then
+/// (or until `/metrics` is scraped), so without this a service nobody
+/// scrapes grows by two samples per command without end.
+pub async fn metrics_upkeep(handle: PrometheusHandle, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn upkeep_runs_until_stopped() {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(metrics_upkeep(
+            metrics(),
+            Duration::from_secs(5),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!task.is_finished(), "upkeep ended before it was stopped");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("upkeep stops when told")
+            .expect("upkeep does not panic");
+    }
 }
