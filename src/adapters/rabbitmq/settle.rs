@@ -15,7 +15,7 @@
 //! its own channel, so tags never restart under a ledger (lapin's automatic
 //! channel recovery, which would restart them, is not used).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -50,12 +50,18 @@ enum Slot<A> {
 #[derive(Debug)]
 pub(super) struct Ledger<A> {
     open: BTreeMap<u64, Slot<A>>,
+    /// Done tags in the order they were done, so oldest first; those since
+    /// settled another way are skipped when they reach the front. Keeps
+    /// finding the next deadline from scanning up to `prefetch` open tags
+    /// after every batch.
+    held: VecDeque<(Instant, u64)>,
 }
 
 impl<A> Default for Ledger<A> {
     fn default() -> Self {
         Self {
             open: BTreeMap::new(),
+            held: VecDeque::new(),
         }
     }
 }
@@ -67,6 +73,12 @@ impl<A> Ledger<A> {
 
     pub(super) fn done(&mut self, tag: u64, acker: A, now: Instant) {
         self.open.insert(tag, Slot::Done(acker, now));
+        self.held.push_back((now, tag));
+    }
+
+    /// Whether `tag` is still open and done since `since`.
+    fn waiting(&self, tag: u64, since: Instant) -> bool {
+        matches!(self.open.get(&tag), Some(Slot::Done(_, at)) if *at == since)
     }
 
     /// Settled some other way (a requeue): no longer open.
@@ -92,29 +104,30 @@ impl<A> Ledger<A> {
     /// Done tags that have waited behind an unfinished one since `cutoff`
     /// or longer, taken out of the ledger.
     pub(super) fn take_held(&mut self, cutoff: Instant) -> Vec<A> {
-        let tags: Vec<u64> = self
-            .open
-            .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Done(_, since) if *since <= cutoff))
-            .map(|(tag, _)| *tag)
-            .collect();
-        tags.into_iter()
-            .filter_map(|tag| match self.open.remove(&tag) {
-                Some(Slot::Done(acker, _)) => Some(acker),
-                _ => None,
-            })
-            .collect()
+        let mut taken = Vec::new();
+        while let Some(&(since, tag)) = self.held.front() {
+            if since > cutoff {
+                break;
+            }
+            self.held.pop_front();
+            if self.waiting(tag, since) {
+                if let Some(Slot::Done(acker, _)) = self.open.remove(&tag) {
+                    taken.push(acker);
+                }
+            }
+        }
+        taken
     }
 
     /// When the longest-waiting held tag is due to be acked on its own.
-    pub(super) fn deadline(&self) -> Option<Instant> {
-        self.open
-            .values()
-            .filter_map(|slot| match slot {
-                Slot::Done(_, since) => Some(*since + HOLD),
-                _ => None,
-            })
-            .min()
+    pub(super) fn deadline(&mut self) -> Option<Instant> {
+        while let Some(&(since, tag)) = self.held.front() {
+            if self.waiting(tag, since) {
+                return Some(since + HOLD);
+            }
+            self.held.pop_front();
+        }
+        None
     }
 }
 
@@ -235,6 +248,19 @@ mod tests {
         l.done(3, 3, now);
         l.forget(1);
         assert_eq!(l.take_prefix(), Some(3));
+    }
+
+    #[test]
+    fn settled_tags_leave_the_held_list_as_they_reach_its_front() {
+        let start = Instant::now();
+        let mut l = ledger(1..=1000);
+        for tag in 2..=1000 {
+            l.done(tag, tag, start);
+        }
+        l.done(1, 1, start + HOLD);
+        assert_eq!(l.take_prefix(), Some(1000));
+        assert_eq!(l.deadline(), None);
+        assert!(l.held.is_empty(), "{} stale entries kept", l.held.len());
     }
 
     #[test]
