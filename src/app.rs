@@ -51,7 +51,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         settings.provider.breaker_threshold,
         Duration::from_millis(settings.provider.breaker_cool_down_ms),
     ));
-    let guard = ProviderGuard::new(breaker.clone(), settings.provider.max_sends_per_second);
+    let guard = ProviderGuard::new(breaker.clone(), settings.provider.max_sends_per_second)
+        .with_send_limit(settings.send_limit());
     let notifier = Notifier::new(
         store.clone(),
         sms,

@@ -90,6 +90,8 @@ pub struct RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct ProcessingConfig {
     pub max_in_flight: usize,
+    pub adaptive_sends: bool,
+    pub min_sends: usize,
     pub max_redeliveries: u32,
     pub shutdown_grace_ms: u64,
 }
@@ -246,11 +248,15 @@ impl Settings {
                 "processing.max_in_flight",
                 self.processing.max_in_flight as u64,
             ),
+            ("processing.min_sends", self.processing.min_sends as u64),
             ("http.max_body_bytes", self.http.max_body_bytes as u64),
         ] {
             if value == 0 {
                 return bad(key, "must be greater than 0");
             }
+        }
+        if self.processing.max_in_flight > 1_000_000 {
+            return bad("processing.max_in_flight", "must be at most 1000000");
         }
         if self.retry.max_delay_ms < self.retry.base_delay_ms {
             return bad("retry.max_delay_ms", "must be at least retry.base_delay_ms");
@@ -303,6 +309,15 @@ impl Settings {
             .iter()
             .map(|ms| Duration::from_millis(*ms))
             .collect()
+    }
+
+    /// The limit on commands in their send phase at once.
+    pub fn send_limit(&self) -> crate::concurrency::AdaptiveLimit {
+        crate::concurrency::AdaptiveLimit::new(
+            self.processing.min_sends,
+            self.processing.max_in_flight,
+            self.processing.adaptive_sends,
+        )
     }
 
     pub fn processing_settings(&self) -> crate::processing::ProcessingSettings {

@@ -10,6 +10,7 @@
 //!   `CacheService`, `EventBus`, `NotificationService`).
 //! - [`notification`]: the core decision for one command: claim the key,
 //!   send, record, publish. Its module doc is the correctness argument.
+//! - [`concurrency`]: the adaptive limit on sends under way at once.
 //! - [`processing`]: `QueueProcessingService`, the loop that feeds commands
 //!   to the notification step with bounded concurrency and settles each
 //!   delivery (ack, requeue, dead-letter); graceful shutdown.
@@ -25,6 +26,7 @@ pub mod adapters;
 pub mod app;
 pub mod bench;
 pub mod breaker;
+pub mod concurrency;
 pub mod config;
 pub mod dead_letters;
 pub mod domain;

@@ -43,6 +43,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::concurrency::AdaptiveLimit;
 use crate::domain::{
     count_segments, rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed,
     SmsSent,
@@ -107,13 +108,25 @@ pub struct ProviderGuard {
     pub breaker: Arc<CircuitBreaker>,
     /// Sends per second for this instance; `None` for no limit.
     pub limiter: Option<DefaultDirectRateLimiter>,
+    /// Commands in their send phase at once; `None` for no limit.
+    pub sends: Option<AdaptiveLimit>,
 }
 
 impl ProviderGuard {
     pub fn new(breaker: Arc<CircuitBreaker>, max_per_second: u32) -> Self {
         let limiter = std::num::NonZeroU32::new(max_per_second)
             .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
-        Self { breaker, limiter }
+        Self {
+            breaker,
+            limiter,
+            sends: None,
+        }
+    }
+
+    /// Limits the commands in their send phase at once.
+    pub fn with_send_limit(mut self, sends: AdaptiveLimit) -> Self {
+        self.sends = Some(sends);
+        self
     }
 
     pub fn unlimited() -> Self {
@@ -236,6 +249,14 @@ impl Notifier {
             _ = self.rate_limit() => {}
             _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
         }
+        // So is a send slot: a command waiting for one holds no lease.
+        let mut slot = match &self.guard.sends {
+            Some(sends) => tokio::select! {
+                slot = sends.acquire() => Some(slot),
+                _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
+            },
+            None => None,
+        };
         if message.stop.is_cancelled() {
             return Outcome::RetryAfter(Duration::ZERO);
         }
@@ -273,7 +294,11 @@ impl Notifier {
                         }
                     }
                 }
-                self.send(attempt, attempts, message.stop).await
+                let outcome = self.send(attempt, attempts, message.stop).await;
+                if let (Outcome::Sent, Some(slot)) = (&outcome, slot.take()) {
+                    slot.sent();
+                }
+                outcome
             }
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
@@ -1074,6 +1099,26 @@ mod tests {
         breaker.admit().await;
         assert_eq!(h.handle(&body("k3"), false).await, Outcome::Sent);
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_waiting_for_a_send_slot_holds_no_lease_and_calls_nothing() {
+        let h = harness_with(
+            ScriptedProvider::new(vec![]),
+            policy(),
+            ProviderGuard::unlimited().with_send_limit(AdaptiveLimit::new(1, 1, false)),
+        );
+        let sends = h.notifier.guard.sends.as_ref().expect("a send limit");
+        let taken = sends.acquire().await;
+        let command = body("k1");
+        let mut handling = std::pin::pin!(h.handle(&command, false));
+        let waited = tokio::time::timeout(Duration::from_secs(5), handling.as_mut()).await;
+        assert!(waited.is_err(), "finished without a slot: {waited:?}");
+        assert_eq!(h.cache.lease_holder("k1"), None, "claimed while waiting");
+        assert_eq!(h.provider.calls(), 0);
+        drop(taken);
+        assert_eq!(handling.await, Outcome::Sent);
+        assert_eq!(h.provider.calls(), 1);
     }
 
     #[tokio::test]

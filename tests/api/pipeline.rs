@@ -660,3 +660,59 @@ async fn acks_are_batched_but_never_held_behind_a_slow_command() {
     assert_eq!(app.broker.commands_waiting().await, 0);
     app.cleanup().await;
 }
+
+/// Answers every call after `latency`, noting when each arrived.
+struct SlowProvider {
+    latency: Duration,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl wiremock::Respond for SlowProvider {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        arrivals.push(Instant::now());
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"id": format!("slow-{}", arrivals.len())}))
+            .set_delay(self.latency)
+    }
+}
+
+#[tokio::test]
+async fn the_send_limit_climbs_from_its_floor_to_keep_a_slow_provider_busy() {
+    let mut app = spawn_app_with(&[
+        ("SMS__PROCESSING__MIN_SENDS", "4"),
+        ("SMS__PROCESSING__MAX_IN_FLIGHT", "64"),
+        ("SMS__AMQP__PREFETCH", "64"),
+    ])
+    .await;
+    let latency = Duration::from_millis(100);
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(SlowProvider {
+            latency,
+            arrivals: arrivals.clone(),
+        })
+        .expect(300)
+        .mount(&app.provider)
+        .await;
+    app.broker.publish_many("climb-", 300).await;
+    assert_eq!(app.broker.sent(300, WAIT * 3).await.len(), 300);
+    // Calls under way at once: those that arrived within one latency.
+    let arrivals = arrivals.lock().unwrap().clone();
+    let most = arrivals
+        .iter()
+        .map(|a| {
+            arrivals
+                .iter()
+                .filter(|b| *b >= a && **b - *a < latency)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most >= 32,
+        "at most {most} calls at once: the limit stayed near its floor of 4"
+    );
+    app.cleanup().await;
+}
