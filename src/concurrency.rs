@@ -14,9 +14,10 @@
 //! about a second; with a 1 ms one it stays near the floor, where a few
 //! dozen sends at once already keep the CPU busy.
 //!
-//! Commands wait for a slot before they claim their key, so the wait never
-//! eats into a lease. Only successful sends are samples: failures say
-//! nothing about queueing, and the circuit breaker deals with them.
+//! Commands wait for a slot before the rate limit and their claim, so the
+//! wait never eats into a lease. Only sends that went through on their
+//! first call are samples: failures and backoff say nothing about
+//! queueing, and the circuit breaker deals with them.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -59,7 +60,6 @@ struct State {
 pub struct Slot<'a> {
     limit: &'a AdaptiveLimit,
     permit: Option<SemaphorePermit<'a>>,
-    started: Instant,
 }
 
 impl AdaptiveLimit {
@@ -101,7 +101,6 @@ impl AdaptiveLimit {
         Slot {
             limit: self,
             permit: Some(permit),
-            started: Instant::now(),
         }
     }
 
@@ -117,8 +116,10 @@ impl AdaptiveLimit {
         }
         let now = Instant::now();
         let mut s = self.lock();
-        if now.duration_since(s.window_start) >= WINDOW {
-            s.previous_fastest = s.window_fastest.take();
+        let age = now.duration_since(s.window_start);
+        if age >= WINDOW {
+            // After a longer pause the last window's fastest is stale too.
+            s.previous_fastest = s.window_fastest.take().filter(|_| age < WINDOW * 2);
             s.window_start = now;
         }
         s.window_fastest = Some(s.window_fastest.map_or(took, |f| f.min(took)));
@@ -164,10 +165,10 @@ impl AdaptiveLimit {
 }
 
 impl Slot<'_> {
-    /// Gives the slot back after a successful send, counting how long it
-    /// was held.
-    pub fn sent(self) {
-        self.limit.sample(self.started.elapsed());
+    /// Gives the slot back after a successful send whose send phase took
+    /// `took`.
+    pub fn sent(self, took: Duration) {
+        self.limit.sample(took);
     }
 }
 
@@ -192,8 +193,8 @@ mod tests {
             slots.push(limit.acquire().await);
         }
         tokio::time::sleep(took).await;
-        for slot in &slots {
-            limit.sample(slot.started.elapsed());
+        for _ in &slots {
+            limit.sample(took);
         }
         drop(slots);
     }
@@ -247,8 +248,7 @@ mod tests {
             slots.push(limit.acquire().await);
         }
         assert_eq!(limit.slots.available_permits(), 0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        slots.pop().expect("one").sent();
+        slots.pop().expect("one").sent(Duration::from_millis(100));
         let lowered = limit.limit();
         assert_eq!(lowered, top - top / 10);
         drop(slots);
@@ -269,6 +269,17 @@ mod tests {
         }
         assert_eq!(lowest, 8);
         assert_eq!(limit.limit(), 4096);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_long_pause_sends_are_measured_by_their_speed_since() {
+        let limit = AdaptiveLimit::new(8, 1024, true);
+        full_rounds(&limit, 3, Duration::from_millis(1)).await;
+        let before = limit.limit();
+        tokio::time::sleep(WINDOW * 3).await;
+        // 50 ms is slow next to 1 ms, but that was long ago.
+        full_rounds(&limit, 2, Duration::from_millis(50)).await;
+        assert!(limit.limit() > before, "{} after {before}", limit.limit());
     }
 
     #[tokio::test(start_paused = true)]

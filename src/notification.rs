@@ -243,13 +243,10 @@ impl Notifier {
     }
 
     async fn process(&self, cmd: SendSms, message: &Inbound<'_>) -> Outcome {
-        // The rate limit is waited for before the claim, so that a long
-        // wait never eats into the lease.
-        tokio::select! {
-            _ = self.rate_limit() => {}
-            _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
-        }
-        // So is a send slot: a command waiting for one holds no lease.
+        // A send slot and then the rate limit are waited for before the
+        // claim, so that a long wait never eats into the lease. In that
+        // order, so that no command sits on a rate-limit token while it
+        // waits for a slot (the tokens would pile up into a burst).
         let mut slot = match &self.guard.sends {
             Some(sends) => tokio::select! {
                 slot = sends.acquire() => Some(slot),
@@ -257,6 +254,11 @@ impl Notifier {
             },
             None => None,
         };
+        tokio::select! {
+            _ = self.rate_limit() => {}
+            _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
+        }
+        let began = Instant::now();
         if message.stop.is_cancelled() {
             return Outcome::RetryAfter(Duration::ZERO);
         }
@@ -294,9 +296,12 @@ impl Notifier {
                         }
                     }
                 }
-                let outcome = self.send(attempt, attempts, message.stop).await;
-                if let (Outcome::Sent, Some(slot)) = (&outcome, slot.take()) {
-                    slot.sent();
+                let mut calls = 0;
+                let outcome = self.send(attempt, attempts, message.stop, &mut calls).await;
+                // Only a first call that went through measures the send
+                // phase: retries add failed calls and backoff to it.
+                if let (Outcome::Sent, 1, Some(slot)) = (&outcome, calls, slot.take()) {
+                    slot.sent(began.elapsed());
                 }
                 outcome
             }
@@ -342,16 +347,17 @@ impl Notifier {
     }
 
     /// Calls the provider until it accepts, rejects, the attempts or the age
-    /// run out, or the wait grows long enough to hand to the broker.
+    /// run out, or the wait grows long enough to hand to the broker. Counts
+    /// its calls in `this_delivery`.
     async fn send(
         &self,
         mut a: Attempt<'_>,
         stored_attempts: u32,
         stop: &tokio_util::sync::CancellationToken,
+        this_delivery: &mut u32,
     ) -> Outcome {
         a.retry.attempts = a.retry.attempts.max(stored_attempts);
         let first_attempt_ms = *a.retry.first_attempt_at_ms.get_or_insert_with(now_ms);
-        let mut this_delivery = 0u32;
         loop {
             let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
             if a.retry.attempts >= self.retry.max_attempts || age >= self.retry.max_age {
@@ -380,12 +386,12 @@ impl Notifier {
             // delay tier rather than wait while holding the lease. (`check`
             // takes the token when there is one.)
             let limited = |l: &DefaultDirectRateLimiter| l.check().is_err();
-            if this_delivery > 0 && self.guard.limiter.as_ref().is_some_and(limited) {
+            if *this_delivery > 0 && self.guard.limiter.as_ref().is_some_and(limited) {
                 let wait = self.retry.broker_delay(a.retry.delays, None);
                 return self.hand_over(&a, wait).await;
             }
             a.retry.attempts += 1;
-            this_delivery += 1;
+            *this_delivery += 1;
             let started = Instant::now();
             let result = self.sms.send(a.cmd).await;
             self.meters
@@ -427,9 +433,9 @@ impl Notifier {
                             format!("provider failed {} times; last: {detail}", a.retry.attempts);
                         return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
                     }
-                    let wait = self.retry.delay(this_delivery, retry_after);
+                    let wait = self.retry.delay(*this_delivery, retry_after);
                     warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
-                    if this_delivery >= self.retry.in_process_attempts
+                    if *this_delivery >= self.retry.in_process_attempts
                         || wait > self.retry.max_delay
                     {
                         let wait = self.retry.broker_delay(a.retry.delays, retry_after);
@@ -1102,11 +1108,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_command_waiting_for_a_send_slot_holds_no_lease_and_calls_nothing() {
+    async fn a_command_waiting_for_a_send_slot_holds_no_lease_no_token_and_calls_nothing() {
+        let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
         let h = harness_with(
             ScriptedProvider::new(vec![]),
             policy(),
-            ProviderGuard::unlimited().with_send_limit(AdaptiveLimit::new(1, 1, false)),
+            ProviderGuard::new(breaker, 1).with_send_limit(AdaptiveLimit::new(1, 1, false)),
         );
         let sends = h.notifier.guard.sends.as_ref().expect("a send limit");
         let taken = sends.acquire().await;
@@ -1116,6 +1123,11 @@ mod tests {
         assert!(waited.is_err(), "finished without a slot: {waited:?}");
         assert_eq!(h.cache.lease_holder("k1"), None, "claimed while waiting");
         assert_eq!(h.provider.calls(), 0);
+        let limiter = h.notifier.guard.limiter.as_ref().expect("a rate limit");
+        assert!(
+            limiter.check().is_ok(),
+            "took a rate-limit token while waiting"
+        );
         drop(taken);
         assert_eq!(handling.await, Outcome::Sent);
         assert_eq!(h.provider.calls(), 1);
