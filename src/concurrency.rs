@@ -7,10 +7,13 @@
 //! once, each holding an HTTP/1.1 connection (about 40 KiB) while they queue
 //! for CPU, and being queued does not make them go faster. So the send phase
 //! gets its own limit that follows the provider: it grows by one for every
-//! send that took no longer than twice the fastest send seen lately (so it
-//! doubles every round trip while sends are quick), and shrinks by a tenth,
-//! at most once per round trip, while sends take longer than that, which
-//! is queueing. With a 200 ms provider it climbs to `max_in_flight` within
+//! send that took no longer than [`TOLERANCE`] times the fastest send seen
+//! lately (so it doubles every round trip while sends are quick), and
+//! shrinks by a tenth, at most once per round trip, for a send that took
+//! longer, which is queueing. So it shrinks only while fewer than about one
+//! send in ten is quick: a provider whose answers merely vary (20 to 200
+//! ms, say) keeps it growing, while sends queueing for CPU behind a fast
+//! provider take many times their unqueued time. With a 200 ms provider it climbs to `max_in_flight` within
 //! about a second; with a 1 ms one it stays near the floor, where a few
 //! dozen sends at once already keep the CPU busy.
 //!
@@ -30,8 +33,11 @@ use tokio::time::Instant;
 /// good is measured against its new speed within two windows.
 const WINDOW: Duration = Duration::from_secs(10);
 
-/// A send counts as queued once it takes longer than twice the reference,
-/// plus this much for timer and scheduling noise on sub-millisecond sends.
+/// A send counts as queued once it takes longer than this many times the
+/// reference, plus [`SLACK`].
+const TOLERANCE: u32 = 4;
+
+/// For timer and scheduling noise on sub-millisecond sends.
 const SLACK: Duration = Duration::from_millis(1);
 
 /// The limit on sends under way at once.
@@ -127,7 +133,7 @@ impl AdaptiveLimit {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(took),
         };
-        if took <= fastest * 2 + SLACK {
+        if took <= fastest * TOLERANCE + SLACK {
             // Quick: grow, but only while the limit is what holds sends back.
             if s.limit < self.ceiling && s.taken * 2 >= s.limit {
                 s.limit += 1;
@@ -269,6 +275,22 @@ mod tests {
         }
         assert_eq!(lowest, 8);
         assert_eq!(limit.limit(), 4096);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_whose_answers_vary_widely_keeps_the_limit_growing() {
+        let limit = AdaptiveLimit::new(16, 2048, true);
+        // Answers spread evenly over 20..200 ms, the same spread every round.
+        let took = |i: usize| Duration::from_millis(20 + (i as u64 * 37) % 181);
+        for _ in 0..30 {
+            let slots: Vec<_> =
+                futures_util::future::join_all((0..limit.limit()).map(|_| limit.acquire())).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 0..slots.len() {
+                limit.sample(took(i));
+            }
+        }
+        assert_eq!(limit.limit(), 2048);
     }
 
     #[tokio::test(start_paused = true)]
