@@ -13,9 +13,10 @@
 //! longer, which is queueing. So it shrinks only while fewer than about one
 //! send in ten is quick: a provider whose answers merely vary (20 to 200
 //! ms, say) keeps it growing, while sends queueing for CPU behind a fast
-//! provider take many times their unqueued time. With a 200 ms provider it climbs to `max_in_flight` within
-//! about a second; with a 1 ms one it stays near the floor, where a few
-//! dozen sends at once already keep the CPU busy.
+//! provider take many times their unqueued time. With a 200 ms provider it
+//! climbs to `max_in_flight` within about a second; with a 1 ms one it stays
+//! near the floor, where a few dozen sends at once already keep the CPU
+//! busy.
 //!
 //! Commands wait for a slot before the rate limit and their claim, so the
 //! wait never eats into a lease. Only sends that went through on their
@@ -53,9 +54,8 @@ pub struct AdaptiveLimit {
 struct State {
     limit: usize,
     /// Slots to take out of use as they come back, owed by a decrease made
-    /// while they were taken.
+    /// while they were taken. The semaphore holds `limit + owed` permits.
     owed: usize,
-    taken: usize,
     window_start: Instant,
     window_fastest: Option<Duration>,
     previous_fastest: Option<Duration>,
@@ -85,7 +85,6 @@ impl AdaptiveLimit {
             state: Mutex::new(State {
                 limit,
                 owed: 0,
-                taken: 0,
                 window_start: Instant::now(),
                 window_fastest: None,
                 previous_fastest: None,
@@ -103,7 +102,6 @@ impl AdaptiveLimit {
     /// Waits for a slot.
     pub async fn acquire(&self) -> Slot<'_> {
         let permit = self.slots.acquire().await.expect("never closed");
-        self.lock().taken += 1;
         Slot {
             limit: self,
             permit: Some(permit),
@@ -128,14 +126,15 @@ impl AdaptiveLimit {
             s.previous_fastest = s.window_fastest.take().filter(|_| age < WINDOW * 2);
             s.window_start = now;
         }
-        s.window_fastest = Some(s.window_fastest.map_or(took, |f| f.min(took)));
-        let fastest = match (s.window_fastest, s.previous_fastest) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(took),
-        };
+        let window_fastest = s.window_fastest.map_or(took, |f| f.min(took));
+        s.window_fastest = Some(window_fastest);
+        let fastest = s
+            .previous_fastest
+            .map_or(window_fastest, |f| f.min(window_fastest));
         if took <= fastest * TOLERANCE + SLACK {
             // Quick: grow, but only while the limit is what holds sends back.
-            if s.limit < self.ceiling && s.taken * 2 >= s.limit {
+            let taken = s.limit + s.owed - self.slots.available_permits();
+            if s.limit < self.ceiling && taken * 2 >= s.limit {
                 s.limit += 1;
                 if s.owed > 0 {
                     s.owed -= 1;
@@ -160,7 +159,6 @@ impl AdaptiveLimit {
 
     fn release(&self, permit: SemaphorePermit<'_>) {
         let mut s = self.lock();
-        s.taken -= 1;
         if s.owed > 0 {
             s.owed -= 1;
             permit.forget();

@@ -247,7 +247,7 @@ impl Notifier {
         // claim, so that a long wait never eats into the lease. In that
         // order, so that no command sits on a rate-limit token while it
         // waits for a slot (the tokens would pile up into a burst).
-        let mut slot = match &self.guard.sends {
+        let slot = match &self.guard.sends {
             Some(sends) => tokio::select! {
                 slot = sends.acquire() => Some(slot),
                 _ = message.stop.cancelled() => return Outcome::RetryAfter(Duration::ZERO),
@@ -300,7 +300,7 @@ impl Notifier {
                 let outcome = self.send(attempt, attempts, message.stop, &mut calls).await;
                 // Only a first call that went through measures the send
                 // phase: retries add failed calls and backoff to it.
-                if let (Outcome::Sent, 1, Some(slot)) = (&outcome, calls, slot.take()) {
+                if let (Outcome::Sent, 1, Some(slot)) = (&outcome, calls, slot) {
                     slot.sent(began.elapsed());
                 }
                 outcome
