@@ -53,18 +53,23 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     ));
     let guard = ProviderGuard::new(breaker.clone(), settings.provider.max_sends_per_second)
         .with_send_limit(settings.send_limit());
-    let notifier = Notifier::new(
+    let notifier = Arc::new(Notifier::new(
         store.clone(),
         sms,
         Arc::new(broker.clone()),
-        settings.retry_policy(),
         guard,
-        settings.amqp.max_body_bytes,
-        settings.processing.max_redeliveries,
-    );
+        settings.notifier_settings(),
+    ));
+    // The liveness record outlives processing: it is deleted only once
+    // nothing of this instance is still working on a key.
+    let alive = CancellationToken::new();
+    let heartbeat = tokio::spawn({
+        let (notifier, alive) = (notifier.clone(), alive.clone());
+        async move { notifier.keep_alive(alive).await }
+    });
     let processing = QueueProcessingService::new(
         Arc::new(broker.clone()),
-        Arc::new(notifier),
+        notifier,
         breaker,
         settings.processing_settings(),
     );
@@ -94,6 +99,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let processing_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         processing.run(processing_shutdown).await;
+        alive.cancel();
+        let _ = heartbeat.await;
         // The API stays up while draining so probes see the shutdown.
         http_shutdown.cancel();
         let _ = http_task.await;

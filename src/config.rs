@@ -48,6 +48,9 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub idempotency_ttl_secs: u64,
     pub lease_ms: u64,
+    /// How long an instance's liveness record lasts without a heartbeat:
+    /// the longest wait before a dead instance's keys are taken over.
+    pub liveness_ttl_ms: u64,
     pub timeout_ms: u64,
 }
 
@@ -282,6 +285,12 @@ impl Settings {
                 ),
             );
         }
+        if self.redis.liveness_ttl_ms < 300 || self.redis.liveness_ttl_ms >= self.redis.lease_ms {
+            return bad(
+                "redis.liveness_ttl_ms",
+                "must be at least 300 and shorter than redis.lease_ms",
+            );
+        }
         if self.redis.idempotency_ttl_secs * 1000 <= self.redis.lease_ms {
             return bad(
                 "redis.idempotency_ttl_secs",
@@ -289,6 +298,16 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    pub fn notifier_settings(&self) -> crate::notification::NotifierSettings {
+        crate::notification::NotifierSettings {
+            retry: self.retry_policy(),
+            max_body_bytes: self.amqp.max_body_bytes,
+            max_takeovers: self.processing.max_redeliveries,
+            lease: Duration::from_millis(self.redis.lease_ms),
+            liveness_ttl: Duration::from_millis(self.redis.liveness_ttl_ms),
+        }
     }
 
     pub fn retry_policy(&self) -> crate::notification::RetryPolicy {

@@ -17,6 +17,8 @@
 //! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest), HTTP (axum).
 //! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
 //! - [`fake_provider`]: a fake of the generic provider for demos and tests.
+//! - `testing` (tests, or the `test-support` feature): in-memory adapters
+//!   and the idempotency store's contract.
 //!
 //! The core (domain, ports, notification, processing) uses no adapter crate.
 
@@ -35,5 +37,5 @@ pub mod notification;
 pub mod ports;
 pub mod processing;
 pub mod telemetry;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

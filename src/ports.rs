@@ -172,12 +172,45 @@ pub struct FailedRecord {
     pub failed_at: String,
 }
 
+/// Who works on a key: a live instance and one claim of it. The instance
+/// keeps a liveness record in the store (see [`CacheService::heartbeat`]);
+/// a lease whose instance has no liveness record can be taken over at once,
+/// without waiting for the lease to run out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The instance, as in its liveness record (no `-` in it).
+    pub instance: String,
+    /// Unique per claim: `{instance}-{n}`. Records are fenced by it.
+    pub id: String,
+}
+
+impl Owner {
+    pub fn new(instance: &str, claim: u64) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            id: format!("{instance}-{claim}"),
+        }
+    }
+}
+
 /// The answer to "may I work on this key?".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// New (or its earlier holder's lease ran out): the caller now holds the
-    /// lease and must send. `attempts` provider calls were made before.
-    Send { attempts: u32 },
+    /// New, handed back, or its earlier holder's lease ran out or its
+    /// holder is dead: the caller now holds the lease and must send.
+    Send {
+        /// Provider calls made before this claim. The claim itself counts
+        /// one more in the store (the call about to be made), so a crash
+        /// during that call still counts; `release` and the records write
+        /// the true number.
+        attempts: u32,
+        /// When the key's first claim that could send was made (ms since
+        /// the Unix epoch, the store's clock), kept across crashes.
+        first_attempt_ms: u64,
+        /// Leases taken over from another holder (expired or dead), ever:
+        /// each one is a delivery that never reached an outcome.
+        takeovers: u32,
+    },
     /// Sent before but its SmsSent not confirmed: the caller holds the lease
     /// and must publish it, without calling the provider.
     PublishSent(SentRecord),
@@ -187,8 +220,23 @@ pub enum Claim {
     AlreadySent,
     /// Failed and its event published.
     AlreadyFailed(FailedRecord),
-    /// Someone else holds the lease for this long yet.
-    Busy { lease_left: Duration },
+    /// A live holder has the lease for `lease_left` yet; if the holder
+    /// stops heart-beating it is free after `holder_alive_for` at most.
+    Busy {
+        lease_left: Duration,
+        holder_alive_for: Duration,
+    },
+}
+
+/// What a record (or a lease renewal) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written: the caller still held the lease.
+    Written,
+    /// Refused and nothing changed: another owner holds the key now, or
+    /// recorded an outcome first. That owner publishes the key's event;
+    /// the caller publishes nothing.
+    Fenced,
 }
 
 /// A key's state as the status API shows it.
@@ -204,37 +252,44 @@ pub struct MessageStatus {
 /// The idempotency and status store: per key, an atomic state machine
 /// `processing -> sent | failed` (plus `delivered`/`undelivered` after a
 /// delivery report), with a lease held by whoever works on the key and a
-/// flag for "its event is published".
+/// flag for "its event is published". Every implementation passes the
+/// store contract in `crate::testing::store_contract`.
 #[async_trait]
 pub trait CacheService: Send + Sync {
-    /// Claims `key` for `owner`, atomically; see [`Claim`].
-    async fn claim(&self, key: &IdempotencyKey, owner: &str) -> Result<Claim, CacheError>;
-    /// Records that the provider accepted `key` (keeps the lease);
-    /// `published` when its event is already confirmed (the record is
-    /// late: the first try failed).
+    /// Claims `key` for `owner`, atomically; see [`Claim`]. A claim by the
+    /// owner that already holds the lease (a retry after a lost reply) is
+    /// granted again. Every granted claim refreshes the key's TTL.
+    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError>;
+    /// Extends `owner`'s lease by the full lease time; [`Recorded::Fenced`]
+    /// if the owner no longer holds it.
+    async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError>;
+    /// Records that the provider accepted `key`, only if `owner` still
+    /// holds the lease and no outcome is recorded by another (keeps the
+    /// lease; the event is not published yet).
     async fn record_sent(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         record: &SentRecord,
-        published: bool,
-    ) -> Result<(), CacheError>;
-    /// Records that `key` failed for good (keeps the lease); `published`
-    /// as for [`CacheService::record_sent`].
+    ) -> Result<Recorded, CacheError>;
+    /// Records that `key` failed for good, fenced as
+    /// [`CacheService::record_sent`].
     async fn record_failed(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         record: &FailedRecord,
-        published: bool,
-    ) -> Result<(), CacheError>;
-    /// Marks the key's event as published and releases the lease (whoever
-    /// holds it: a published key is done for every claim). Only for a key
-    /// whose outcome is recorded.
-    async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError>;
-    /// Releases `owner`'s lease without an outcome, keeping the attempts made.
+    ) -> Result<Recorded, CacheError>;
+    /// Marks the key's event as published and ends the lease (a published
+    /// key is done for every claim). Only for a key whose outcome is
+    /// recorded; idempotent.
+    async fn mark_published(&self, key: &IdempotencyKey, owner: &Owner) -> Result<(), CacheError>;
+    /// Releases `owner`'s lease without an outcome, writing the attempts
+    /// actually made; nothing if `owner` does not hold it.
     async fn release(
         &self,
         key: &IdempotencyKey,
-        owner: &str,
+        owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError>;
     /// The status of a key, if known.
@@ -248,10 +303,13 @@ pub trait CacheService: Send + Sync {
         status: DeliveryStatus,
         error_code: Option<&str>,
     ) -> Result<Option<String>, CacheError>;
-    /// Counts one more broker redelivery of a body (by fingerprint) and
-    /// returns the count so far.
-    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError>;
-    /// Whether the store answers.
+    /// Writes `instance`'s liveness record for `ttl`: while it exists, the
+    /// instance's leases are respected until they run out.
+    async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError>;
+    /// Deletes `instance`'s liveness record (clean shutdown), so that what
+    /// it leaves leased is taken over at once.
+    async fn retire(&self, instance: &str) -> Result<(), CacheError>;
+    /// Whether the store answers (and takes writes).
     async fn ping(&self) -> Result<(), CacheError>;
 }
 
@@ -277,8 +335,10 @@ pub enum Outcome {
     Sent,
     /// A duplicate of a key that is sent or being sent: acknowledge.
     Duplicate,
-    /// Not now: requeue after this (short) delay.
+    /// Not now: requeue after this (short) delay (the broker failed).
     RetryAfter(Duration),
+    /// Stopped at a safe point (shutdown): requeue at once, lease released.
+    HandBack,
     /// Not now: hand to a delay tier for about `delay`, carrying `retry`.
     Delay { delay: Duration, retry: RetryState },
     /// The idempotency store is away: requeue, and take no new work until
@@ -294,6 +354,8 @@ pub enum Outcome {
 #[async_trait]
 pub trait NotificationService: Send + Sync {
     async fn handle(&self, message: Inbound<'_>) -> Outcome;
-    /// Whether the step can work (its store answers).
+    /// Whether the step can take new work: its store answers (the
+    /// instance's liveness record is written) and no outcome is waiting to
+    /// be recorded.
     async fn ready(&self) -> bool;
 }

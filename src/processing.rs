@@ -195,13 +195,16 @@ impl QueueProcessingService {
                     // probes but fails work cannot make this loop spin.
                     loop {
                         self.wait(&shutdown, self.settings.resubscribe_delay).await;
-                        if shutdown.is_cancelled() || self.notifier.ready().await {
+                        if shutdown.is_cancelled() {
+                            break;
+                        }
+                        if self.notifier.ready().await {
+                            info!("idempotency store answers again: resuming");
                             break;
                         }
                     }
                     // Drop a pause signal that in-flight commands sent meanwhile.
                     let _ = settler.pause.notified().now_or_never();
-                    info!("idempotency store answers again: resuming");
                 }
             }
         }
@@ -311,6 +314,10 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
             s.pause.notify_one();
             handle.requeue().await
         }
+        Outcome::HandBack => {
+            metrics::counter!("sms_requeued_total").increment(1);
+            handle.requeue().await
+        }
         Outcome::RetryAfter(delay) => {
             // Wait before requeueing, or the broker hands it straight back;
             // but never hold a delivery past shutdown.
@@ -326,7 +333,10 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
         // Unsettled deliveries return to the queue when the channel closes;
         // the store makes the next attempt resume where this one stopped.
         error!(error = %e, ?outcome, "could not settle delivery; the broker will redeliver it");
-        if !matches!(outcome, Outcome::RetryAfter(_) | Outcome::StoreUnavailable) {
+        if !matches!(
+            outcome,
+            Outcome::RetryAfter(_) | Outcome::StoreUnavailable | Outcome::HandBack
+        ) {
             // Not straight back: whatever failed (a tier or the dead-letter
             // queue) would fail again at once, in a hot loop.
             tokio::select! {
@@ -343,7 +353,7 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::{Notifier, ProviderGuard, RetryPolicy};
+    use crate::notification::{Notifier, NotifierSettings, ProviderGuard, RetryPolicy};
     use crate::ports::{Accepted, ProviderError};
     use crate::testing::{MemoryCache, MemoryEvents, MemoryQueue, ScriptedProvider, Settled};
 
@@ -375,10 +385,14 @@ mod tests {
             MemoryCache::new(Duration::from_secs(60)),
             provider,
             Arc::new(MemoryEvents::default()),
-            policy,
             guard,
-            4096,
-            3,
+            NotifierSettings {
+                retry: policy,
+                max_body_bytes: 4096,
+                max_takeovers: 3,
+                lease: Duration::from_secs(60),
+                liveness_ttl: Duration::from_secs(5),
+            },
         );
         let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
         let settings = ProcessingSettings {

@@ -384,7 +384,7 @@ async fn a_lease_left_by_a_crashed_instance_expires_and_the_command_is_sent() {
 }
 
 #[tokio::test]
-async fn a_duplicate_of_a_key_in_flight_is_acked_at_once() {
+async fn a_duplicate_of_a_key_in_flight_on_a_live_instance_is_acked_at_once() {
     let mut app = spawn_app().await;
     provider_accepts(&app, "never", 0).await;
     let key = format!("{}:msg:leased-1", app.names.key_prefix);
@@ -403,10 +403,22 @@ async fn a_duplicate_of_a_key_in_flight_is_acked_at_once() {
             "attempts",
             "0",
             "owner",
-            "other",
+            "otherinstance-1",
+            "holder",
+            "otherinstance",
         ])
         .arg("lease_until")
         .arg(now_ms + 1500)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // The holder's instance is alive (its heartbeat's liveness record).
+    let alive = format!("{}:alive:otherinstance", app.names.key_prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&alive)
+        .arg("1")
+        .arg("PX")
+        .arg(10_000)
         .query_async(&mut redis)
         .await
         .unwrap();

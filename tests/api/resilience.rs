@@ -315,3 +315,53 @@ async fn dead_letters_are_listed_without_removal_and_replayed_to_the_command_que
 async fn spawn_app() -> TestApp {
     spawn(&[], true).await
 }
+
+#[tokio::test]
+async fn a_redis_outage_after_the_provider_accepted_never_reopens_the_key() {
+    let redis = Proxy::start("127.0.0.1:6379").await;
+    let url = format!("redis://{}", redis.addr);
+    let mut app = spawn_app_with(&[
+        ("SMS__REDIS__URL", &url),
+        ("SMS__REDIS__TIMEOUT_MS", "300"),
+        ("SMS__REDIS__LEASE_MS", "6000"),
+        ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1500"),
+    ])
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "accepted-in-the-dark"}))
+                .set_delay(Duration::from_millis(700)),
+        )
+        .mount(&app.provider)
+        .await;
+    let body = command("outage-after-send", "+254712345678", "hi");
+    app.publish(&body).await;
+    // Cut Redis while the provider holds the call: its answer finds no store.
+    for _ in 0..100 {
+        if !calls_per_key(&app).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.cut();
+    // Longer than the lease: no SmsSent while its record cannot be written.
+    assert!(
+        app.broker.sent(1, Duration::from_secs(8)).await.is_empty(),
+        "SmsSent published without its record"
+    );
+    redis.restore();
+    let sent = app.broker.sent(1, Duration::from_secs(20)).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].json()["providerMessageId"], "accepted-in-the-dark");
+    wait_for_readyz(&app, 200).await;
+    // The duplicate that follows finds the key sent.
+    app.publish(&body).await;
+    assert!(app.broker.sent(1, Duration::from_secs(2)).await.is_empty());
+    assert_eq!(app.broker.commands_waiting().await, 0);
+    assert_eq!(calls_per_key(&app).await["outage-after-send"], 1);
+    let (status, json) = app.get_json("/v1/messages/outage-after-send").await;
+    assert_eq!((status, json["status"].as_str()), (200, Some("sent")));
+    app.cleanup().await;
+}

@@ -1,84 +1,70 @@
-//! The Redis store's scripts against the real Redis.
+//! The Redis store against the real Redis: the store contract that the
+//! in-memory store keeps too, and what only Redis can show (TTLs).
+
+use std::time::Duration;
 
 use sms_service::adapters::redis::RedisStore;
 use sms_service::domain::IdempotencyKey;
-use sms_service::ports::{CacheService, Claim, SentRecord};
+use sms_service::ports::{CacheService, Claim, Owner};
+use sms_service::testing::store_contract;
 
-use crate::helpers::{delete_redis_keys, settings, Names};
+use crate::helpers::{delete_redis_keys, redis_connection, settings, Names};
+
+const LEASE_MS: u64 = 400;
 
 fn store(names: &Names) -> RedisStore {
-    RedisStore::new(&settings(&names.env("http://127.0.0.1:9")).redis).unwrap()
-}
-
-fn sent() -> SentRecord {
-    SentRecord {
-        provider: "generic".into(),
-        provider_message_id: "m-1".into(),
-        segments: 1,
-        attempts: 1,
-        sent_at: "2026-11-22T10:00:00Z".into(),
-    }
+    let mut env = names.env("http://127.0.0.1:9");
+    env.push(("SMS__REDIS__LEASE_MS".into(), LEASE_MS.to_string()));
+    env.push(("SMS__REDIS__LIVENESS_TTL_MS".into(), "300".into()));
+    // A lease this short needs calls and confirms that fit in it.
+    env.push(("SMS__PROVIDER__REQUEST_TIMEOUT_MS".into(), "50".into()));
+    env.push(("SMS__AMQP__CONFIRM_TIMEOUT_MS".into(), "50".into()));
+    env.push(("SMS__RETRY__MAX_DELAY_MS".into(), "50".into()));
+    env.push(("SMS__RETRY__BASE_DELAY_MS".into(), "20".into()));
+    RedisStore::new(&settings(&env).redis).unwrap()
 }
 
 #[tokio::test]
-async fn a_claim_retried_by_its_own_owner_is_granted_again_not_busy() {
+async fn the_redis_store_keeps_the_store_contract() {
     let names = Names::unique();
     let store = store(&names);
-    let key = IdempotencyKey::parse("retried-claim").unwrap();
-    assert_eq!(
-        store.claim(&key, "owner-1").await.unwrap(),
-        Claim::Send { attempts: 0 }
-    );
-    // The reply was lost and the same claim is sent again.
-    assert_eq!(
-        store.claim(&key, "owner-1").await.unwrap(),
-        Claim::Send { attempts: 0 }
-    );
-    assert!(matches!(
-        store.claim(&key, "owner-2").await.unwrap(),
-        Claim::Busy { .. }
-    ));
+    store_contract::check(&store, Duration::from_millis(LEASE_MS), "redis").await;
     delete_redis_keys(&names.key_prefix).await;
 }
 
 #[tokio::test]
-async fn a_send_recorded_late_as_published_is_done_for_every_later_claim() {
+async fn every_granted_claim_refreshes_the_keys_ttl() {
     let names = Names::unique();
     let store = store(&names);
-    let key = IdempotencyKey::parse("late-record").unwrap();
-    store.claim(&key, "owner-1").await.unwrap();
-    // The first record failed; after the event's confirm it is written
-    // together with "published".
-    store.record_sent(&key, &sent(), true).await.unwrap();
-    assert_eq!(
-        store.claim(&key, "owner-2").await.unwrap(),
-        Claim::AlreadySent
-    );
-    let status = store.status("late-record").await.unwrap().unwrap();
-    assert_eq!((status.status.as_str(), status.attempts), ("sent", 1));
-    delete_redis_keys(&names.key_prefix).await;
-}
-
-#[tokio::test]
-async fn a_recorded_but_unpublished_send_is_handed_out_for_publishing_once_its_lease_is_free() {
-    let names = Names::unique();
-    let store = store(&names);
-    let key = IdempotencyKey::parse("unpublished").unwrap();
-    store.claim(&key, "owner-1").await.unwrap();
-    store.record_sent(&key, &sent(), false).await.unwrap();
+    let key = IdempotencyKey::parse("ttl").unwrap();
+    let owner = Owner::new("ttlinstance", 1);
+    store
+        .heartbeat(&owner.instance, Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.claim(&key, &owner).await.unwrap();
+    let msg = format!("{}:msg:ttl", names.key_prefix);
+    let mut redis = redis_connection().await;
+    // As if the key had been waiting in delay tiers for most of a day.
+    let _: () = redis::cmd("EXPIRE")
+        .arg(&msg)
+        .arg(5)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    store.release(&key, &owner, 1).await.unwrap();
     assert!(matches!(
-        store.claim(&key, "owner-2").await.unwrap(),
-        Claim::Busy { .. }
+        store
+            .claim(&key, &Owner::new("ttlinstance", 2))
+            .await
+            .unwrap(),
+        Claim::Send { attempts: 1, .. }
     ));
-    store.release(&key, "owner-1", 1).await.unwrap();
-    assert_eq!(
-        store.claim(&key, "owner-2").await.unwrap(),
-        Claim::PublishSent(sent())
-    );
-    store.mark_published(&key, "owner-2").await.unwrap();
-    assert_eq!(
-        store.claim(&key, "owner-3").await.unwrap(),
-        Claim::AlreadySent
-    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&msg)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 500, "TTL not refreshed by the claim: {ttl}");
     delete_redis_keys(&names.key_prefix).await;
 }

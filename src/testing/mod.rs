@@ -1,7 +1,10 @@
 //! In-memory adapters for unit tests of the core, with failures that can be
-//! switched on at a chosen step to simulate a crash window. The cache keeps
-//! the same state machine as the Redis scripts, on tokio's clock so tests
-//! can pause time.
+//! switched on at a chosen step to simulate a crash window, and the
+//! idempotency store's contract ([`store_contract`]), run against the
+//! in-memory store here and against the Redis store in `tests/`. Built for
+//! the crate's own tests and, with the `test-support` feature, for `tests/`.
+
+pub mod store_contract;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -18,17 +21,23 @@ use crate::ports::*;
 struct Entry {
     status: String,
     published: bool,
-    lease: Option<(String, Instant)>,
+    /// The owner id holding the lease, its instance, and until when.
+    lease: Option<(Owner, Instant)>,
     attempts: u32,
+    first_attempt_ms: u64,
+    takeovers: u32,
     sent: Option<SentRecord>,
     failed: Option<FailedRecord>,
 }
 
-/// The idempotency store in memory.
+/// The idempotency store in memory: the same state machine as the Redis
+/// scripts (the store contract in [`store_contract`] holds for both), on
+/// tokio's clock so tests can pause time.
 #[derive(Default)]
 pub struct MemoryCache {
     entries: Mutex<HashMap<String, Entry>>,
-    redeliveries: Mutex<HashMap<String, u32>>,
+    /// Liveness records: instance -> until when.
+    alive: Mutex<HashMap<String, Instant>>,
     pub lease: Duration,
     /// Fail every call: the store is down.
     pub down: AtomicBool,
@@ -63,19 +72,82 @@ impl MemoryCache {
         entries
             .get(key)
             .and_then(|e| e.lease.clone())
-            .map(|(owner, _)| owner)
+            .map(|(owner, _)| owner.id)
     }
+
+    /// Writes `instance`'s liveness record for `ttl`, without the trait's
+    /// async call (for test set-up).
+    pub fn set_alive(&self, instance: &str, ttl: Duration) {
+        let mut alive = self.alive.lock().unwrap();
+        alive.insert(instance.to_owned(), Instant::now() + ttl);
+    }
+
+    /// How long `instance`'s liveness record lasts yet, if it exists.
+    fn alive_for(&self, instance: &str, now: Instant) -> Option<Duration> {
+        let alive = self.alive.lock().unwrap();
+        alive
+            .get(instance)
+            .filter(|until| **until > now)
+            .map(|until| *until - now)
+    }
+
+    fn record(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        write: impl FnOnce(&mut Entry),
+    ) -> Result<Recorded, CacheError> {
+        self.check()?;
+        if self.fail_records.load(Ordering::SeqCst) {
+            return Err(CacheError("record failed".into()));
+        }
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        let fresh = entry.status.is_empty();
+        if !fresh && entry.lease.as_ref().map(|(o, _)| &o.id) != Some(&owner.id) {
+            return Ok(Recorded::Fenced);
+        }
+        if !fresh && !matches!(entry.status.as_str(), "processing" | "retrying") {
+            return Ok(Recorded::Written);
+        }
+        entry.lease = Some((owner.clone(), Instant::now() + self.lease));
+        entry.published = false;
+        write(entry);
+        Ok(Recorded::Written)
+    }
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 #[async_trait]
 impl CacheService for MemoryCache {
-    async fn claim(&self, key: &IdempotencyKey, owner: &str) -> Result<Claim, CacheError> {
+    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError> {
         self.check()?;
+        let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
         let entry = entries.entry(key.to_string()).or_insert_with(|| Entry {
-            status: "processing".into(),
+            status: "new".into(),
             ..Entry::default()
         });
+        if entry.status == "new" {
+            *entry = Entry {
+                status: "processing".into(),
+                lease: Some((owner.clone(), now + self.lease)),
+                attempts: 1,
+                first_attempt_ms: epoch_ms(),
+                ..Entry::default()
+            };
+            return Ok(Claim::Send {
+                attempts: 0,
+                first_attempt_ms: entry.first_attempt_ms,
+                takeovers: 0,
+            });
+        }
         let terminal = !matches!(entry.status.as_str(), "processing" | "retrying");
         if terminal && entry.published {
             return Ok(match &entry.failed {
@@ -83,91 +155,107 @@ impl CacheService for MemoryCache {
                 _ => Claim::AlreadySent,
             });
         }
-        let now = Instant::now();
-        if let Some((_, until)) = &entry.lease {
-            if *until > now {
-                return Ok(Claim::Busy {
-                    lease_left: *until - now,
-                });
+        match entry.lease.clone() {
+            Some((holder, until)) if holder.id == owner.id => {
+                entry.lease = Some((holder, now + self.lease));
+                if entry.status == "processing" {
+                    return Ok(Claim::Send {
+                        attempts: entry.attempts.saturating_sub(1),
+                        first_attempt_ms: entry.first_attempt_ms,
+                        takeovers: entry.takeovers,
+                    });
+                }
+                let _ = until;
             }
-        }
-        entry.lease = Some((owner.to_owned(), now + self.lease));
-        if entry.status == "retrying" {
-            entry.status = "processing".into();
+            Some((holder, until)) => {
+                if until > now {
+                    if let Some(alive) = self.alive_for(&holder.instance, now) {
+                        return Ok(Claim::Busy {
+                            lease_left: until - now,
+                            holder_alive_for: alive,
+                        });
+                    }
+                }
+                entry.takeovers += 1;
+                entry.lease = Some((owner.clone(), now + self.lease));
+            }
+            None => entry.lease = Some((owner.clone(), now + self.lease)),
         }
         Ok(match entry.status.as_str() {
             "sent" => Claim::PublishSent(entry.sent.clone().unwrap()),
             "failed" => Claim::PublishFailed(entry.failed.clone().unwrap()),
-            _ => Claim::Send {
-                attempts: entry.attempts,
-            },
+            _ => {
+                entry.status = "processing".into();
+                let before = entry.attempts;
+                entry.attempts += 1;
+                if entry.first_attempt_ms == 0 {
+                    entry.first_attempt_ms = epoch_ms();
+                }
+                Claim::Send {
+                    attempts: before,
+                    first_attempt_ms: entry.first_attempt_ms,
+                    takeovers: entry.takeovers,
+                }
+            }
         })
+    }
+
+    async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        match entries.get_mut(key.as_str()).and_then(|e| e.lease.as_mut()) {
+            Some((holder, until)) if holder.id == owner.id => {
+                *until = Instant::now() + self.lease;
+                Ok(Recorded::Written)
+            }
+            _ => Ok(Recorded::Fenced),
+        }
     }
 
     async fn record_sent(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         record: &SentRecord,
-        published: bool,
-    ) -> Result<(), CacheError> {
-        self.check()?;
-        if self.fail_records.load(Ordering::SeqCst) {
-            return Err(CacheError("record failed".into()));
-        }
-        let mut entries = self.entries.lock().unwrap();
-        let entry = entries.get_mut(key.as_str()).unwrap();
-        if entry.status != "sent" {
+    ) -> Result<Recorded, CacheError> {
+        self.record(key, owner, |entry| {
             entry.status = "sent".into();
-            entry.published = published;
             entry.attempts = record.attempts;
             entry.sent = Some(record.clone());
-        }
-        Ok(())
+        })
     }
 
     async fn record_failed(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         record: &FailedRecord,
-        published: bool,
-    ) -> Result<(), CacheError> {
-        self.check()?;
-        if self.fail_records.load(Ordering::SeqCst) {
-            return Err(CacheError("record failed".into()));
-        }
-        let mut entries = self.entries.lock().unwrap();
-        let entry = entries.get_mut(key.as_str()).unwrap();
-        if entry.status != "sent" {
+    ) -> Result<Recorded, CacheError> {
+        self.record(key, owner, |entry| {
             entry.status = "failed".into();
-            entry.published = published;
             entry.attempts = record.attempts;
             entry.failed = Some(record.clone());
-        }
-        Ok(())
+        })
     }
 
-    async fn mark_published(&self, key: &IdempotencyKey, owner: &str) -> Result<(), CacheError> {
+    async fn mark_published(&self, key: &IdempotencyKey, _owner: &Owner) -> Result<(), CacheError> {
         self.check()?;
         let mut entries = self.entries.lock().unwrap();
-        if let Some(entry) = entries.get_mut(key.as_str()) {
-            entry.published = true;
-            if entry.lease.as_ref().is_some_and(|(o, _)| o == owner) {
-                entry.lease = None;
-            }
-        }
+        // Like Redis: a vanished key leaves a stub that says "published".
+        entries.entry(key.to_string()).or_default().published = true;
         Ok(())
     }
 
     async fn release(
         &self,
         key: &IdempotencyKey,
-        owner: &str,
+        owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError> {
         self.check()?;
         let mut entries = self.entries.lock().unwrap();
         if let Some(entry) = entries.get_mut(key.as_str()) {
-            if entry.lease.as_ref().is_some_and(|(o, _)| o == owner) {
+            if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
                 entry.lease = None;
                 if entry.status == "processing" {
                     entry.status = "retrying".into();
@@ -180,12 +268,17 @@ impl CacheService for MemoryCache {
 
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError> {
         self.check()?;
-        Ok(self
-            .status_of(key)
-            .map(|(status, _, attempts)| MessageStatus {
-                status,
-                provider_message_id: None,
-                attempts,
+        let entries = self.entries.lock().unwrap();
+        Ok(entries
+            .get(key)
+            .filter(|e| !e.status.is_empty())
+            .map(|e| MessageStatus {
+                status: match e.status.as_str() {
+                    "retrying" => "processing".into(),
+                    other => other.into(),
+                },
+                provider_message_id: e.sent.as_ref().map(|s| s.provider_message_id.clone()),
+                attempts: e.attempts,
                 updated_at: String::new(),
             }))
     }
@@ -201,12 +294,17 @@ impl CacheService for MemoryCache {
         Ok(None)
     }
 
-    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError> {
+    async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {
         self.check()?;
-        let mut counts = self.redeliveries.lock().unwrap();
-        let count = counts.entry(fingerprint.to_owned()).or_default();
-        *count += 1;
-        Ok(*count)
+        let mut alive = self.alive.lock().unwrap();
+        alive.insert(instance.to_owned(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn retire(&self, instance: &str) -> Result<(), CacheError> {
+        self.check()?;
+        self.alive.lock().unwrap().remove(instance);
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), CacheError> {
@@ -449,5 +547,16 @@ impl QueueClient for MemoryQueue {
     }
     async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_memory_store_keeps_the_store_contract() {
+        let store = MemoryCache::new(Duration::from_millis(200));
+        store_contract::check(store.as_ref(), store.lease, "memory").await;
     }
 }

@@ -6,14 +6,16 @@
 //! |---|---|
 //! | `status` | `processing`, `retrying`, `sent`, `failed`, `delivered`, `undelivered` |
 //! | `published` | `1` once the outcome's event is confirmed by the broker |
-//! | `owner`, `lease_until` | who holds the lease, until when (Redis clock, ms) |
-//! | `attempts` | provider calls made for the key |
+//! | `owner`, `holder`, `lease_until` | which claim holds the lease, of which instance, until when (Redis clock, ms) |
+//! | `attempts` | provider calls made for the key (counted at the claim that makes one) |
+//! | `first_attempt_ms` | when the first claim that could send was granted |
+//! | `takeovers` | leases taken from a holder that was dead or whose lease ran out |
 //! | others | the provider's id, segments, reason, times |
 //!
 //! `{prefix}:pid:{provider}:{providerMessageId}` maps a provider's id back
-//! to the idempotency key, for delivery reports, and
-//! `{prefix}:redeliveries:{sha256 of a body}` counts broker redeliveries to
-//! catch poison messages. All expire after the idempotency TTL.
+//! to the idempotency key, for delivery reports (it expires with the key),
+//! and `{prefix}:alive:{instance}` is an instance's liveness record, kept
+//! alive by its heartbeat. The scripts are in [`scripts`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,84 +28,15 @@ use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 use crate::domain::{rfc3339, DeliveryStatus, FailureReason, IdempotencyKey};
-use crate::ports::{CacheError, CacheService, Claim, FailedRecord, MessageStatus, SentRecord};
+use crate::ports::{
+    CacheError, CacheService, Claim, FailedRecord, MessageStatus, Owner, Recorded, SentRecord,
+};
 
-const CLAIM: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner')
-local status = h[1]
-if not status then
-  redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '0', 'published', '0',
-    'owner', ARGV[1], 'lease_until', tostring(now + tonumber(ARGV[2])), 'updated_at', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  return {'new'}
-end
-if status ~= 'processing' and status ~= 'retrying' and h[2] == '1' then
-  if status == 'failed' then
-    return {'done', redis.call('HGETALL', KEYS[1])}
-  end
-  return {'done'}
-end
--- A lease of this very owner is this claim retried after a lost reply.
-if tonumber(h[3] or '0') > now and h[4] ~= ARGV[1] then
-  return {'busy', tostring(tonumber(h[3]) - now)}
-end
-if status == 'retrying' then
-  redis.call('HSET', KEYS[1], 'status', 'processing')
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', tostring(now + tonumber(ARGV[2])), 'updated_at', ARGV[4])
-return {'claimed', redis.call('HGETALL', KEYS[1])}
-"#;
-
-const RECORD_SENT: &str = r#"
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'sent' or status == 'delivered' or status == 'undelivered' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'status', 'sent', 'published', ARGV[8], 'provider', ARGV[1],
-  'provider_message_id', ARGV[2], 'segments', ARGV[3], 'attempts', ARGV[4], 'sent_at', ARGV[5],
-  'updated_at', ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[7], 'EX', ARGV[6])
-end
-return 1
-"#;
-
-const RECORD_FAILED: &str = r#"
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'sent' or status == 'delivered' or status == 'undelivered' then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'published', ARGV[6], 'reason', ARGV[1],
-  'detail', ARGV[2], 'attempts', ARGV[3], 'failed_at', ARGV[4], 'updated_at', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-"#;
-
-const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-if redis.call('HGET', KEYS[1], 'status') == 'processing' then
-  redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempts', ARGV[2], 'updated_at', ARGV[3])
-end
-return 1
-"#;
-
-const RECORD_DELIVERY: &str = r#"
-local key = redis.call('GET', KEYS[1])
-if not key then return false end
-local msg = ARGV[1] .. key
-local status = redis.call('HGET', msg, 'status')
-if status == 'sent' or status == 'delivered' or status == 'undelivered' then
-  redis.call('HSET', msg, 'status', ARGV[2], 'updated_at', ARGV[3], 'error_code', ARGV[4])
-end
-return key
-"#;
+mod scripts;
 
 struct Scripts {
     claim: Script,
+    renew: Script,
     record_sent: Script,
     record_failed: Script,
     release: Script,
@@ -143,11 +76,12 @@ impl RedisStore {
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
             scripts: Scripts {
-                claim: Script::new(CLAIM),
-                record_sent: Script::new(RECORD_SENT),
-                record_failed: Script::new(RECORD_FAILED),
-                release: Script::new(RELEASE),
-                record_delivery: Script::new(RECORD_DELIVERY),
+                claim: Script::new(scripts::CLAIM),
+                renew: Script::new(scripts::RENEW),
+                record_sent: Script::new(&scripts::record_sent()),
+                record_failed: Script::new(&scripts::record_failed()),
+                release: Script::new(scripts::RELEASE),
+                record_delivery: Script::new(scripts::RECORD_DELIVERY),
             },
         })
     }
@@ -170,8 +104,11 @@ impl RedisStore {
         format!("{}:pid:{provider}:{provider_message_id}", self.prefix)
     }
 
-    /// Runs a script; a failure is retried once, since the first command
-    /// after a dropped connection fails while the manager reconnects.
+    fn alive_key(&self, instance: &str) -> String {
+        format!("{}:alive:{instance}", self.prefix)
+    }
+
+    /// Runs a script; see [`RedisStore::retried`].
     async fn run<T: redis::FromRedisValue>(
         &self,
         script: &Script,
@@ -192,6 +129,22 @@ impl RedisStore {
                 .invoke_async(&mut connection)
                 .await
                 .map_err(store_error),
+        }
+    }
+
+    /// Runs a pipeline (or one command) and retries it once: the first
+    /// command after a dropped connection fails while the manager
+    /// reconnects, and one lost reply must not pause the instance. Every
+    /// call of the store goes through this or [`RedisStore::run`]; each is
+    /// idempotent, so running it twice is safe.
+    async fn retried<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, CacheError> {
+        let mut connection = self.connection().await?;
+        match pipe.query_async(&mut connection).await {
+            Ok(value) => Ok(value),
+            Err(_) => pipe.query_async(&mut connection).await.map_err(store_error),
         }
     }
 }
@@ -251,26 +204,68 @@ fn failed_record(f: &HashMap<String, String>) -> FailedRecord {
     }
 }
 
+fn millis(value: Option<&Value>, default: u64) -> Duration {
+    Duration::from_millis(
+        value
+            .and_then(text)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+fn count(value: Option<&Value>) -> u32 {
+    value
+        .and_then(text)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn recorded(written: i64) -> Recorded {
+    if written == 0 {
+        Recorded::Fenced
+    } else {
+        Recorded::Written
+    }
+}
+
 #[async_trait]
 impl CacheService for RedisStore {
-    async fn claim(&self, key: &IdempotencyKey, owner: &str) -> Result<Claim, CacheError> {
+    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError> {
         let msg = self.msg_key(key.as_str());
         let (lease, ttl, now) = (self.lease_ms.to_string(), self.ttl_secs.to_string(), now());
-        let reply: Vec<Value> = self
-            .run(&self.scripts.claim, &[&msg], &[owner, &lease, &ttl, &now])
-            .await?;
+        let alive = self.alive_key("");
+        let args = [
+            owner.id.as_str(),
+            &owner.instance,
+            &lease,
+            &ttl,
+            &now,
+            &alive,
+        ];
+        let reply: Vec<Value> = self.run(&self.scripts.claim, &[&msg], &args).await?;
         let verdict = reply.first().and_then(text).unwrap_or_default();
-        let detail = reply.get(1).cloned().unwrap_or(Value::Nil);
-        let f = fields(&detail);
-        let status = field(&f, "status");
-        Ok(match (verdict.as_str(), status.as_str()) {
-            ("new", _) => Claim::Send { attempts: 0 },
+        let f = fields(reply.get(1).unwrap_or(&Value::Nil));
+        let first_attempt_ms = |at: usize| {
+            reply
+                .get(at)
+                .and_then(text)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_default()
+        };
+        Ok(match (verdict.as_str(), field(&f, "status").as_str()) {
+            ("new", _) => Claim::Send {
+                attempts: 0,
+                first_attempt_ms: first_attempt_ms(1),
+                takeovers: 0,
+            },
+            ("send", _) => Claim::Send {
+                attempts: count(reply.get(1)),
+                first_attempt_ms: first_attempt_ms(2),
+                takeovers: count(reply.get(3)),
+            },
             ("busy", _) => Claim::Busy {
-                lease_left: Duration::from_millis(
-                    text(&detail)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(self.lease_ms),
-                ),
+                lease_left: millis(reply.get(1), self.lease_ms),
+                holder_alive_for: millis(reply.get(2), self.lease_ms),
             },
             ("done", "failed") => Claim::AlreadyFailed(failed_record(&f)),
             ("done", _) => Claim::AlreadySent,
@@ -278,61 +273,68 @@ impl CacheService for RedisStore {
                 Claim::PublishSent(sent_record(&f))
             }
             ("claimed", "failed") => Claim::PublishFailed(failed_record(&f)),
-            ("claimed", _) => Claim::Send {
-                attempts: number(&f, "attempts"),
-            },
             _ => return Err(CacheError(format!("unexpected claim reply {verdict:?}"))),
         })
+    }
+
+    async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let lease = self.lease_ms.to_string();
+        self.run::<i64>(&self.scripts.renew, &[&msg], &[&owner.id, &lease])
+            .await
+            .map(recorded)
     }
 
     async fn record_sent(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         r: &SentRecord,
-        published: bool,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Recorded, CacheError> {
         let msg = self.msg_key(key.as_str());
         let pid = self.pid_key(&r.provider, &r.provider_message_id);
         let (segments, attempts) = (r.segments.to_string(), r.attempts.to_string());
-        let ttl = self.ttl_secs.to_string();
+        let (ttl, lease) = (self.ttl_secs.to_string(), self.lease_ms.to_string());
         let args = [
-            r.provider.as_str(),
+            owner.id.as_str(),
+            &lease,
+            &r.provider,
             &r.provider_message_id,
             &segments,
             &attempts,
             &r.sent_at,
             &ttl,
             key.as_str(),
-            if published { "1" } else { "0" },
         ];
         self.run::<i64>(&self.scripts.record_sent, &[&msg, &pid], &args)
             .await
-            .map(drop)
+            .map(recorded)
     }
 
     async fn record_failed(
         &self,
         key: &IdempotencyKey,
+        owner: &Owner,
         r: &FailedRecord,
-        published: bool,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Recorded, CacheError> {
         let msg = self.msg_key(key.as_str());
         let (attempts, ttl) = (r.attempts.to_string(), self.ttl_secs.to_string());
-        let published = if published { "1" } else { "0" };
+        let lease = self.lease_ms.to_string();
         let args = [
+            owner.id.as_str(),
+            &lease,
             r.reason.as_str(),
             &r.detail,
             &attempts,
             &r.failed_at,
             &ttl,
-            published,
         ];
         self.run::<i64>(&self.scripts.record_failed, &[&msg], &args)
             .await
-            .map(drop)
+            .map(recorded)
     }
 
-    async fn mark_published(&self, key: &IdempotencyKey, _owner: &str) -> Result<(), CacheError> {
+    async fn mark_published(&self, key: &IdempotencyKey, _owner: &Owner) -> Result<(), CacheError> {
         // Two plain commands in one round trip, no script and no MULTI:
         // once `published` is 1 a claim answers "done" before it looks at
         // the lease, so the lease fields may stay; both commands are
@@ -344,34 +346,30 @@ impl CacheService for RedisStore {
             .ignore()
             .expire(&msg, self.ttl_secs as i64)
             .ignore();
-        let mut connection = self.connection().await?;
-        match pipe.query_async::<()>(&mut connection).await {
-            Ok(()) => Ok(()),
-            // The first command after a dropped connection fails.
-            Err(_) => pipe.query_async(&mut connection).await.map_err(store_error),
-        }
+        self.retried(&pipe).await
     }
 
     async fn release(
         &self,
         key: &IdempotencyKey,
-        owner: &str,
+        owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError> {
         let msg = self.msg_key(key.as_str());
         let attempts = attempts.to_string();
-        self.run::<i64>(&self.scripts.release, &[&msg], &[owner, &attempts, &now()])
-            .await
-            .map(drop)
+        self.run::<i64>(
+            &self.scripts.release,
+            &[&msg],
+            &[&owner.id, &attempts, &now()],
+        )
+        .await
+        .map(drop)
     }
 
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError> {
-        let mut connection = self.connection().await?;
-        let f: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.msg_key(key))
-            .query_async(&mut connection)
-            .await
-            .map_err(store_error)?;
+        let mut pipe = redis::pipe();
+        pipe.hgetall(self.msg_key(key));
+        let (f,): (HashMap<String, String>,) = self.retried(&pipe).await?;
         if f.is_empty() {
             return Ok(None);
         }
@@ -409,31 +407,33 @@ impl CacheService for RedisStore {
             .await
     }
 
-    async fn count_redelivery(&self, fingerprint: &str) -> Result<u32, CacheError> {
-        let key = format!("{}:redeliveries:{fingerprint}", self.prefix);
-        let mut connection = self.connection().await?;
-        let (count,): (u32,) = redis::pipe()
-            .atomic()
-            .incr(&key, 1)
-            .expire(&key, self.ttl_secs as i64)
-            .ignore()
-            .query_async(&mut connection)
-            .await
-            .map_err(store_error)?;
-        Ok(count)
+    async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.alive_key(instance))
+            .arg("1")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .ignore();
+        self.retried(&pipe).await
+    }
+
+    async fn retire(&self, instance: &str) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.del(self.alive_key(instance)).ignore();
+        self.retried(&pipe).await
     }
 
     /// A write, not a PING: a replica after a failover, or a server at
     /// maxmemory, answers PING but refuses the writes the service needs.
     async fn ping(&self) -> Result<(), CacheError> {
-        let mut connection = self.connection().await?;
-        redis::cmd("SET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
             .arg(format!("{}:health", self.prefix))
             .arg("1")
             .arg("PX")
             .arg(10_000)
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(store_error)
+            .ignore();
+        self.retried(&pipe).await
     }
 }

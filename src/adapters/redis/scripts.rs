@@ -1,0 +1,151 @@
+//! The store's transitions as Lua scripts: each runs atomically in Redis,
+//! so a transition is one round trip and never interleaves with another.
+//! Times come from the Redis clock (`TIME`), never from an instance's.
+
+/// `claim(key; owner, instance, lease_ms, ttl_secs, now, alive_prefix)`.
+///
+/// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
+/// takeovers}`, `{'claimed', fields...}` (an outcome to publish),
+/// `{'done'}` / `{'done', fields...}` (failed), or
+/// `{'busy', lease_left_ms, holder_alive_ms}`.
+///
+/// A lease held by another claim is respected while it lasts and its
+/// instance's liveness record exists; otherwise it is taken over, and the
+/// takeover counted (`takeovers`): a delivery that never reached an
+/// outcome. A claim that may send counts the call about to be made in
+/// `attempts` and keeps `first_attempt_ms`, so that a crash during the call
+/// still counts. Every granted claim refreshes the key's TTL.
+pub const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_until = tostring(now + tonumber(ARGV[3]))
+local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
+  'attempts', 'first_attempt_ms', 'takeovers')
+local status = h[1]
+if not status then
+  redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '1', 'published', '0',
+    'owner', ARGV[1], 'holder', ARGV[2], 'lease_until', lease_until,
+    'first_attempt_ms', tostring(now), 'takeovers', '0', 'updated_at', ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {'new', tostring(now)}
+end
+if status ~= 'processing' and status ~= 'retrying' and h[2] == '1' then
+  if status == 'failed' then
+    return {'done', redis.call('HGETALL', KEYS[1])}
+  end
+  return {'done'}
+end
+local attempts = tonumber(h[6] or '0') or 0
+local first = h[7] or tostring(now)
+local takeovers = tonumber(h[8] or '0') or 0
+if h[4] == ARGV[1] then
+  -- This very claim, retried after a lost reply: granted again, counted once.
+  redis.call('HSET', KEYS[1], 'lease_until', lease_until)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if status == 'processing' then
+    return {'send', tostring(math.max(attempts - 1, 0)), first, tostring(takeovers)}
+  end
+  return {'claimed', redis.call('HGETALL', KEYS[1])}
+end
+if h[4] then
+  local left = tonumber(h[3] or '0') - now
+  if left > 0 then
+    local alive = redis.call('PTTL', ARGV[6] .. (h[5] or ''))
+    if alive == -1 then alive = left end
+    if alive > 0 then
+      return {'busy', tostring(left), tostring(alive)}
+    end
+  end
+  takeovers = takeovers + 1
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'lease_until', lease_until,
+  'takeovers', tostring(takeovers), 'updated_at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if status == 'processing' or status == 'retrying' then
+  redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', tostring(attempts + 1),
+    'first_attempt_ms', first)
+  return {'send', tostring(attempts), first, tostring(takeovers)}
+end
+return {'claimed', redis.call('HGETALL', KEYS[1])}
+"#;
+
+/// `renew(key; owner, lease_ms)`: 1 if `owner` holds the key (its lease
+/// now runs for another `lease_ms`), else 0.
+pub const RENEW: &str = r#"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
+return 1
+"#;
+
+/// The fence shared by both records: goes on to write when `ARGV[1]` holds
+/// the key without an outcome, or the key's hash is gone; answers 1 when
+/// this owner already wrote an outcome (a retry after a lost reply, or a
+/// delivery report came in meanwhile), 0 when another owner holds the key.
+/// A write also renews the lease (`ARGV[2]` ms): the holder still has to
+/// publish, however long the store was away.
+const FENCE: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if h[1] and h[2] ~= ARGV[1] then return 0 end
+if h[1] and h[1] ~= 'processing' and h[1] ~= 'retrying' then return 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
+"#;
+
+/// `record_sent(key, pid_key; owner, lease_ms, provider, provider_message_id,
+/// segments, attempts, sent_at, ttl_secs, idempotency_key)`: 1 written,
+/// 0 fenced.
+pub fn record_sent() -> String {
+    format!(
+        r#"{FENCE}
+redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1],
+  'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
+  'sent_at', ARGV[7], 'updated_at', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[9], 'EX', ARGV[8])
+end
+return 1
+"#
+    )
+}
+
+/// `record_failed(key; owner, lease_ms, reason, detail, attempts, failed_at,
+/// ttl_secs)`: 1 written, 0 fenced.
+pub fn record_failed() -> String {
+    format!(
+        r#"{FENCE}
+redis.call('HSET', KEYS[1], 'status', 'failed', 'published', '0', 'owner', ARGV[1],
+  'reason', ARGV[3], 'detail', ARGV[4], 'attempts', ARGV[5], 'failed_at', ARGV[6],
+  'updated_at', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1
+"#
+    )
+}
+
+/// `release(key; owner, attempts, now)`: ends `owner`'s lease without an
+/// outcome, writing the attempts actually made.
+pub const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'owner', 'holder', 'lease_until')
+if redis.call('HGET', KEYS[1], 'status') == 'processing' then
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempts', ARGV[2], 'updated_at', ARGV[3])
+end
+return 1
+"#;
+
+/// `record_delivery(pid_key; msg_prefix, status, now, error_code)`: the
+/// idempotency key of a provider's message id, with its status moved on.
+pub const RECORD_DELIVERY: &str = r#"
+local key = redis.call('GET', KEYS[1])
+if not key then return false end
+local msg = ARGV[1] .. key
+local status = redis.call('HGET', msg, 'status')
+if status == 'sent' or status == 'delivered' or status == 'undelivered' then
+  redis.call('HSET', msg, 'status', ARGV[2], 'updated_at', ARGV[3], 'error_code', ARGV[4])
+end
+return key
+"#;

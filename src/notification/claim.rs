@@ -1,0 +1,205 @@
+//! Step 1: wait for a send slot and the rate limit, claim the key, and act
+//! on what the store says about it. Also the invalid command, which is
+//! checked against the store before it gets its SmsFailed.
+
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::{Attempt, Notifier};
+use crate::domain::{rfc3339, CommandError, IdempotencyKey, SendSms, SmsFailed};
+use crate::ports::{Claim, Inbound, Outcome, Owner, RetryState};
+
+/// A returning command that finds a live holder comes back this long
+/// after the holder is due to be free.
+const PAST_THE_HOLDER: Duration = Duration::from_millis(100);
+
+impl Notifier {
+    pub(super) async fn process(&self, cmd: &SendSms, message: &Inbound<'_>) -> Outcome {
+        // A send slot and then the rate limit are waited for before the
+        // claim, so that a long wait never eats into the lease. In that
+        // order, so that no command sits on a rate-limit token while it
+        // waits for a slot (the tokens would pile up into a burst).
+        let slot = match &self.guard.sends {
+            Some(sends) => tokio::select! {
+                slot = sends.acquire() => Some(slot),
+                _ = message.stop.cancelled() => return Outcome::HandBack,
+            },
+            None => None,
+        };
+        tokio::select! {
+            _ = self.guard.rate_limit() => {}
+            _ = message.stop.cancelled() => return Outcome::HandBack,
+        }
+        let began = Instant::now();
+        if message.stop.is_cancelled() {
+            return Outcome::HandBack;
+        }
+        let key = &cmd.idempotency_key;
+        let owner = self.next_owner();
+        let claim = match self.cache.claim(key, &owner).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                warn!(error = %e, "cannot claim key; pausing");
+                return Outcome::StoreUnavailable;
+            }
+        };
+        let mut attempt = Attempt {
+            cmd,
+            owner: &owner,
+            inbound: message,
+            retry: message.retry.clone(),
+        };
+        match claim {
+            Claim::Send {
+                attempts,
+                first_attempt_ms,
+                takeovers,
+            } => {
+                if takeovers > 0 {
+                    self.meters.takeovers.increment(1);
+                }
+                if takeovers > self.settings.max_takeovers {
+                    return self.poison(key, &owner, attempts, takeovers).await;
+                }
+                let retry = &mut attempt.retry;
+                retry.attempts = retry.attempts.max(attempts);
+                retry.first_attempt_at_ms = Some(
+                    retry
+                        .first_attempt_at_ms
+                        .map_or(first_attempt_ms, |header| header.min(first_attempt_ms)),
+                );
+                let mut calls = 0;
+                let outcome = self.send(attempt, &mut calls).await;
+                // Only a first call that went through measures the send
+                // phase: retries add failed calls and backoff to it.
+                if let (Outcome::Sent, 1, Some(slot)) = (&outcome, calls, slot) {
+                    slot.sent(began.elapsed());
+                }
+                outcome
+            }
+            Claim::PublishSent(record) => {
+                info!("resuming: provider already accepted, publishing SmsSent");
+                self.publish_sent(&attempt, &record).await
+            }
+            Claim::PublishFailed(record) => {
+                info!("resuming: failure already recorded, publishing SmsFailed");
+                self.publish_failed(&attempt, &record).await
+            }
+            Claim::AlreadySent => {
+                self.meters.duplicates.increment(1);
+                debug!("duplicate of a sent key");
+                Outcome::Duplicate
+            }
+            Claim::AlreadyFailed(record) => {
+                self.meters.duplicates.increment(1);
+                Outcome::Failed(format!(
+                    "duplicate of failed command: {}",
+                    record.reason.as_str()
+                ))
+            }
+            Claim::Busy {
+                lease_left,
+                holder_alive_for,
+            } if returning(message) => {
+                // Possibly this command's own lease, left by a crash: come
+                // back once the holder is known dead or its lease is over.
+                // Counting the delay marks it as returning when it comes
+                // back, so it is never taken for a duplicate (and acked)
+                // while the holder might still be dead.
+                let wait = lease_left.min(holder_alive_for) + PAST_THE_HOLDER;
+                debug!(?wait, "leased and returning; delaying past the holder");
+                let mut retry = message.retry.clone();
+                retry.delays = retry.delays.saturating_add(1);
+                Outcome::Delay { delay: wait, retry }
+            }
+            Claim::Busy { .. } => {
+                self.meters.duplicates.increment(1);
+                debug!("duplicate of a key in flight");
+                Outcome::Duplicate
+            }
+        }
+    }
+
+    /// A key whose holders keep dying before an outcome: the command is
+    /// what kills them. Dead-lettered, with the lease released.
+    async fn poison(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+        takeovers: u32,
+    ) -> Outcome {
+        let reason = format!(
+            "poison: taken over {takeovers} times from holders that never reached an outcome"
+        );
+        warn!(%reason, "poison message");
+        self.release(key, owner, attempts).await;
+        Outcome::DeadLetter(reason)
+    }
+
+    /// An invalid command. With a usable key that the store already knows
+    /// it is a bad duplicate: dead-lettered with no event, so subscribers
+    /// never see SmsFailed for a key that was sent. Otherwise it gets its
+    /// SmsFailed, with no store write (nothing was sent, and a corrected
+    /// command may reuse the key).
+    pub(super) async fn reject_invalid(
+        &self,
+        error: CommandError,
+        message: &Inbound<'_>,
+    ) -> Outcome {
+        let reason_text = error.dead_letter_reason();
+        let CommandError::Invalid {
+            key,
+            phone_number,
+            reason,
+            detail,
+        } = error
+        else {
+            return Outcome::DeadLetter(reason_text);
+        };
+        match self.cache.status(key.as_str()).await {
+            Ok(Some(known)) => {
+                self.meters.duplicates.increment(1);
+                info!(reason = reason.as_str(), status = %known.status, "invalid duplicate of a known key; no event");
+                return Outcome::DeadLetter(format!(
+                    "{reason_text} (duplicate of a {} key: no event)",
+                    known.status
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot look the key up; pausing");
+                return Outcome::StoreUnavailable;
+            }
+        }
+        let event = SmsFailed {
+            idempotency_key: key.to_string(),
+            phone_number,
+            reason: reason.as_str().to_owned(),
+            detail,
+            attempts: 0,
+            failed_at: rfc3339(std::time::SystemTime::now()),
+        };
+        if let Err(e) = self.events.publish_failed(&event, message.meta).await {
+            warn!(error = %e, "SmsFailed for an invalid command not confirmed; will publish it again");
+            return self.unpublished(&e, message.retry);
+        }
+        metrics::counter!("sms_failed_total", "reason" => reason.as_str()).increment(1);
+        info!(reason = reason.as_str(), "invalid command");
+        Outcome::Failed(reason_text)
+    }
+}
+
+/// A delivery that may be a crashed holder's own: redelivered by the
+/// broker, or back from a delay tier.
+fn returning(message: &Inbound<'_>) -> bool {
+    message.redelivered || message.retry.delays > 0
+}
+
+/// A fresh retry state for a command handed to a delay tier once more.
+pub(super) fn one_more_delay(retry: &RetryState) -> RetryState {
+    let mut retry = retry.clone();
+    retry.delays = retry.delays.saturating_add(1);
+    retry
+}

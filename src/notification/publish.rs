@@ -1,0 +1,109 @@
+//! Steps 4 and 5: publish the key's event, wait for the broker's confirm,
+//! and mark it published; or say what to do when the broker did not take
+//! it.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::claim::one_more_delay;
+use super::{now_ms, Attempt, Notifier};
+use crate::domain::{SmsFailed, SmsSent};
+use crate::ports::{FailedRecord, Outcome, QueueError, RetryState, SentRecord};
+
+/// A recorded outcome whose event is to be published.
+#[derive(Clone, Copy)]
+pub(super) enum Event<'r> {
+    Sent(&'r SentRecord),
+    Failed(&'r FailedRecord),
+}
+
+impl Notifier {
+    pub(super) async fn publish_sent(&self, a: &Attempt<'_>, record: &SentRecord) -> Outcome {
+        self.publish_outcome(a, Event::Sent(record)).await
+    }
+
+    pub(super) async fn publish_failed(&self, a: &Attempt<'_>, record: &FailedRecord) -> Outcome {
+        self.publish_outcome(a, Event::Failed(record)).await
+    }
+
+    /// Publishes the event of a recorded outcome, then marks it published
+    /// (held until the store takes it: a key left unmarked would publish
+    /// its event again on a duplicate).
+    pub(super) async fn publish_outcome(&self, a: &Attempt<'_>, event: Event<'_>) -> Outcome {
+        let (key, meta) = (&a.cmd.idempotency_key, a.inbound.meta);
+        let phone_number = a.cmd.phone_number.as_str().to_owned();
+        let publishing = async {
+            match event {
+                Event::Sent(r) => {
+                    let event = SmsSent {
+                        idempotency_key: key.to_string(),
+                        phone_number,
+                        provider: r.provider.clone(),
+                        provider_message_id: r.provider_message_id.clone(),
+                        segments: r.segments,
+                        attempts: r.attempts,
+                        sent_at: r.sent_at.clone(),
+                    };
+                    self.events.publish_sent(&event, meta).await
+                }
+                Event::Failed(r) => {
+                    let event = SmsFailed {
+                        idempotency_key: key.to_string(),
+                        phone_number,
+                        reason: r.reason.as_str().to_owned(),
+                        detail: r.detail.clone(),
+                        attempts: r.attempts,
+                        failed_at: r.failed_at.clone(),
+                    };
+                    self.events.publish_failed(&event, meta).await
+                }
+            }
+        };
+        let attempts = match event {
+            Event::Sent(r) => r.attempts,
+            Event::Failed(r) => r.attempts,
+        };
+        if let Err(e) = self.renewing(a, publishing).await {
+            warn!(error = %e, "event not confirmed; will publish it again");
+            self.release(key, a.owner, attempts).await;
+            return self.unpublished(&e, &a.retry);
+        }
+        self.held_write(|| self.cache.mark_published(key, a.owner))
+            .await;
+        match event {
+            Event::Sent(r) => {
+                self.meters.sent.increment(1);
+                info!(provider_message_id = %r.provider_message_id, attempts, "sms sent");
+                Outcome::Sent
+            }
+            Event::Failed(r) => {
+                metrics::counter!("sms_failed_total", "reason" => r.reason.as_str()).increment(1);
+                info!(reason = r.reason.as_str(), attempts, "sms failed");
+                Outcome::Failed(format!("{}: {}", r.reason.as_str(), r.detail))
+            }
+        }
+    }
+
+    /// What to do when an event was not confirmed. Unroutable (no queue is
+    /// bound to the exchange): wait in a delay tier until a subscriber
+    /// binds, for at most `retry.max_age` from the command's first attempt,
+    /// then dead-letter it with the reason. Otherwise the broker itself is
+    /// failing: requeue after a short wait.
+    pub(super) fn unpublished(&self, error: &QueueError, retry: &RetryState) -> Outcome {
+        let QueueError::Unroutable(exchange) = error else {
+            return Outcome::RetryAfter(self.settings.retry.requeue_delay);
+        };
+        let mut retry = one_more_delay(retry);
+        let first = *retry.first_attempt_at_ms.get_or_insert_with(now_ms);
+        let waited = Duration::from_millis(now_ms().saturating_sub(first));
+        if waited >= self.settings.retry.max_age {
+            return Outcome::DeadLetter(format!(
+                "unroutable: no queue bound to {exchange} for {}s; its event was never delivered",
+                waited.as_secs()
+            ));
+        }
+        let delay = self.settings.retry.broker_delay(retry.delays - 1, None);
+        Outcome::Delay { delay, retry }
+    }
+}

@@ -1,0 +1,134 @@
+//! Step 3: record the outcome of a provider call, fenced by the lease, and
+//! never give up on the write while the command's delivery is held; keep
+//! the lease alive while slow work runs under it.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use tracing::{debug, info, warn};
+
+use super::publish::Event;
+use super::{Attempt, Notifier};
+use crate::domain::{rfc3339, FailureReason, IdempotencyKey};
+use crate::ports::{CacheError, FailedRecord, Outcome, Owner, Recorded, SentRecord};
+
+/// Counts a held write for as long as it lives, so that
+/// [`Notifier::ready`](crate::ports::NotificationService::ready) stays
+/// false until every held write is through, even if one is dropped.
+struct Held<'a>(&'a Notifier);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Notifier {
+    /// The provider accepted: record it, then publish SmsSent.
+    pub(super) async fn sent(&self, a: &Attempt<'_>, record: SentRecord) -> Outcome {
+        let key = &a.cmd.idempotency_key;
+        match self
+            .held_write(|| self.cache.record_sent(key, a.owner, &record))
+            .await
+        {
+            Recorded::Written => self.publish_outcome(a, Event::Sent(&record)).await,
+            Recorded::Fenced => self.fenced(),
+        }
+    }
+
+    /// The key failed for good: record it, then publish SmsFailed.
+    pub(super) async fn fail(
+        &self,
+        a: &Attempt<'_>,
+        reason: FailureReason,
+        detail: String,
+    ) -> Outcome {
+        let record = FailedRecord {
+            reason,
+            detail,
+            attempts: a.retry.attempts,
+            failed_at: rfc3339(SystemTime::now()),
+        };
+        let key = &a.cmd.idempotency_key;
+        match self
+            .held_write(|| self.cache.record_failed(key, a.owner, &record))
+            .await
+        {
+            Recorded::Written => self.publish_outcome(a, Event::Failed(&record)).await,
+            Recorded::Fenced => self.fenced(),
+        }
+    }
+
+    /// Another holder took the key over while this one worked (this one
+    /// paused past its liveness record): the key's outcome and event are
+    /// the other holder's. Acknowledged with nothing published.
+    fn fenced(&self) -> Outcome {
+        self.meters.fenced.increment(1);
+        warn!("lease lost to another holder: its record stands and it publishes the event; publishing nothing");
+        Outcome::Duplicate
+    }
+
+    /// A store write that must happen before the delivery is settled:
+    /// tried until the store takes it, with capped, jittered backoff. While
+    /// it is held the instance takes no new work.
+    pub(super) async fn held_write<T, F, Fut>(&self, write: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, CacheError>>,
+    {
+        let mut held = None;
+        let mut failures = 0u32;
+        loop {
+            match write().await {
+                Ok(value) => {
+                    if failures > 0 {
+                        info!(failures, "held store write went through");
+                    }
+                    drop(held);
+                    return value;
+                }
+                Err(e) => {
+                    if held.is_none() {
+                        self.held.fetch_add(1, Ordering::SeqCst);
+                        held = Some(Held(self));
+                        warn!(error = %e, "store write failed; keeping the delivery and retrying until the store answers");
+                    }
+                    failures = failures.saturating_add(1);
+                    self.meters.store_write_failures.increment(1);
+                    let policy = &self.settings.retry;
+                    let wait = policy.delay(failures, None).max(policy.base_delay);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `work` under the claim in `a`, renewing the lease every third
+    /// of it while the work lasts, so that a live owner keeps the key
+    /// through a slow provider call or a slow confirm.
+    pub(super) async fn renewing<F: Future>(&self, a: &Attempt<'_>, work: F) -> F::Output {
+        let every = self.settings.lease / 3;
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {}
+            }
+            match self.cache.renew(&a.cmd.idempotency_key, a.owner).await {
+                Ok(Recorded::Written) => debug!("lease renewed"),
+                Ok(Recorded::Fenced) => warn!("lease lost while working"),
+                Err(e) => debug!(error = %e, "could not renew the lease"),
+            }
+        }
+    }
+
+    /// Releases the lease without an outcome, keeping the attempts made.
+    pub(super) async fn release(&self, key: &IdempotencyKey, owner: &Owner, attempts: u32) {
+        // If this fails the lease simply runs out; nothing is lost.
+        if let Err(e) = self.cache.release(key, owner, attempts).await {
+            warn!(error = %e, "could not release lease; it will expire");
+        }
+    }
+}

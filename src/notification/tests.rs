@@ -1,0 +1,797 @@
+//! The core's unit tests: the step driven one command at a time over the
+//! in-memory adapters, every crash window and failure by name.
+
+use std::time::Duration;
+
+use super::*;
+use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::concurrency::AdaptiveLimit;
+use crate::domain::IdempotencyKey;
+use crate::ports::{Accepted, Claim, EventMeta, ProviderError, RetryState};
+use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
+use std::sync::atomic::Ordering::SeqCst;
+
+const LEASE: Duration = Duration::from_secs(30);
+const LIVENESS: Duration = Duration::from_secs(5);
+
+struct Harness {
+    cache: Arc<MemoryCache>,
+    provider: Arc<ScriptedProvider>,
+    events: Arc<MemoryEvents>,
+    notifier: Notifier,
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        max_age: Duration::from_secs(3600),
+        in_process_attempts: 3,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(2),
+        tiers: vec![Duration::from_secs(10), Duration::from_secs(60)],
+        requeue_delay: Duration::from_secs(1),
+    }
+}
+
+fn harness(provider: Arc<ScriptedProvider>) -> Harness {
+    harness_with(provider, policy(), ProviderGuard::unlimited())
+}
+
+fn harness_with(
+    provider: Arc<ScriptedProvider>,
+    policy: RetryPolicy,
+    guard: ProviderGuard,
+) -> Harness {
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let notifier = instance(&cache, &provider, &events, guard, policy);
+    Harness {
+        cache,
+        provider,
+        events,
+        notifier,
+    }
+}
+
+/// One instance over the given ports, alive (its liveness record written)
+/// for longer than any test runs.
+fn instance(
+    cache: &Arc<MemoryCache>,
+    provider: &Arc<ScriptedProvider>,
+    events: &Arc<MemoryEvents>,
+    guard: ProviderGuard,
+    policy: RetryPolicy,
+) -> Notifier {
+    let notifier = Notifier::new(
+        cache.clone(),
+        provider.clone(),
+        events.clone(),
+        guard,
+        NotifierSettings {
+            retry: policy,
+            max_body_bytes: 1024,
+            max_takeovers: 3,
+            lease: LEASE,
+            liveness_ttl: LIVENESS,
+        },
+    );
+    cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
+    notifier
+}
+
+/// A holder of `key` on an instance whose liveness record lasts `alive`
+/// (then it is dead, as after kill -9).
+async fn holder(cache: &MemoryCache, key: &str, alive: Duration) -> Owner {
+    let owner = Owner::new("crashed", 1);
+    cache.set_alive(&owner.instance, alive);
+    let key = IdempotencyKey::parse(key).unwrap();
+    assert!(matches!(
+        cache.claim(&key, &owner).await.unwrap(),
+        Claim::Send { attempts: 0, .. }
+    ));
+    owner
+}
+
+async fn handle_on(
+    notifier: &Notifier,
+    body: &[u8],
+    redelivered: bool,
+    retry: &RetryState,
+) -> Outcome {
+    let meta = EventMeta::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let inbound = Inbound {
+        body,
+        redelivered,
+        meta: &meta,
+        retry,
+        stop: &stop,
+    };
+    notifier.handle(inbound).await
+}
+
+fn body(key: &str) -> Vec<u8> {
+    format!(r#"{{"idempotencyKey":"{key}","phoneNumber":"+254712345678","text":"hello"}}"#)
+        .into_bytes()
+}
+
+impl Harness {
+    async fn handle(&self, body: &[u8], redelivered: bool) -> Outcome {
+        self.handle_retry(body, redelivered, &RetryState::default())
+            .await
+    }
+
+    async fn handle_retry(&self, body: &[u8], redelivered: bool, retry: &RetryState) -> Outcome {
+        let meta = EventMeta {
+            correlation_id: Some("c-1".into()),
+            traceparent: None,
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let inbound = Inbound {
+            body,
+            redelivered,
+            meta: &meta,
+            retry,
+            stop: &stop,
+        };
+        self.notifier.handle(inbound).await
+    }
+}
+
+fn transient(retry_after: Option<Duration>) -> Result<Accepted, ProviderError> {
+    Err(ProviderError::Transient {
+        detail: "503".into(),
+        retry_after,
+    })
+}
+
+fn delayed(outcome: Outcome) -> (Duration, RetryState) {
+    match outcome {
+        Outcome::Delay { delay, retry } => (delay, retry),
+        other => panic!("expected Delay, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_key_is_claimed_sent_recorded_published_and_released() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 1);
+    let sent = h.events.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].provider_message_id, "id-1");
+    assert_eq!(sent[0].provider, "scripted");
+    assert_eq!((sent[0].attempts, sent[0].segments), (1, 1));
+    assert_eq!(
+        h.events.sent.lock().unwrap()[0].1.correlation_id.as_deref(),
+        Some("c-1")
+    );
+    assert_eq!(
+        h.cache.status_of("k1"),
+        Some(("sent".into(), true, 1)),
+        "recorded and published: done for every later claim"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_command_is_acked_without_second_send() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Duplicate);
+    assert_eq!(h.provider.calls(), 1);
+    assert_eq!(h.events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_the_lease() {
+    let h = Arc::new(harness(ScriptedProvider::slow(Duration::from_secs(5))));
+    let first = tokio::spawn({
+        let h = h.clone();
+        async move { h.handle(&body("k1"), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
+    // A broker redelivery, or a command back from a delay tier, may be
+    // the lease holder's own: it waits out the lease instead.
+    let (delay, retry) = delayed(h.handle(&body("k1"), true).await);
+    assert!(delay > LEASE - Duration::from_secs(1) && delay <= LEASE + Duration::from_secs(1));
+    // Back from the tier it is marked as returning, not a duplicate.
+    let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+    assert_eq!((retry.attempts, retry.delays), (0, 2));
+    let back = RetryState {
+        attempts: 1,
+        delays: 1,
+        first_attempt_at_ms: Some(1),
+    };
+    let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &back).await);
+    assert_eq!(
+        retry.attempts, back.attempts,
+        "waiting for a lease makes no attempt"
+    );
+    assert_eq!(retry.delays, back.delays + 1);
+    assert_eq!(first.await.unwrap(), Outcome::Sent);
+    assert_eq!(h.provider.calls(), 1);
+    assert_eq!(h.events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unconfirmed_sms_sent_is_republished_on_redelivery_without_calling_the_provider() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.events.down.store(true, SeqCst);
+    // Crash window: recorded sent, event not confirmed.
+    assert_eq!(
+        h.handle(&body("k1"), false).await,
+        Outcome::RetryAfter(policy().requeue_delay)
+    );
+    assert_eq!(h.cache.status_of("k1"), Some(("sent".into(), false, 1)));
+    assert_eq!(
+        h.cache.lease_holder("k1"),
+        None,
+        "lease released for the next try"
+    );
+    h.events.down.store(false, SeqCst);
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 1, "no second provider call");
+    let sent = h.events.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].provider_message_id, "id-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unroutable_sms_sent_waits_in_a_delay_tier_for_a_subscriber() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.events.unroutable.store(true, SeqCst);
+    let (delay, retry) = delayed(h.handle(&body("k1"), false).await);
+    assert!(delay >= Duration::from_secs(5), "{delay:?}");
+    let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+    assert_eq!(h.provider.calls(), 1, "waiting for a route never resends");
+    h.events.unroutable.store(false, SeqCst);
+    assert_eq!(
+        h.handle_retry(&body("k1"), false, &retry).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_holders_key_is_taken_over_once_its_liveness_record_expires_not_its_lease() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    // An instance claimed the key and died (kill -9) before calling the
+    // provider; its liveness record lasts LIVENESS more.
+    holder(&h.cache, "k1", LIVENESS).await;
+    let (delay, retry) = delayed(h.handle(&body("k1"), true).await);
+    assert!(
+        delay > LIVENESS - Duration::from_millis(10) && delay < LIVENESS + Duration::from_secs(1),
+        "waits for the liveness record, not the {LEASE:?} lease: {delay:?}"
+    );
+    assert_eq!(h.provider.calls(), 0);
+    tokio::time::advance(delay).await;
+    assert_eq!(
+        h.handle_retry(&body("k1"), false, &retry).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.provider.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_but_slow_holder_keeps_the_key_for_its_whole_lease() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    holder(&h.cache, "k1", Duration::from_secs(86_400)).await;
+    let (delay, _) = delayed(h.handle(&body("k1"), true).await);
+    assert!(delay > LEASE - Duration::from_secs(1), "{delay:?}");
+    assert_eq!(h.provider.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_documented_window_provider_accepted_but_nothing_recorded_sends_twice() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    // Simulates a crash right after the provider accepted: the claim is
+    // held, nothing is recorded; the holder's liveness record runs out.
+    holder(&h.cache, "k1", LIVENESS).await;
+    h.provider.calls.fetch_add(1, SeqCst); // the call that the crash swallowed
+    tokio::time::advance(LIVENESS + Duration::from_millis(1)).await;
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 2, "the one duplicate the design allows");
+    let sent = h.events.sent();
+    assert_eq!(sent.len(), 1, "still one SmsSent");
+    assert_eq!(
+        sent[0].attempts, 2,
+        "the swallowed call counted at its claim"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_down_at_claim_pauses_without_sending() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.cache.down.store(true, SeqCst);
+    assert_eq!(
+        h.handle(&body("k1"), false).await,
+        Outcome::StoreUnavailable
+    );
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::StoreUnavailable);
+    assert_eq!(
+        h.provider.calls(),
+        0,
+        "never send without the idempotency check"
+    );
+    assert!(!h.notifier.ready().await);
+    h.cache.down.store(false, SeqCst);
+    assert!(h.notifier.ready().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_after_the_provider_accepted_holds_the_delivery_until_the_record_is_written()
+{
+    let h = Arc::new(harness(ScriptedProvider::new(vec![])));
+    h.cache.fail_records.store(true, SeqCst);
+    let first = tokio::spawn({
+        let h = h.clone();
+        async move { h.handle(&body("k1"), false).await }
+    });
+    // Longer than the lease: the delivery is held, nothing is published,
+    // and the instance takes no new work.
+    tokio::time::sleep(LEASE * 3).await;
+    assert!(!first.is_finished(), "settled without its record");
+    assert_eq!(h.events.sent().len(), 0, "published without its record");
+    assert!(!h.notifier.ready().await, "ready with a record held");
+    h.cache.fail_records.store(false, SeqCst);
+    assert_eq!(first.await.unwrap(), Outcome::Sent);
+    assert!(h.notifier.ready().await);
+    assert_eq!(h.cache.status_of("k1"), Some(("sent".into(), true, 1)));
+    // The duplicate that follows finds the record: no second send.
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
+    assert_eq!(h.provider.calls(), 1);
+    assert_eq!(h.events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_lost_its_lease_records_nothing_and_publishes_nothing() {
+    // Instance A pauses mid-call for longer than its liveness record; B
+    // takes the key over and sends; A wakes up: its record is refused.
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let slow = ScriptedProvider::slow(Duration::from_secs(20));
+    let a = instance(&cache, &slow, &events, ProviderGuard::unlimited(), policy());
+    let fast = ScriptedProvider::new(vec![]);
+    let b = instance(&cache, &fast, &events, ProviderGuard::unlimited(), policy());
+    let none = RetryState::default();
+    let command = body("k1");
+    let (paused, taker) = tokio::join!(handle_on(&a, &command, false, &none), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cache.set_alive(a.instance(), Duration::ZERO); // A stops heart-beating
+        handle_on(&b, &command, true, &none).await
+    });
+    assert_eq!(taker, Outcome::Sent);
+    assert_eq!(
+        paused,
+        Outcome::Duplicate,
+        "the fenced holder acks, publishing nothing"
+    );
+    let sent = events.sent();
+    assert_eq!(sent.len(), 1, "one SmsSent: {sent:?}");
+    assert_eq!(sent[0].provider, "scripted");
+    assert_eq!(cache.status_of("k1"), Some(("sent".into(), true, 2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_owner_renews_its_lease_through_a_slow_provider_call() {
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let slow = ScriptedProvider::slow(LEASE * 2);
+    let a = instance(&cache, &slow, &events, ProviderGuard::unlimited(), policy());
+    let other = ScriptedProvider::new(vec![]);
+    let b = instance(
+        &cache,
+        &other,
+        &events,
+        ProviderGuard::unlimited(),
+        policy(),
+    );
+    let none = RetryState::default();
+    let command = body("k1");
+    let (first, later) = tokio::join!(handle_on(&a, &command, false, &none), async {
+        tokio::time::sleep(LEASE + LEASE / 2).await;
+        // Past the first lease: a returning copy still finds it held.
+        handle_on(&b, &command, true, &none).await
+    });
+    assert_eq!(first, Outcome::Sent);
+    assert!(matches!(later, Outcome::Delay { .. }), "{later:?}");
+    assert_eq!(other.calls(), 0, "sent twice: the lease was not renewed");
+    assert_eq!(events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_backoff_then_sent() {
+    let h = harness(ScriptedProvider::new(vec![
+        transient(None),
+        transient(None),
+    ]));
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 3);
+    assert_eq!(h.events.sent()[0].attempts, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_waited_in_process_when_short() {
+    let h = harness(ScriptedProvider::new(vec![transient(Some(
+        Duration::from_secs(1),
+    ))]));
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_goes_to_a_delay_tier_keeping_the_attempts() {
+    let h = harness(ScriptedProvider::new(vec![transient(Some(
+        Duration::from_secs(90),
+    ))]));
+    let (delay, retry) = delayed(h.handle(&body("k1"), false).await);
+    assert!(
+        delay >= Duration::from_secs(90),
+        "Retry-After honoured: {delay:?}"
+    );
+    assert_eq!((retry.attempts, retry.delays), (1, 1));
+    assert!(retry.first_attempt_at_ms.is_some());
+    assert_eq!(h.cache.status_of("k1"), Some(("retrying".into(), false, 1)));
+    assert_eq!(
+        h.cache.lease_holder("k1"),
+        None,
+        "lease released while waiting"
+    );
+    assert_eq!(
+        h.handle_retry(&body("k1"), false, &retry).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.events.sent()[0].attempts, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_quick_attempts_the_command_climbs_the_delay_tiers() {
+    let quick = RetryPolicy {
+        in_process_attempts: 2,
+        max_attempts: 12,
+        ..policy()
+    };
+    let h = harness_with(
+        ScriptedProvider::new(vec![transient(None); 7]),
+        quick,
+        ProviderGuard::unlimited(),
+    );
+    let (first, retry) = delayed(h.handle(&body("k1"), false).await);
+    assert_eq!(h.provider.calls(), 2, "two quick attempts, then the broker");
+    assert!(
+        first >= Duration::from_secs(5) && first <= Duration::from_secs(10),
+        "{first:?}"
+    );
+    let (second, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+    assert!(
+        second >= Duration::from_secs(30) && second <= Duration::from_secs(60),
+        "{second:?}"
+    );
+    let (third, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
+    assert!(
+        third >= Duration::from_secs(30),
+        "the last tier repeats: {third:?}"
+    );
+    assert_eq!((retry.attempts, retry.delays), (6, 3));
+    assert_eq!(
+        h.handle_retry(&body("k1"), false, &retry).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.events.sent()[0].attempts, 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_arriving_while_the_command_waits_in_a_tier_sends_it_once() {
+    let h = harness_with(
+        ScriptedProvider::new(vec![transient(None)]),
+        RetryPolicy {
+            in_process_attempts: 1,
+            ..policy()
+        },
+        ProviderGuard::unlimited(),
+    );
+    let (_, retry) = delayed(h.handle(&body("k1"), false).await);
+    assert_eq!(
+        h.handle(&body("k1"), false).await,
+        Outcome::Sent,
+        "the duplicate sends"
+    );
+    assert_eq!(
+        h.handle_retry(&body("k1"), false, &retry).await,
+        Outcome::Duplicate
+    );
+    assert_eq!(h.provider.calls(), 2);
+    assert_eq!(h.events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_running_out_is_retries_exhausted() {
+    let h = harness(ScriptedProvider::new(vec![
+        transient(None),
+        transient(None),
+        transient(None),
+    ]));
+    match h.handle(&body("k1"), false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 3);
+    let failed = h.events.failed();
+    assert_eq!(
+        (failed[0].reason.as_str(), failed[0].attempts),
+        ("retries_exhausted", 3)
+    );
+    // A duplicate of the failed key is dead-lettered, not sent, no event.
+    assert!(matches!(
+        h.handle(&body("k1"), false).await,
+        Outcome::Failed(_)
+    ));
+    assert_eq!(h.provider.calls(), 3);
+    assert_eq!(h.events.failed().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_older_than_the_maximum_age_is_retries_exhausted() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let old = RetryState {
+        attempts: 1,
+        delays: 1,
+        first_attempt_at_ms: Some(now_ms() - 3_601_000),
+    };
+    match h.handle_retry(&body("k1"), false, &old).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_delays_commands_without_calling_the_provider() {
+    let breaker = Arc::new(CircuitBreaker::new(2, Duration::from_secs(20)));
+    let h = harness_with(
+        ScriptedProvider::new(vec![transient(None), transient(None)]),
+        RetryPolicy {
+            in_process_attempts: 1,
+            ..policy()
+        },
+        ProviderGuard::new(breaker.clone(), 0),
+    );
+    delayed(h.handle(&body("k1"), false).await);
+    delayed(h.handle(&body("k2"), false).await);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    let (delay, retry) = delayed(h.handle(&body("k3"), false).await);
+    assert_eq!(h.provider.calls(), 2, "no call while open");
+    assert!(delay >= Duration::from_secs(19), "{delay:?}");
+    assert_eq!(retry.attempts, 0, "no attempt burnt");
+    // Rejections are answers: they close it again.
+    breaker.admit().await;
+    assert_eq!(h.handle(&body("k3"), false).await, Outcome::Sent);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_waiting_for_a_send_slot_holds_no_lease_no_token_and_calls_nothing() {
+    let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
+    let h = harness_with(
+        ScriptedProvider::new(vec![]),
+        policy(),
+        ProviderGuard::new(breaker, 1).with_send_limit(AdaptiveLimit::new(1, 1, false)),
+    );
+    let sends = h.notifier.guard.sends.as_ref().expect("a send limit");
+    let taken = sends.acquire().await;
+    let command = body("k1");
+    let mut handling = std::pin::pin!(h.handle(&command, false));
+    let waited = tokio::time::timeout(Duration::from_secs(5), handling.as_mut()).await;
+    assert!(waited.is_err(), "finished without a slot: {waited:?}");
+    assert_eq!(h.cache.lease_holder("k1"), None, "claimed while waiting");
+    assert_eq!(h.provider.calls(), 0);
+    let limiter = h.notifier.guard.limiter.as_ref().expect("a rate limit");
+    assert!(
+        limiter.check().is_ok(),
+        "took a rate-limit token while waiting"
+    );
+    drop(taken);
+    assert_eq!(handling.await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 1);
+}
+
+#[tokio::test]
+async fn the_rate_limit_spaces_provider_calls() {
+    let h = harness_with(
+        ScriptedProvider::new(vec![]),
+        policy(),
+        ProviderGuard::unlimited(),
+    );
+    let limited = harness_with(
+        ScriptedProvider::new(vec![]),
+        policy(),
+        ProviderGuard::new(Arc::new(CircuitBreaker::new(0, Duration::from_secs(1))), 20),
+    );
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        assert_eq!(
+            limited.handle(&body(&format!("k{i}")), false).await,
+            Outcome::Sent
+        );
+    }
+    // 20 at once (the burst), then 10 more at 20/s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let unlimited = std::time::Instant::now();
+    for i in 0..30 {
+        h.handle(&body(&format!("k{i}")), false).await;
+    }
+    assert!(unlimited.elapsed() < Duration::from_millis(400));
+}
+
+/// Runs the real sequence of a command that kills its consumer during the
+/// provider call: each instance takes the delivery (first fresh, then back
+/// from a delay tier, unflagged), calls the provider, and dies; its
+/// redelivery finds the dead holder's lease and waits in a tier until the
+/// holder's liveness record is gone. Returns the first outcome reached.
+async fn crash_loop(policy: RetryPolicy, max_cycles: u32) -> (Outcome, u32, Arc<MemoryCache>) {
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let provider = ScriptedProvider::slow(Duration::from_secs(3600));
+    let command = br#"{"idempotencyKey":"p1","phoneNumber":"+254712345678","text":"x"}"#;
+    let mut retry = RetryState::default();
+    for _ in 0..max_cycles {
+        let notifier = Arc::new(instance(
+            &cache,
+            &provider,
+            &events,
+            ProviderGuard::unlimited(),
+            policy.clone(),
+        ));
+        let task = tokio::spawn({
+            let (notifier, retry) = (notifier.clone(), retry.clone());
+            async move { handle_on(&notifier, command, false, &retry).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if task.is_finished() {
+            return (task.await.unwrap(), provider.calls(), cache);
+        }
+        // kill -9: the task dies mid-call, the heartbeat stops.
+        task.abort();
+        cache.set_alive(notifier.instance(), LIVENESS);
+        let next = instance(
+            &cache,
+            &provider,
+            &events,
+            ProviderGuard::unlimited(),
+            policy.clone(),
+        );
+        match handle_on(&next, command, true, &retry).await {
+            Outcome::Delay { delay, retry: back } => {
+                assert!(delay <= LIVENESS + Duration::from_secs(1), "{delay:?}");
+                tokio::time::advance(delay).await;
+                retry = back;
+            }
+            other => return (other, provider.calls(), cache),
+        }
+    }
+    panic!(
+        "still looping after {max_cycles} crashes, {} provider calls",
+        provider.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_that_keeps_killing_its_consumer_is_dead_lettered_as_poison() {
+    let policy = RetryPolicy {
+        max_attempts: 100,
+        ..policy()
+    };
+    let (outcome, calls, cache) = crash_loop(policy, 20).await;
+    match outcome {
+        Outcome::DeadLetter(reason) => assert!(reason.starts_with("poison"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(calls, 4, "max_takeovers (3) + 1 provider calls");
+    assert_eq!(
+        cache.lease_holder("p1"),
+        None,
+        "released for an operator's replay"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_counted_at_the_claim_stop_a_crash_loop_at_max_attempts() {
+    // max_attempts 3 is below the poison limit: the attempts the claims
+    // counted (the calls their holders never returned from) stop it.
+    let (outcome, calls, _) = crash_loop(policy(), 20).await;
+    match outcome {
+        Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(calls, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sent_key_is_never_poison_however_often_it_is_redelivered() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+    for _ in 0..10 {
+        assert_eq!(h.handle(&body("k1"), true).await, Outcome::Duplicate);
+    }
+    h.events.down.store(true, SeqCst);
+    let h2 = harness(ScriptedProvider::new(vec![]));
+    h2.events.down.store(true, SeqCst);
+    for _ in 0..10 {
+        // Recorded sent, event never confirmed: republished each time, never poison.
+        assert!(matches!(
+            h2.handle(&body("k2"), true).await,
+            Outcome::RetryAfter(_)
+        ));
+    }
+    assert_eq!(h2.provider.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_is_provider_rejected_at_once() {
+    let rejected = Err(ProviderError::Rejected {
+        detail: "HTTP 400: barred".into(),
+    });
+    let h = harness(ScriptedProvider::new(vec![rejected]));
+    match h.handle(&body("k1"), false).await {
+        Outcome::Failed(reason) => assert_eq!(reason, "provider_rejected: HTTP 400: barred"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 1);
+    assert_eq!(h.cache.status_of("k1"), Some(("failed".into(), true, 1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unconfirmed_sms_failed_is_republished_on_redelivery() {
+    let rejected = Err(ProviderError::Rejected {
+        detail: "no".into(),
+    });
+    let h = harness(ScriptedProvider::new(vec![rejected]));
+    h.events.down.store(true, SeqCst);
+    assert!(matches!(
+        h.handle(&body("k1"), false).await,
+        Outcome::RetryAfter(_)
+    ));
+    h.events.down.store(false, SeqCst);
+    assert!(matches!(
+        h.handle(&body("k1"), true).await,
+        Outcome::Failed(_)
+    ));
+    assert_eq!(h.provider.calls(), 1);
+    assert_eq!(h.events.failed().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_bodies_are_dead_lettered_without_events() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    for bad in [&b"nope"[..], br#"{"text":"no key"}"#, &[b'x'; 2000]] {
+        assert!(
+            matches!(h.handle(bad, false).await, Outcome::DeadLetter(r) if r.starts_with("malformed"))
+        );
+    }
+    assert_eq!(h.provider.calls(), 0);
+    assert!(h.events.failed().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_commands_get_sms_failed_and_touch_neither_provider_nor_store() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let bad = br#"{"idempotencyKey":"k9","phoneNumber":"12","text":"hi"}"#;
+    match h.handle(bad, false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("invalid_phone_number")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.events.failed()[0].reason, "invalid_phone_number");
+    assert_eq!(h.cache.status_of("k9"), None);
+    h.events.down.store(true, SeqCst);
+    assert!(
+        matches!(h.handle(bad, false).await, Outcome::RetryAfter(_)),
+        "event must be confirmed"
+    );
+}

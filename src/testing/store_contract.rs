@@ -1,0 +1,357 @@
+//! The idempotency store's contract, written once and run against every
+//! [`CacheService`]: the in-memory store (in this crate's unit tests) and
+//! the Redis store (in `tests/api/store.rs`). The core's correctness
+//! argument rests on these transitions, so the model the core's unit tests
+//! use must keep them exactly as production does.
+//!
+//! Each case runs against a store whose lease is `lease` long (short: the
+//! cases wait it out in real time), on keys unique to `unique`.
+
+use std::time::Duration;
+
+use crate::domain::{FailureReason, IdempotencyKey};
+use crate::ports::{CacheService, Claim, FailedRecord, Owner, Recorded, SentRecord};
+
+/// Runs every case; panics naming the first that fails.
+pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
+    let c = Case {
+        store,
+        lease,
+        unique,
+    };
+    c.a_new_key_is_granted_for_sending().await;
+    c.a_claim_retried_by_its_owner_is_granted_again_and_counted_once()
+        .await;
+    c.a_live_holders_lease_is_busy_for_everyone_else().await;
+    c.an_expired_lease_of_a_live_holder_is_taken_over_and_counted()
+        .await;
+    c.a_dead_holders_lease_is_taken_over_at_once().await;
+    c.a_retired_instance_is_dead().await;
+    c.only_the_holder_records_and_a_late_holder_is_fenced()
+        .await;
+    c.a_recorded_outcome_is_published_by_the_next_claim_once_free()
+        .await;
+    c.a_published_key_is_done_for_every_claim().await;
+    c.a_failed_and_published_key_answers_its_failure().await;
+    c.release_keeps_the_attempts_made_and_frees_the_key().await;
+    c.the_claim_counts_the_call_about_to_be_made().await;
+    c.renew_extends_the_holders_lease_only().await;
+    c.status_follows_the_key().await;
+}
+
+struct Case<'a> {
+    store: &'a dyn CacheService,
+    lease: Duration,
+    unique: &'a str,
+}
+
+/// A liveness record that outlives every case.
+const ALIVE: Duration = Duration::from_secs(60);
+
+fn sent(attempts: u32) -> SentRecord {
+    SentRecord {
+        provider: "contract".into(),
+        provider_message_id: "m-1".into(),
+        segments: 1,
+        attempts,
+        sent_at: "2026-12-01T10:00:00Z".into(),
+    }
+}
+
+fn failed() -> FailedRecord {
+    FailedRecord {
+        reason: FailureReason::ProviderRejected,
+        detail: "rejected".into(),
+        attempts: 1,
+        failed_at: "2026-12-01T10:00:00Z".into(),
+    }
+}
+
+impl Case<'_> {
+    fn key(&self, name: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(&format!("{}-{name}", self.unique)).unwrap()
+    }
+
+    /// A live instance (its liveness record written) and one claim of it.
+    async fn live(&self, instance: &str, claim: u64) -> Owner {
+        let instance = format!("{}{instance}", self.unique.replace('-', ""));
+        self.store.heartbeat(&instance, ALIVE).await.unwrap();
+        Owner::new(&instance, claim)
+    }
+
+    /// An instance without a liveness record (never given one: the names
+    /// differ from every live instance's).
+    fn dead(&self, instance: &str, claim: u64) -> Owner {
+        let instance = format!("{}dead{instance}", self.unique.replace('-', ""));
+        Owner::new(&instance, claim)
+    }
+
+    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Claim {
+        self.store.claim(key, owner).await.unwrap()
+    }
+
+    async fn outlive_the_lease(&self) {
+        tokio::time::sleep(self.lease + self.lease / 2).await;
+    }
+
+    async fn a_new_key_is_granted_for_sending(&self) {
+        let key = self.key("new");
+        let a = self.live("a", 1).await;
+        match self.claim(&key, &a).await {
+            Claim::Send {
+                attempts: 0,
+                takeovers: 0,
+                first_attempt_ms,
+            } => assert!(first_attempt_ms > 0, "new: first attempt time kept"),
+            other => panic!("new: {other:?}"),
+        }
+    }
+
+    async fn a_claim_retried_by_its_owner_is_granted_again_and_counted_once(&self) {
+        let key = self.key("retried");
+        let a = self.live("a", 1).await;
+        let first = self.claim(&key, &a).await;
+        let again = self.claim(&key, &a).await;
+        assert_eq!(first, again, "retried claim: same answer");
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(status.attempts, 1, "retried claim: one call counted");
+    }
+
+    async fn a_live_holders_lease_is_busy_for_everyone_else(&self) {
+        let key = self.key("busy");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        match self.claim(&key, &b).await {
+            Claim::Busy {
+                lease_left,
+                holder_alive_for,
+            } => {
+                assert!(lease_left <= self.lease, "busy: {lease_left:?}");
+                assert!(holder_alive_for > Duration::ZERO, "busy: holder alive");
+            }
+            other => panic!("busy: {other:?}"),
+        }
+        // Another claim of the same instance is someone else too.
+        let a2 = self.live("a", 2).await;
+        assert!(
+            matches!(self.claim(&key, &a2).await, Claim::Busy { .. }),
+            "busy: same instance, other claim"
+        );
+    }
+
+    async fn an_expired_lease_of_a_live_holder_is_taken_over_and_counted(&self) {
+        let key = self.key("expired");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        self.outlive_the_lease().await;
+        match self.claim(&key, &b).await {
+            Claim::Send {
+                attempts: 1,
+                takeovers: 1,
+                ..
+            } => {}
+            other => panic!("expired: {other:?}"),
+        }
+    }
+
+    async fn a_dead_holders_lease_is_taken_over_at_once(&self) {
+        let key = self.key("dead");
+        let a = self.dead("a", 1);
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        match self.claim(&key, &b).await {
+            Claim::Send {
+                attempts: 1,
+                takeovers: 1,
+                ..
+            } => {}
+            other => panic!("dead holder: {other:?}"),
+        }
+    }
+
+    async fn a_retired_instance_is_dead(&self) {
+        let key = self.key("retired");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        self.store.retire(&a.instance).await.unwrap();
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::Send { takeovers: 1, .. }),
+            "retired holder"
+        );
+    }
+
+    async fn only_the_holder_records_and_a_late_holder_is_fenced(&self) {
+        let key = self.key("fenced");
+        let a = self.dead("a", 1);
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        self.claim(&key, &b).await;
+        let store = self.store;
+        assert_eq!(
+            store.record_sent(&key, &a, &sent(1)).await.unwrap(),
+            Recorded::Fenced,
+            "fenced: sent by the old holder"
+        );
+        assert_eq!(
+            store.record_failed(&key, &a, &failed()).await.unwrap(),
+            Recorded::Fenced,
+            "fenced: failed by the old holder"
+        );
+        assert_eq!(
+            store.status(key.as_str()).await.unwrap().unwrap().status,
+            "processing",
+            "fenced: nothing written"
+        );
+        assert_eq!(
+            store.record_sent(&key, &b, &sent(2)).await.unwrap(),
+            Recorded::Written,
+            "fenced: the holder records"
+        );
+        // Retried after a lost reply: still the holder's own record.
+        assert_eq!(
+            store.record_sent(&key, &b, &sent(2)).await.unwrap(),
+            Recorded::Written,
+            "fenced: the holder's record retried"
+        );
+        assert_eq!(
+            store.record_failed(&key, &a, &failed()).await.unwrap(),
+            Recorded::Fenced,
+            "fenced: a recorded outcome stands"
+        );
+    }
+
+    async fn a_recorded_outcome_is_published_by_the_next_claim_once_free(&self) {
+        let key = self.key("unpublished");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
+            "unpublished: leased while the holder publishes"
+        );
+        self.store.release(&key, &a, 1).await.unwrap();
+        assert_eq!(
+            self.claim(&key, &b).await,
+            Claim::PublishSent(sent(1)),
+            "unpublished: handed out for publishing"
+        );
+    }
+
+    async fn a_published_key_is_done_for_every_claim(&self) {
+        let key = self.key("published");
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        self.store.mark_published(&key, &a).await.unwrap();
+        for claim in 2..4 {
+            let other = self.dead("x", claim);
+            assert_eq!(
+                self.claim(&key, &other).await,
+                Claim::AlreadySent,
+                "published"
+            );
+        }
+    }
+
+    async fn a_failed_and_published_key_answers_its_failure(&self) {
+        let key = self.key("failed");
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        self.store.record_failed(&key, &a, &failed()).await.unwrap();
+        self.store.mark_published(&key, &a).await.unwrap();
+        assert_eq!(
+            self.claim(&key, &self.dead("x", 1)).await,
+            Claim::AlreadyFailed(failed()),
+            "failed"
+        );
+    }
+
+    async fn release_keeps_the_attempts_made_and_frees_the_key(&self) {
+        let key = self.key("released");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        // Released by someone who does not hold it: nothing happens.
+        self.store.release(&key, &b, 7).await.unwrap();
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
+            "release: only by the holder"
+        );
+        self.store.release(&key, &a, 3).await.unwrap();
+        match self.claim(&key, &b).await {
+            Claim::Send {
+                attempts: 3,
+                takeovers: 0,
+                ..
+            } => {}
+            other => panic!("released: {other:?}"),
+        }
+    }
+
+    async fn the_claim_counts_the_call_about_to_be_made(&self) {
+        // The holder crashes during its call: the next claim sees the call.
+        let key = self.key("counted");
+        let a = self.dead("a", 1);
+        let b = self.dead("b", 1);
+        let c = self.live("c", 1).await;
+        self.claim(&key, &a).await;
+        self.claim(&key, &b).await;
+        match self.claim(&key, &c).await {
+            Claim::Send {
+                attempts: 2,
+                takeovers: 2,
+                ..
+            } => {}
+            other => panic!("counted: {other:?}"),
+        }
+    }
+
+    async fn renew_extends_the_holders_lease_only(&self) {
+        let key = self.key("renewed");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        assert_eq!(
+            self.store.renew(&key, &b).await.unwrap(),
+            Recorded::Fenced,
+            "renew: not the holder"
+        );
+        tokio::time::sleep(self.lease * 3 / 4).await;
+        assert_eq!(
+            self.store.renew(&key, &a).await.unwrap(),
+            Recorded::Written,
+            "renew: the holder"
+        );
+        tokio::time::sleep(self.lease * 3 / 4).await;
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
+            "renew: the lease was extended"
+        );
+    }
+
+    async fn status_follows_the_key(&self) {
+        let key = self.key("status");
+        assert_eq!(self.store.status(key.as_str()).await.unwrap(), None);
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(status.status, "processing");
+        self.store.release(&key, &a, 1).await.unwrap();
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!((status.status.as_str(), status.attempts), ("processing", 1));
+        self.claim(&key, &a).await;
+        self.store.record_sent(&key, &a, &sent(2)).await.unwrap();
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                status.status.as_str(),
+                status.provider_message_id.as_deref()
+            ),
+            ("sent", Some("m-1"))
+        );
+    }
+}
