@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use super::publish::Event;
 use super::{Attempt, Notifier};
+use crate::concurrency::Slot;
 use crate::domain::{rfc3339, CommandError, IdempotencyKey, SendSms, SmsFailed};
 use crate::ports::{Claim, Inbound, Outcome, Owner, RetryState};
 
@@ -16,28 +18,12 @@ const PAST_THE_HOLDER: Duration = Duration::from_millis(100);
 
 impl Notifier {
     pub(super) async fn process(&self, cmd: &SendSms, message: &Inbound<'_>) -> Outcome {
-        // A send slot and then the rate limit are waited for before the
-        // claim, so that a long wait never eats into the lease. In that
-        // order, so that no command sits on a rate-limit token while it
-        // waits for a slot (the tokens would pile up into a burst).
-        let slot = match &self.guard.sends {
-            Some(sends) => tokio::select! {
-                slot = sends.acquire() => Some(slot),
-                _ = message.stop.cancelled() => return Outcome::HandBack,
-            },
-            None => None,
-        };
-        tokio::select! {
-            _ = self.guard.rate_limit() => {}
-            _ = message.stop.cancelled() => return Outcome::HandBack,
-        }
-        let began = Instant::now();
-        if message.stop.is_cancelled() {
+        let Some(slot) = self.wait_for_turn(message).await else {
             return Outcome::HandBack;
-        }
-        let key = &cmd.idempotency_key;
+        };
+        let began = Instant::now();
         let owner = self.next_owner();
-        let claim = match self.cache.claim(key, &owner).await {
+        let claim = match self.cache.claim(&cmd.idempotency_key, &owner).await {
             Ok(claim) => claim,
             Err(e) => {
                 warn!(error = %e, "cannot claim key; pausing");
@@ -49,7 +35,39 @@ impl Notifier {
             owner: &owner,
             inbound: message,
             retry: message.retry.clone(),
+            calls: 0,
         };
+        let outcome = self.act_on(claim, &mut attempt).await;
+        // Only a first call that went through measures the send phase:
+        // retries add failed calls and backoff to it.
+        if let (Outcome::Sent, Some(slot), 1) = (&outcome, slot, attempt.calls) {
+            slot.sent(began.elapsed());
+        }
+        outcome
+    }
+
+    /// Waits for a send slot and then the rate limit, before the claim, so
+    /// that a long wait never eats into the lease; in that order, so that
+    /// no command sits on a rate-limit token while it waits for a slot (the
+    /// tokens would pile up into a burst). `None` when told to stop.
+    async fn wait_for_turn(&self, message: &Inbound<'_>) -> Option<Option<Slot<'_>>> {
+        let slot = match &self.guard.sends {
+            Some(sends) => tokio::select! {
+                slot = sends.acquire() => Some(slot),
+                _ = message.stop.cancelled() => return None,
+            },
+            None => None,
+        };
+        tokio::select! {
+            _ = self.guard.rate_limit() => {}
+            _ = message.stop.cancelled() => return None,
+        }
+        (!message.stop.is_cancelled()).then_some(slot)
+    }
+
+    /// Does what the claim says.
+    async fn act_on(&self, claim: Claim, attempt: &mut Attempt<'_>) -> Outcome {
+        let (key, message) = (&attempt.cmd.idempotency_key, attempt.inbound);
         match claim {
             Claim::Send {
                 attempts,
@@ -60,7 +78,7 @@ impl Notifier {
                     self.meters.takeovers.increment(1);
                 }
                 if takeovers > self.settings.max_takeovers {
-                    return self.poison(key, &owner, attempts, takeovers).await;
+                    return self.poison(key, attempt.owner, attempts, takeovers).await;
                 }
                 let retry = &mut attempt.retry;
                 retry.attempts = retry.attempts.max(attempts);
@@ -69,22 +87,15 @@ impl Notifier {
                         .first_attempt_at_ms
                         .map_or(first_attempt_ms, |header| header.min(first_attempt_ms)),
                 );
-                let mut calls = 0;
-                let outcome = self.send(attempt, &mut calls).await;
-                // Only a first call that went through measures the send
-                // phase: retries add failed calls and backoff to it.
-                if let (Outcome::Sent, 1, Some(slot)) = (&outcome, calls, slot) {
-                    slot.sent(began.elapsed());
-                }
-                outcome
+                self.send(attempt).await
             }
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
-                self.publish_sent(&attempt, &record).await
+                self.publish_outcome(attempt, Event::Sent(&record)).await
             }
             Claim::PublishFailed(record) => {
                 info!("resuming: failure already recorded, publishing SmsFailed");
-                self.publish_failed(&attempt, &record).await
+                self.publish_outcome(attempt, Event::Failed(&record)).await
             }
             Claim::AlreadySent => {
                 self.meters.duplicates.increment(1);
@@ -107,11 +118,10 @@ impl Notifier {
                 // Counting the delay marks it as returning when it comes
                 // back, so it is never taken for a duplicate (and acked)
                 // while the holder might still be dead.
-                let wait = lease_left.min(holder_alive_for) + PAST_THE_HOLDER;
-                debug!(?wait, "leased and returning; delaying past the holder");
-                let mut retry = message.retry.clone();
-                retry.delays = retry.delays.saturating_add(1);
-                Outcome::Delay { delay: wait, retry }
+                let delay = lease_left.min(holder_alive_for) + PAST_THE_HOLDER;
+                debug!(?delay, "leased and returning; delaying past the holder");
+                let retry = one_more_delay(message.retry);
+                Outcome::Delay { delay, retry }
             }
             Claim::Busy { .. } => {
                 self.meters.duplicates.increment(1);

@@ -151,6 +151,8 @@ struct Attempt<'a> {
     owner: &'a Owner,
     inbound: &'a Inbound<'a>,
     retry: crate::ports::RetryState,
+    /// Provider calls made under this claim.
+    calls: u32,
 }
 
 impl Notifier {

@@ -19,14 +19,6 @@ pub(super) enum Event<'r> {
 }
 
 impl Notifier {
-    pub(super) async fn publish_sent(&self, a: &Attempt<'_>, record: &SentRecord) -> Outcome {
-        self.publish_outcome(a, Event::Sent(record)).await
-    }
-
-    pub(super) async fn publish_failed(&self, a: &Attempt<'_>, record: &FailedRecord) -> Outcome {
-        self.publish_outcome(a, Event::Failed(record)).await
-    }
-
     /// Publishes the event of a recorded outcome, then marks it published
     /// (held until the store takes it: a key left unmarked would publish
     /// its event again on a duplicate).

@@ -12,8 +12,8 @@ use crate::domain::{count_segments, rfc3339, FailureReason};
 use crate::ports::{Outcome, ProviderError, SentRecord};
 
 impl Notifier {
-    /// Sends under the claim in `a`; counts its calls in `this_delivery`.
-    pub(super) async fn send(&self, mut a: Attempt<'_>, this_delivery: &mut u32) -> Outcome {
+    /// Sends under the claim in `a`, counting its calls there.
+    pub(super) async fn send(&self, a: &mut Attempt<'_>) -> Outcome {
         let first_attempt_ms = a.retry.first_attempt_at_ms.unwrap_or_else(now_ms);
         loop {
             let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
@@ -24,7 +24,7 @@ impl Notifier {
                     a.retry.attempts,
                     age.as_secs()
                 );
-                return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
+                return self.fail(a, FailureReason::RetriesExhausted, detail).await;
             }
             if a.inbound.stop.is_cancelled() {
                 self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
@@ -34,19 +34,19 @@ impl Notifier {
             if self.guard.breaker.state() == BreakerState::Open {
                 let wait = self.guard.breaker.open_for().unwrap_or(policy.max_delay);
                 debug!(?wait, "provider circuit open; delaying without a call");
-                return self.hand_over(&a, wait.max(Duration::from_secs(1))).await;
+                return self.hand_over(a, wait.max(Duration::from_secs(1))).await;
             }
             // A retry is a send too; with no token to hand it goes to a
             // delay tier rather than wait while holding the lease.
-            if *this_delivery > 0 && !self.guard.retry_token() {
+            if a.calls > 0 && !self.guard.retry_token() {
                 let wait = policy.broker_delay(a.retry.delays, None);
-                return self.hand_over(&a, wait).await;
+                return self.hand_over(a, wait).await;
             }
             a.retry.attempts = a.retry.attempts.saturating_add(1);
-            *this_delivery += 1;
+            a.calls += 1;
             let started = Instant::now();
             let call = self.sms.send(a.cmd);
-            let result = self.renewing(&a, call).await;
+            let result = self.renewing(a, call).await;
             self.meters
                 .provider_seconds
                 .record(started.elapsed().as_secs_f64());
@@ -67,13 +67,13 @@ impl Notifier {
                         attempts: a.retry.attempts,
                         sent_at: rfc3339(SystemTime::now()),
                     };
-                    return self.sent(&a, record).await;
+                    return self.sent(a, record).await;
                 }
                 Err(ProviderError::Rejected { detail }) => {
                     self.guard.breaker.record_success();
                     self.meters.rejected.increment(1);
                     warn!(%detail, attempts = a.retry.attempts, "provider rejected the message");
-                    return self.fail(&a, FailureReason::ProviderRejected, detail).await;
+                    return self.fail(a, FailureReason::ProviderRejected, detail).await;
                 }
                 Err(ProviderError::Transient {
                     detail,
@@ -84,13 +84,13 @@ impl Notifier {
             self.meters.transient.increment(1);
             if a.retry.attempts >= policy.max_attempts {
                 let detail = format!("provider failed {} times; last: {detail}", a.retry.attempts);
-                return self.fail(&a, FailureReason::RetriesExhausted, detail).await;
+                return self.fail(a, FailureReason::RetriesExhausted, detail).await;
             }
-            let wait = policy.delay(*this_delivery, retry_after);
+            let wait = policy.delay(a.calls, retry_after);
             warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
-            if *this_delivery >= policy.in_process_attempts || wait > policy.max_delay {
+            if a.calls >= policy.in_process_attempts || wait > policy.max_delay {
                 let wait = policy.broker_delay(a.retry.delays, retry_after);
-                return self.hand_over(&a, wait).await;
+                return self.hand_over(a, wait).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

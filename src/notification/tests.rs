@@ -795,3 +795,53 @@ async fn invalid_commands_get_sms_failed_and_touch_neither_provider_nor_store() 
         "event must be confirmed"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_duplicate_of_a_known_key_publishes_nothing() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    let bad = br#"{"idempotencyKey":"k1","phoneNumber":"+2547bad","text":"hi"}"#;
+    match h.handle(bad, false).await {
+        Outcome::DeadLetter(reason) => {
+            assert!(reason.starts_with("invalid_phone_number"), "{reason}");
+            assert!(reason.contains("duplicate of a sent key"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.events.failed().is_empty(), "SmsFailed after SmsSent");
+    assert_eq!(h.events.sent().len(), 1);
+    // With the store away it is not decided blind.
+    h.cache.down.store(true, SeqCst);
+    assert_eq!(h.handle(bad, false).await, Outcome::StoreUnavailable);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_nobody_subscribes_to_waits_in_the_tiers_at_most_max_age() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.events.unroutable.store(true, SeqCst);
+    let (_, retry) = delayed(h.handle(&body("k1"), false).await);
+    let old = RetryState {
+        first_attempt_at_ms: Some(now_ms() - policy().max_age.as_millis() as u64 - 1),
+        ..retry
+    };
+    match h.handle_retry(&body("k1"), false, &old).await {
+        Outcome::DeadLetter(reason) => assert!(reason.starts_with("unroutable"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.provider.calls(),
+        1,
+        "never resent while waiting for a route"
+    );
+    // An invalid command's SmsFailed is capped the same way.
+    let bad = br#"{"idempotencyKey":"k2","phoneNumber":"12","text":"hi"}"#;
+    let (_, retry) = delayed(h.handle(bad, false).await);
+    let old = RetryState {
+        first_attempt_at_ms: Some(1),
+        ..retry
+    };
+    assert!(matches!(
+        h.handle_retry(bad, false, &old).await,
+        Outcome::DeadLetter(_)
+    ));
+}
