@@ -9,38 +9,15 @@ use super::claim::one_more_delay;
 use super::{now_ms, Attempt, Notifier};
 use crate::breaker::BreakerState;
 use crate::domain::{count_segments, rfc3339, FailureReason};
-use crate::ports::{Outcome, ProviderError, SentRecord};
+use crate::ports::{Accepted, Outcome, ProviderError, SentRecord};
 
 impl Notifier {
     /// Sends under the claim in `a`, counting its calls there.
     pub(super) async fn send(&self, a: &mut Attempt<'_>) -> Outcome {
         let first_attempt_ms = a.retry.first_attempt_at_ms.unwrap_or_else(now_ms);
         loop {
-            let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
-            let policy = &self.settings.retry;
-            if a.retry.attempts >= policy.max_attempts || age >= policy.max_age {
-                let detail = format!(
-                    "provider failed {} times over {}s",
-                    a.retry.attempts,
-                    age.as_secs()
-                );
-                return self.fail(a, FailureReason::RetriesExhausted, detail).await;
-            }
-            if a.inbound.stop.is_cancelled() {
-                self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
-                    .await;
-                return Outcome::HandBack;
-            }
-            if self.guard.breaker.state() == BreakerState::Open {
-                let wait = self.guard.breaker.open_for().unwrap_or(policy.max_delay);
-                debug!(?wait, "provider circuit open; delaying without a call");
-                return self.hand_over(a, wait.max(Duration::from_secs(1))).await;
-            }
-            // A retry is a send too; with no token to hand it goes to a
-            // delay tier rather than wait while holding the lease.
-            if a.calls > 0 && !self.guard.retry_token() {
-                let wait = policy.broker_delay(a.retry.delays, None);
-                return self.hand_over(a, wait).await;
+            if let Some(outcome) = self.not_now(a, first_attempt_ms).await {
+                return outcome;
             }
             a.retry.attempts = a.retry.attempts.saturating_add(1);
             a.calls += 1;
@@ -51,24 +28,7 @@ impl Notifier {
                 .provider_seconds
                 .record(started.elapsed().as_secs_f64());
             let (detail, retry_after) = match result {
-                Ok(accepted) => {
-                    self.guard.breaker.record_success();
-                    self.meters.accepted.increment(1);
-                    info!(
-                        provider = self.sms.name(),
-                        provider_message_id = %accepted.provider_message_id,
-                        attempts = a.retry.attempts,
-                        "provider accepted"
-                    );
-                    let record = SentRecord {
-                        provider: self.sms.name().to_owned(),
-                        provider_message_id: accepted.provider_message_id,
-                        segments: count_segments(a.cmd.text.as_str()).1,
-                        attempts: a.retry.attempts,
-                        sent_at: rfc3339(SystemTime::now()),
-                    };
-                    return self.sent(a, record).await;
-                }
+                Ok(accepted) => return self.accepted(a, accepted).await,
                 Err(ProviderError::Rejected { detail }) => {
                     self.guard.breaker.record_success();
                     self.meters.rejected.increment(1);
@@ -82,12 +42,13 @@ impl Notifier {
             };
             self.guard.breaker.record_failure();
             self.meters.transient.increment(1);
+            warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
+            let policy = &self.settings.retry;
             if a.retry.attempts >= policy.max_attempts {
                 let detail = format!("provider failed {} times; last: {detail}", a.retry.attempts);
                 return self.fail(a, FailureReason::RetriesExhausted, detail).await;
             }
             let wait = policy.delay(a.calls, retry_after);
-            warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
             if a.calls >= policy.in_process_attempts || wait > policy.max_delay {
                 let wait = policy.broker_delay(a.retry.delays, retry_after);
                 return self.hand_over(a, wait).await;
@@ -97,6 +58,59 @@ impl Notifier {
                 _ = a.inbound.stop.cancelled() => {}
             }
         }
+    }
+
+    /// Why the next call is not to be made now, if it is not: the attempts
+    /// or the age ran out, shutdown, an open breaker, or no rate-limit
+    /// token for a retry (it goes to a delay tier rather than wait while
+    /// holding the lease).
+    async fn not_now(&self, a: &mut Attempt<'_>, first_attempt_ms: u64) -> Option<Outcome> {
+        let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
+        let policy = &self.settings.retry;
+        if a.retry.attempts >= policy.max_attempts || age >= policy.max_age {
+            let detail = format!(
+                "provider failed {} times over {}s",
+                a.retry.attempts,
+                age.as_secs()
+            );
+            return Some(self.fail(a, FailureReason::RetriesExhausted, detail).await);
+        }
+        if a.inbound.stop.is_cancelled() {
+            self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
+                .await;
+            return Some(Outcome::HandBack);
+        }
+        if self.guard.breaker.state() == BreakerState::Open {
+            let wait = self.guard.breaker.open_for().unwrap_or(policy.max_delay);
+            debug!(?wait, "provider circuit open; delaying without a call");
+            return Some(self.hand_over(a, wait.max(Duration::from_secs(1))).await);
+        }
+        if a.calls > 0 && !self.guard.retry_token() {
+            let wait = policy.broker_delay(a.retry.delays, None);
+            return Some(self.hand_over(a, wait).await);
+        }
+        None
+    }
+
+    /// The provider took the message: say so at once (a user with no
+    /// subscriber bound learns it here), then record and publish.
+    async fn accepted(&self, a: &Attempt<'_>, accepted: Accepted) -> Outcome {
+        self.guard.breaker.record_success();
+        self.meters.accepted.increment(1);
+        info!(
+            provider = self.sms.name(),
+            provider_message_id = %accepted.provider_message_id,
+            attempts = a.retry.attempts,
+            "provider accepted"
+        );
+        let record = SentRecord {
+            provider: self.sms.name().to_owned(),
+            provider_message_id: accepted.provider_message_id,
+            segments: count_segments(a.cmd.text.as_str()).1,
+            attempts: a.retry.attempts,
+            sent_at: rfc3339(SystemTime::now()),
+        };
+        self.sent(a, record).await
     }
 
     /// Releases the lease (keeping the attempts) and asks for a delay tier.
