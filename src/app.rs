@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::adapters::http::{self, HttpState};
-use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore};
+use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
 use crate::config::{configured, Settings};
 use crate::notification::{Notifier, ProviderGuard};
@@ -45,6 +45,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let metrics = crate::telemetry::metrics();
     let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
+    // Read on the side: start-up never waits for this answer.
+    let redis_settings = settings.redis.clone();
+    tokio::spawn(async move {
+        if let Some(warning) = redis_durability::eviction_warning(&redis_settings).await {
+            warn!("{warning}");
+        }
+    });
     let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
     let provider_name = sms.name().to_owned();
     let breaker = Arc::new(CircuitBreaker::new(

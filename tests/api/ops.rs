@@ -1,12 +1,15 @@
-//! Operating safety: settings that would only fail later stop start-up, and
-//! the bench refuses a real provider.
+//! Operating safety: settings that would only fail later stop start-up, the
+//! bench refuses a real provider, and the Redis eviction policy is read
+//! from the real server.
 
 use std::io::ErrorKind;
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::{Leftovers, Names};
+use sms_service::adapters::redis_durability::{eviction_policy, eviction_warning, NO_EVICTION};
+
+use crate::helpers::{redis_connection, settings, Leftovers, Names};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
 
@@ -130,4 +133,49 @@ fn the_bench_refuses_a_provider_off_loopback_before_connecting_anywhere() {
         connected,
         "with --i-mean-it the bench connects to the broker"
     );
+}
+
+#[tokio::test]
+async fn the_eviction_policy_read_at_start_is_the_real_servers() {
+    let names = Names::unique();
+    let redis = settings(&names.env("http://127.0.0.1:9")).redis;
+    let (_, actual): (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut redis_connection().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        eviction_policy(&redis).await.as_deref(),
+        Some(actual.as_str())
+    );
+    let warning = eviction_warning(&redis).await;
+    assert_eq!(warning.is_some(), actual != NO_EVICTION, "{warning:?}");
+    if let Some(warning) = warning {
+        assert!(warning.contains("127.0.0.1:6379"), "{warning}");
+    }
+}
+
+/// A server that takes the connection and never answers: the check gives
+/// up within its bound and says nothing.
+#[tokio::test]
+async fn a_redis_that_does_not_answer_gives_no_eviction_warning_within_three_timeouts() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let names = Names::unique();
+    let mut env = names.env("http://127.0.0.1:9");
+    env.push((
+        "SMS__REDIS__URL".into(),
+        format!("redis://127.0.0.1:{port}"),
+    ));
+    env.push(("SMS__REDIS__TIMEOUT_MS".into(), "300".into()));
+    let redis = settings(&env).redis;
+    let started = Instant::now();
+    assert_eq!(eviction_warning(&redis).await, None);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
 }
