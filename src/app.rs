@@ -45,13 +45,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let metrics = crate::telemetry::metrics();
     let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
-    // Read on the side: start-up never waits for this answer.
-    let redis_settings = settings.redis.clone();
-    tokio::spawn(async move {
-        if let Some(warning) = redis_durability::eviction_warning(&redis_settings).await {
-            warn!("{warning}");
-        }
-    });
     let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
     let provider_name = sms.name().to_owned();
     let breaker = Arc::new(CircuitBreaker::new(
@@ -98,6 +91,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     ));
     let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
     info!(%http_addr, "HTTP API listening");
+    // Read on the side: start-up never waits for this answer.
+    let redis_settings = settings.redis;
+    tokio::spawn(async move {
+        if let Some(warning) = redis_durability::eviction_warning(&redis_settings).await {
+            warn!("{warning}");
+        }
+    });
     let processing_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         processing.run(processing_shutdown).await;
