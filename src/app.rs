@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::adapters::http::{self, HttpState};
-use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore};
+use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
 use crate::config::{configured, Settings};
 use crate::notification::{Notifier, ProviderGuard};
@@ -96,6 +96,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     ));
     let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
     info!(%http_addr, "HTTP API listening");
+    // Read on the side: start-up never waits for this answer.
+    let redis_settings = settings.redis;
+    tokio::spawn(async move {
+        if let Some(warning) = redis_durability::eviction_warning(&redis_settings).await {
+            warn!("{warning}");
+        }
+    });
     let processing_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         processing.run(processing_shutdown).await;

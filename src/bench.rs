@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub baseline: bool,
     /// Confirms in flight while publishing.
     pub window: usize,
+    /// Run even though `provider.base_url` is not on loopback (`--i-mean-it`).
+    pub allow_remote_provider: bool,
 }
 
 /// Figures of one run.
@@ -69,8 +71,37 @@ pub struct BenchReport {
     pub ratio: Option<f64>,
 }
 
+/// Refuses a provider that is not on this machine, unless told otherwise.
+///
+/// The bench never calls the provider itself; the service it loads does,
+/// once per command. `provider.base_url` of the settings the bench reads is
+/// the best view it has of where those calls go: with a real provider
+/// there, every command is a real, paid SMS to `+254712345678`. Only the
+/// URL is looked at (no name is resolved): a loopback address, or
+/// `localhost`.
+pub fn check_provider_is_local(settings: &Settings, allow_remote: bool) -> anyhow::Result<()> {
+    let url = url::Url::parse(&settings.provider.base_url).ok();
+    let host = url.as_ref().and_then(|u| u.host());
+    let local = match &host {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    // The host only: a URL may carry credentials.
+    let host = host.map(|h| h.to_string()).unwrap_or_default();
+    anyhow::ensure!(
+        local || allow_remote,
+        "provider.base_url is not on loopback (host {host:?}): the service would send every \
+         bench command as a real SMS through that provider. Point it at a fake provider \
+         (sms-service fake-provider) on 127.0.0.1, or pass --i-mean-it"
+    );
+    Ok(())
+}
+
 /// Runs the benchmark against the broker and service that `settings` name.
 pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    check_provider_is_local(settings, options.allow_remote_provider)?;
     let url = settings.amqp.url.expose_secret().to_owned();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -443,4 +474,49 @@ pub fn render(report: &BenchReport) -> String {
         out.push_str(&format!("ratio service/baseline: {ratio:.2}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_provider(base_url: &str) -> Settings {
+        let env = [("SMS__PROVIDER__BASE_URL".to_owned(), base_url.to_owned())];
+        let env = crate::config::environment().source(Some(env.into_iter().collect()));
+        Settings::load_from(None, env).unwrap()
+    }
+
+    #[test]
+    fn the_bench_runs_only_against_a_provider_on_loopback_unless_told_otherwise() {
+        for local in [
+            "http://127.0.0.1:9000",
+            "http://127.8.9.10",
+            "http://[::1]:9000/",
+            "http://localhost:9000",
+            "https://LOCALHOST/api",
+        ] {
+            assert!(
+                check_provider_is_local(&with_provider(local), false).is_ok(),
+                "{local}"
+            );
+        }
+        for remote in [
+            "https://api.example.com",
+            "http://10.0.0.5:9000",
+            "http://[2001:db8::1]",
+            "http://localhost.example.com",
+            "http://0.0.0.0:9000",
+        ] {
+            let settings = with_provider(remote);
+            let err = check_provider_is_local(&settings, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("provider.base_url"), "{remote}: {err}");
+            assert!(err.contains("--i-mean-it"), "{remote}: {err}");
+            assert!(check_provider_is_local(&settings, true).is_ok(), "{remote}");
+        }
+        let with_password = with_provider("https://user:hunter2@api.example.com");
+        let err = check_provider_is_local(&with_password, false).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
 }

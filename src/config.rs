@@ -258,6 +258,61 @@ impl Settings {
                 return bad(key, "must be greater than 0");
             }
         }
+        // Durations end up added to clocks (`Instant + Duration`), multiplied
+        // (the lease rule below) and sent to Redis as signed 64-bit numbers
+        // (`EXPIRE`); past ten years none of that is meaningful and some of
+        // it overflows, so larger values are refused here, naming the key.
+        for (key, value, max) in [
+            (
+                "amqp.reconnect_delay_ms",
+                self.amqp.reconnect_delay_ms,
+                MAX_MS,
+            ),
+            (
+                "amqp.confirm_timeout_ms",
+                self.amqp.confirm_timeout_ms,
+                MAX_MS,
+            ),
+            (
+                "redis.idempotency_ttl_secs",
+                self.redis.idempotency_ttl_secs,
+                MAX_SECS,
+            ),
+            ("redis.lease_ms", self.redis.lease_ms, MAX_MS),
+            ("redis.timeout_ms", self.redis.timeout_ms, MAX_MS),
+            (
+                "provider.connect_timeout_ms",
+                self.provider.connect_timeout_ms,
+                MAX_MS,
+            ),
+            (
+                "provider.request_timeout_ms",
+                self.provider.request_timeout_ms,
+                MAX_MS,
+            ),
+            (
+                "provider.breaker_cool_down_ms",
+                self.provider.breaker_cool_down_ms,
+                MAX_MS,
+            ),
+            ("retry.max_age_secs", self.retry.max_age_secs, MAX_SECS),
+            ("retry.base_delay_ms", self.retry.base_delay_ms, MAX_MS),
+            ("retry.max_delay_ms", self.retry.max_delay_ms, MAX_MS),
+            (
+                "retry.requeue_delay_ms",
+                self.retry.requeue_delay_ms,
+                MAX_MS,
+            ),
+            (
+                "processing.shutdown_grace_ms",
+                self.processing.shutdown_grace_ms,
+                MAX_MS,
+            ),
+        ] {
+            if value > max {
+                return bad(key, &format!("must be at most {max} (ten years)"));
+            }
+        }
         if self.processing.max_in_flight > 1_000_000 {
             return bad("processing.max_in_flight", "must be at most 1000000");
         }
@@ -272,15 +327,20 @@ impl Settings {
         // A lease must outlast one delivery's provider calls and the
         // confirm of its event, or a second instance could claim a key
         // whose send or publish is still under way.
+        // Saturating: a sum past u64::MAX is longer than any lease, and is
+        // refused as such.
         let calls = self.retry.in_process_attempts;
-        let attempt_ms = u64::from(calls) * self.provider.request_timeout_ms
-            + u64::from(calls.saturating_sub(1)) * self.retry.max_delay_ms
-            + self.amqp.confirm_timeout_ms;
+        let attempt_ms = u64::from(calls)
+            .saturating_mul(self.provider.request_timeout_ms)
+            .saturating_add(
+                u64::from(calls.saturating_sub(1)).saturating_mul(self.retry.max_delay_ms),
+            )
+            .saturating_add(self.amqp.confirm_timeout_ms);
         if self.redis.lease_ms <= attempt_ms {
             return bad(
                 "redis.lease_ms",
                 &format!(
-                    "must exceed in_process_attempts x request_timeout_ms + backoff + amqp.confirm_timeout_ms ({attempt_ms} ms), \
+                    "must exceed retry.in_process_attempts x provider.request_timeout_ms + backoff + amqp.confirm_timeout_ms ({attempt_ms} ms), \
                      or a second instance could send a key still in flight"
                 ),
             );
@@ -291,12 +351,21 @@ impl Settings {
                 "must be at least 300 and shorter than redis.lease_ms",
             );
         }
-        if self.redis.idempotency_ttl_secs * 1000 <= self.redis.lease_ms {
+        if self.redis.idempotency_ttl_secs.saturating_mul(1000) <= self.redis.lease_ms {
             return bad(
                 "redis.idempotency_ttl_secs",
                 "must be longer than redis.lease_ms",
             );
         }
+        // A command still retrying after its key was forgotten would be
+        // claimed afresh by a duplicate of it, and sent twice.
+        if self.retry.max_age_secs > self.redis.idempotency_ttl_secs {
+            return bad(
+                "retry.max_age_secs",
+                "must be at most redis.idempotency_ttl_secs, or a key could still be retrying after it was forgotten",
+            );
+        }
+        check_header_secret("provider.token", self.provider.token.expose_secret())?;
         Ok(())
     }
 
@@ -345,6 +414,24 @@ impl Settings {
             shutdown_grace: Duration::from_millis(self.processing.shutdown_grace_ms),
             resubscribe_delay: Duration::from_millis(self.amqp.reconnect_delay_ms),
         }
+    }
+}
+
+/// Ten years, the longest duration any setting may name.
+const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+const MAX_MS: u64 = MAX_SECS * 1000;
+
+/// A secret sent in an HTTP header (as `Bearer <secret>`) must be visible
+/// ASCII without spaces: anything else (a newline copied from a secrets
+/// file, a non-ASCII character) cannot go into a header, or would be
+/// trimmed or refused by the other side. The message names the key only.
+pub fn check_header_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
+    if secret.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "{key}: must be visible ASCII without spaces or control characters (it is sent in an HTTP header)"
+        )))
     }
 }
 
@@ -467,6 +554,141 @@ mod tests {
             let err = load(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn a_retry_that_outlives_the_remembered_key_is_refused() {
+        let err = load(&[
+            ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", "3600"),
+            ("SMS__RETRY__MAX_AGE_SECS", "3601"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retry.max_age_secs"), "{err}");
+        assert!(err.contains("redis.idempotency_ttl_secs"), "{err}");
+        let equal = load(&[
+            ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", "3600"),
+            ("SMS__RETRY__MAX_AGE_SECS", "3600"),
+        ]);
+        assert!(equal.is_ok(), "a retry may last as long as the key");
+    }
+
+    /// Every number a setting takes, at the largest value its type holds:
+    /// refused naming its key, or accepted and usable, never a panic.
+    #[test]
+    fn the_largest_numbers_are_refused_naming_the_key_or_used_never_a_panic() {
+        let u64_max = u64::MAX.to_string();
+        let u32_max = u32::MAX.to_string();
+        let u16_max = u16::MAX.to_string();
+        let usize_max = usize::MAX.to_string();
+        let keys: &[(&str, &str)] = &[
+            ("amqp.prefetch", &u16_max),
+            ("amqp.max_body_bytes", &usize_max),
+            ("amqp.reconnect_delay_ms", &u64_max),
+            ("amqp.confirm_timeout_ms", &u64_max),
+            ("redis.idempotency_ttl_secs", &u64_max),
+            ("redis.lease_ms", &u64_max),
+            ("redis.timeout_ms", &u64_max),
+            ("provider.connect_timeout_ms", &u64_max),
+            ("provider.request_timeout_ms", &u64_max),
+            ("provider.max_idle_connections", &usize_max),
+            ("provider.max_sends_per_second", &u32_max),
+            ("provider.breaker_threshold", &u32_max),
+            ("provider.breaker_cool_down_ms", &u64_max),
+            ("retry.max_attempts", &u32_max),
+            ("retry.max_age_secs", &u64_max),
+            ("retry.in_process_attempts", &u32_max),
+            ("retry.base_delay_ms", &u64_max),
+            ("retry.max_delay_ms", &u64_max),
+            ("retry.tiers_ms", &u64_max),
+            ("retry.requeue_delay_ms", &u64_max),
+            ("processing.max_in_flight", &usize_max),
+            ("processing.min_sends", &usize_max),
+            ("processing.max_redeliveries", &u32_max),
+            ("processing.shutdown_grace_ms", &u64_max),
+            ("http.max_body_bytes", &usize_max),
+        ];
+        let use_all = |s: &Settings| {
+            let _ = (s.retry_policy(), s.retry_tiers(), s.processing_settings());
+            let _ = s.send_limit();
+        };
+        for (key, value) in keys {
+            let var = format!("SMS__{}", key.replace('.', "__").to_uppercase());
+            match load(&[(&var, value)]) {
+                Ok(settings) => use_all(&settings),
+                Err(e) => assert!(e.to_string().contains(key), "{key}={value}: {e}"),
+            }
+        }
+        // Each at the largest value validation lets through, together: the
+        // lease rule multiplies and adds them.
+        let ten_years_ms = (10 * 365 * 24 * 3600 * 1000u64).to_string();
+        let ten_years_secs = (10 * 365 * 24 * 3600u64).to_string();
+        let err = load(&[
+            ("SMS__RETRY__IN_PROCESS_ATTEMPTS", &u32_max),
+            ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", &ten_years_ms),
+            ("SMS__RETRY__MAX_DELAY_MS", &ten_years_ms),
+            ("SMS__AMQP__CONFIRM_TIMEOUT_MS", &ten_years_ms),
+            ("SMS__REDIS__LEASE_MS", &ten_years_ms),
+            ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", &ten_years_secs),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis.lease_ms"), "{err}");
+        let ten_years = load(&[
+            ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", &ten_years_secs),
+            ("SMS__RETRY__MAX_AGE_SECS", &ten_years_secs),
+            ("SMS__PROCESSING__SHUTDOWN_GRACE_MS", &ten_years_ms),
+            ("SMS__PROVIDER__BREAKER_COOL_DOWN_MS", &ten_years_ms),
+        ])
+        .unwrap();
+        use_all(&ten_years);
+    }
+
+    /// A key remembered for u64::MAX seconds would reach Redis as `EXPIRE
+    /// key -1` (gone at once); other durations overflow clocks.
+    #[test]
+    fn durations_past_ten_years_are_refused_naming_the_key() {
+        let over_ms = (MAX_MS + 1).to_string();
+        let over_secs = (MAX_SECS + 1).to_string();
+        for (key, value) in [
+            ("amqp.reconnect_delay_ms", &over_ms),
+            ("amqp.confirm_timeout_ms", &over_ms),
+            ("redis.idempotency_ttl_secs", &over_secs),
+            ("redis.lease_ms", &over_ms),
+            ("redis.timeout_ms", &over_ms),
+            ("provider.connect_timeout_ms", &over_ms),
+            ("provider.request_timeout_ms", &over_ms),
+            ("provider.breaker_cool_down_ms", &over_ms),
+            ("retry.max_age_secs", &over_secs),
+            ("retry.base_delay_ms", &over_ms),
+            ("retry.max_delay_ms", &over_ms),
+            ("retry.requeue_delay_ms", &over_ms),
+            ("processing.shutdown_grace_ms", &over_ms),
+        ] {
+            let var = format!("SMS__{}", key.replace('.', "__").to_uppercase());
+            let err = load(&[(&var, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_provider_token_that_cannot_be_an_http_header_is_refused_without_echoing_it() {
+        for token in [
+            "s3cret\n",
+            "s3cret\r\nX-Evil: 1",
+            "s3 cret",
+            "s3cret\t",
+            "s3crét",
+            "s3cret\u{7f}",
+        ] {
+            let err = load(&[("SMS__PROVIDER__TOKEN", token)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("provider.token"), "{token:?}: {err}");
+            assert!(!err.contains("s3cr"), "{token:?}: {err}");
+        }
+        let fine = load(&[("SMS__PROVIDER__TOKEN", "AbC-123._~+/xyz==")]).unwrap();
+        assert_eq!(configured(&fine.provider.token), Some("AbC-123._~+/xyz=="));
     }
 
     #[test]

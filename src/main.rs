@@ -71,6 +71,10 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run even though provider.base_url is not on loopback: every
+        /// command is then a real SMS through that provider.
+        #[arg(long)]
+        i_mean_it: bool,
     },
     /// Inspect or replay the dead-letter queue.
     DeadLetters {
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
                 baseline,
                 window,
                 json,
+                i_mean_it,
             } => {
                 let options = sms_service::bench::BenchOptions {
                     count,
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
                     rate,
                     baseline,
                     window,
+                    allow_remote_provider: i_mean_it,
                 };
                 bench(settings, options, json).await
             }

@@ -5,3 +5,4 @@ pub mod http;
 pub mod providers;
 pub mod rabbitmq;
 pub mod redis;
+pub mod redis_durability;

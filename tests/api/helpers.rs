@@ -69,6 +69,7 @@ impl Names {
             ("SMS__REDIS__URL", REDIS_URL),
             ("SMS__REDIS__KEY_PREFIX", &self.key_prefix),
             ("SMS__REDIS__IDEMPOTENCY_TTL_SECS", "600"),
+            ("SMS__RETRY__MAX_AGE_SECS", "600"),
             ("SMS__REDIS__LEASE_MS", "8000"),
             ("SMS__PROVIDER__BASE_URL", provider_url),
             ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "2000"),

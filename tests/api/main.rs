@@ -3,6 +3,7 @@
 
 mod e2e;
 mod helpers;
+mod ops;
 mod pipeline;
 mod provider;
 mod proxy;

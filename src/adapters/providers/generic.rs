@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::config::{configured, ProviderSettings};
+use crate::config::{check_header_secret, configured, ProviderSettings};
 use crate::domain::SendSms;
 use crate::ports::{Accepted, ProviderError, SmsService};
 
@@ -63,6 +63,8 @@ impl GenericProvider {
             .map_err(|e| format!("provider client: {e}"))?;
         let authorization = configured(&settings.token)
             .map(|token| {
+                // The same rule as at start-up, for settings built by hand.
+                check_header_secret("provider.token", token).map_err(|e| e.0)?;
                 let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
                     .map_err(|_| "provider.token: not a valid header value".to_owned())?;
                 value.set_sensitive(true);
@@ -187,4 +189,28 @@ fn describe(e: &reqwest::Error) -> String {
         source = inner.source();
     }
     detail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn a_provider_built_by_hand_refuses_a_token_that_is_no_clean_header_value() {
+        let mut settings = Settings::load_from(
+            None,
+            crate::config::environment().source(Some(Default::default())),
+        )
+        .unwrap()
+        .provider;
+        for token in ["s3cr\u{e9}t", "s3 cret", "s3cret\t"] {
+            settings.token = token.to_owned().into();
+            let err = GenericProvider::new(&settings).err().unwrap();
+            assert!(err.contains("provider.token"), "{token:?}: {err}");
+            assert!(!err.contains("s3cr"), "{token:?}: {err}");
+        }
+        settings.token = "s3cret".to_owned().into();
+        assert!(GenericProvider::new(&settings).is_ok());
+    }
 }
