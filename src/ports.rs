@@ -210,6 +210,8 @@ pub enum Claim {
         /// Leases taken over from another holder (expired or dead), ever:
         /// each one is a delivery that never reached an outcome.
         takeovers: u32,
+        /// This claim is one of them.
+        took_over: bool,
     },
     /// Sent before but its SmsSent not confirmed: the caller holds the lease
     /// and must publish it, without calling the provider.
@@ -247,6 +249,35 @@ pub struct MessageStatus {
     pub provider_message_id: Option<String>,
     pub attempts: u32,
     pub updated_at: String,
+    /// For `failed`: the SmsFailed reason and detail.
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// What the store says when a command is submitted at a front door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// New: recorded as `processing` from now on, before it is queued.
+    New,
+    /// Known with the same payload (or one the store has no fingerprint
+    /// of): queue it again, it is a harmless duplicate.
+    Same,
+    /// Known with a different payload: refused, as Stripe refuses a reused
+    /// idempotency key.
+    Conflict,
+}
+
+/// What the store says of an invalid command with a usable key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidVerdict {
+    /// First word of this key: recorded as `failed`; publish its SmsFailed.
+    Recorded,
+    /// Recorded as an invalid command before, its SmsFailed not yet
+    /// confirmed: publish it.
+    Unpublished,
+    /// The key is known otherwise (sent, in work, or its SmsFailed is out):
+    /// a bad duplicate, no event.
+    Known,
 }
 
 /// The idempotency and status store: per key, an atomic state machine
@@ -259,7 +290,14 @@ pub trait CacheService: Send + Sync {
     /// Claims `key` for `owner`, atomically; see [`Claim`]. A claim by the
     /// owner that already holds the lease (a retry after a lost reply) is
     /// granted again. Every granted claim refreshes the key's TTL.
-    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError>;
+    /// `fingerprint` identifies the command's payload; it is kept for the
+    /// front doors' conflict check when the key is new.
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        fingerprint: &str,
+    ) -> Result<Claim, CacheError>;
     /// Extends `owner`'s lease by the full lease time; [`Recorded::Fenced`]
     /// if the owner no longer holds it.
     async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError>;
@@ -292,6 +330,22 @@ pub trait CacheService: Send + Sync {
         owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError>;
+    /// Records a command submitted at a front door before it is queued, so
+    /// that its status is known at once; compares its payload `fingerprint`
+    /// with the one recorded for the key, if any (see [`Admission`]).
+    async fn admit(&self, key: &IdempotencyKey, fingerprint: &str)
+        -> Result<Admission, CacheError>;
+    /// Forgets an admission whose command could not be queued (only while
+    /// nothing else happened to the key).
+    async fn withdraw(&self, key: &IdempotencyKey) -> Result<(), CacheError>;
+    /// Records an invalid command with a usable key as failed, unless the
+    /// key is known; see [`InvalidVerdict`]. A later valid command with the
+    /// same key is claimed as new (an invalid command reserves nothing).
+    async fn record_invalid(
+        &self,
+        key: &IdempotencyKey,
+        record: &FailedRecord,
+    ) -> Result<InvalidVerdict, CacheError>;
     /// The status of a key, if known.
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError>;
     /// Records a delivery report for a provider message id; returns the
@@ -354,6 +408,11 @@ pub enum Outcome {
 #[async_trait]
 pub trait NotificationService: Send + Sync {
     async fn handle(&self, message: Inbound<'_>) -> Outcome;
+    /// Whether an outcome is waiting to be written to the store: the loop
+    /// then takes no new work (cheap; checked for every delivery).
+    fn holding(&self) -> bool {
+        false
+    }
     /// Whether the step can take new work: its store answers (the
     /// instance's liveness record is written) and no outcome is waiting to
     /// be recorded.

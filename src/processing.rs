@@ -157,6 +157,15 @@ impl QueueProcessingService {
                     n = current.next() => n,
                 };
                 match next {
+                    Some(Ok(mut message)) if self.notifier.holding() => {
+                        // An outcome waits for the store: write it before
+                        // anything else (a duplicate of its key would find
+                        // the key reopened).
+                        if let Err(e) = message.handle.requeue().await {
+                            warn!(error = %e, "could not requeue; the broker will");
+                        }
+                        break Stop::Pause;
+                    }
                     Some(Ok(message)) => {
                         let settler = settler.clone();
                         tasks.spawn(async move {

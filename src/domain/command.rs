@@ -171,6 +171,20 @@ struct Wire<'a> {
 }
 
 impl SendSms {
+    /// Identifies what the command asks for (not its key): two commands
+    /// with one key and different fingerprints are a reused key, not a
+    /// duplicate. Hex SHA-256 over the fields, each length-prefixed.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        let sender = self.sender_id.as_ref().map_or("", |s| s.as_str());
+        for field in [self.phone_number.as_str(), self.text.as_str(), sender] {
+            hash.update((field.len() as u64).to_be_bytes());
+            hash.update(field.as_bytes());
+        }
+        hex::encode(hash.finalize())
+    }
+
     /// Parses a command body. The caller bounds the body's size first.
     pub fn from_json(body: &[u8]) -> Result<Self, CommandError> {
         match serde_json::from_slice::<Wire>(body) {
@@ -477,5 +491,19 @@ mod tests {
             let cmd = SendSms::from_json(body.to_string().as_bytes()).unwrap();
             proptest::prop_assert_eq!(cmd.idempotency_key.as_str(), key.as_str());
         }
+    }
+
+    #[test]
+    fn the_fingerprint_tells_payloads_apart_but_not_keys() {
+        let parse = |json: &str| SendSms::from_json(json.as_bytes()).unwrap().fingerprint();
+        let a = parse(r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi"}"#);
+        let same = parse(r#"{"idempotencyKey":"k2","text":"hi","phoneNumber":"+254712345678"}"#);
+        let other = parse(r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi!"}"#);
+        let sender = parse(
+            r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","senderId":"X"}"#,
+        );
+        assert_eq!(a, same);
+        assert_ne!(a, other);
+        assert_ne!(a, sender);
     }
 }

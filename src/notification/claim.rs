@@ -10,7 +10,7 @@ use super::publish::Event;
 use super::{Attempt, Notifier};
 use crate::concurrency::Slot;
 use crate::domain::{rfc3339, CommandError, IdempotencyKey, SendSms, SmsFailed};
-use crate::ports::{Claim, Inbound, Outcome, Owner, RetryState};
+use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, Owner, RetryState};
 
 /// A returning command that finds a live holder comes back this long
 /// after the holder is due to be free.
@@ -23,7 +23,12 @@ impl Notifier {
         };
         let began = Instant::now();
         let owner = self.next_owner();
-        let claim = match self.cache.claim(&cmd.idempotency_key, &owner).await {
+        let fingerprint = cmd.fingerprint();
+        let claim = match self
+            .cache
+            .claim(&cmd.idempotency_key, &owner, &fingerprint)
+            .await
+        {
             Ok(claim) => claim,
             Err(e) => {
                 warn!(error = %e, "cannot claim key; pausing");
@@ -73,8 +78,9 @@ impl Notifier {
                 attempts,
                 first_attempt_ms,
                 takeovers,
+                took_over,
             } => {
-                if takeovers > 0 {
+                if took_over {
                     self.meters.takeovers.increment(1);
                 }
                 if takeovers > self.settings.max_takeovers {
@@ -118,9 +124,17 @@ impl Notifier {
                 // Counting the delay marks it as returning when it comes
                 // back, so it is never taken for a duplicate (and acked)
                 // while the holder might still be dead.
-                let delay = lease_left.min(holder_alive_for) + PAST_THE_HOLDER;
+                // Never past the liveness TTL, so the wait fits the
+                // shortest delay tier that covers it (a longer tier may hold
+                // the message behind longer waits); a holder still alive
+                // by a hair then costs one more round.
+                let delay = (lease_left.min(holder_alive_for) + PAST_THE_HOLDER)
+                    .min(self.settings.liveness_ttl);
                 debug!(?delay, "leased and returning; delaying past the holder");
-                let retry = one_more_delay(message.retry);
+                // Marked as returning (delays > 0), but not counted as a
+                // tier climbed: waiting for a holder is no failed attempt.
+                let mut retry = message.retry.clone();
+                retry.delays = retry.delays.max(1);
                 Outcome::Delay { delay, retry }
             }
             Claim::Busy { .. } => {
@@ -148,11 +162,11 @@ impl Notifier {
         Outcome::DeadLetter(reason)
     }
 
-    /// An invalid command. With a usable key that the store already knows
-    /// it is a bad duplicate: dead-lettered with no event, so subscribers
-    /// never see SmsFailed for a key that was sent. Otherwise it gets its
-    /// SmsFailed, with no store write (nothing was sent, and a corrected
-    /// command may reuse the key).
+    /// An invalid command with a usable key. If the store already knows
+    /// the key it is a bad duplicate: dead-lettered with no event, so
+    /// subscribers never see SmsFailed for a key that was sent. Otherwise
+    /// it is recorded as failed (the status API answers for it; a
+    /// corrected command may still reuse the key) and gets its SmsFailed.
     pub(super) async fn reject_invalid(
         &self,
         error: CommandError,
@@ -168,18 +182,26 @@ impl Notifier {
         else {
             return Outcome::DeadLetter(reason_text);
         };
-        match self.cache.status(key.as_str()).await {
-            Ok(Some(known)) => {
+        let record = FailedRecord {
+            reason,
+            detail,
+            attempts: 0,
+            failed_at: rfc3339(std::time::SystemTime::now()),
+        };
+        match self.cache.record_invalid(&key, &record).await {
+            Ok(InvalidVerdict::Known) => {
                 self.meters.duplicates.increment(1);
-                info!(reason = reason.as_str(), status = %known.status, "invalid duplicate of a known key; no event");
+                info!(
+                    reason = reason.as_str(),
+                    "invalid duplicate of a known key; no event"
+                );
                 return Outcome::DeadLetter(format!(
-                    "{reason_text} (duplicate of a {} key: no event)",
-                    known.status
+                    "{reason_text} (duplicate of a known key: no event)"
                 ));
             }
-            Ok(None) => {}
+            Ok(InvalidVerdict::Recorded | InvalidVerdict::Unpublished) => {}
             Err(e) => {
-                warn!(error = %e, "cannot look the key up; pausing");
+                warn!(error = %e, "cannot record the invalid command; pausing");
                 return Outcome::StoreUnavailable;
             }
         }
@@ -187,14 +209,17 @@ impl Notifier {
             idempotency_key: key.to_string(),
             phone_number,
             reason: reason.as_str().to_owned(),
-            detail,
+            detail: record.detail,
             attempts: 0,
-            failed_at: rfc3339(std::time::SystemTime::now()),
+            failed_at: record.failed_at,
         };
         if let Err(e) = self.events.publish_failed(&event, message.meta).await {
             warn!(error = %e, "SmsFailed for an invalid command not confirmed; will publish it again");
             return self.unpublished(&e, message.retry);
         }
+        let marker = Owner::new(self.instance(), 0);
+        self.held_write(|| self.cache.mark_published(&key, &marker))
+            .await;
         metrics::counter!("sms_failed_total", "reason" => reason.as_str()).increment(1);
         info!(reason = reason.as_str(), "invalid command");
         Outcome::Failed(reason_text)

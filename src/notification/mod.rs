@@ -238,6 +238,10 @@ impl NotificationService for Notifier {
         }
     }
 
+    fn holding(&self) -> bool {
+        self.held.load(Ordering::SeqCst) > 0
+    }
+
     async fn ready(&self) -> bool {
         // The heartbeat is the probe: a write (a replica or a full server
         // refuses it), and after an outage it makes this instance's leases

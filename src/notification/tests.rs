@@ -86,7 +86,7 @@ async fn holder(cache: &MemoryCache, key: &str, alive: Duration) -> Owner {
     cache.set_alive(&owner.instance, alive);
     let key = IdempotencyKey::parse(key).unwrap();
     assert!(matches!(
-        cache.claim(&key, &owner).await.unwrap(),
+        cache.claim(&key, &owner, "fp").await.unwrap(),
         Claim::Send { attempts: 0, .. }
     ));
     owner
@@ -184,7 +184,7 @@ async fn duplicate_command_is_acked_without_second_send() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_the_lease() {
+async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_the_holder() {
     let h = Arc::new(harness(ScriptedProvider::slow(Duration::from_secs(5))));
     let first = tokio::spawn({
         let h = h.clone();
@@ -193,12 +193,12 @@ async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_th
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.handle(&body("k1"), false).await, Outcome::Duplicate);
     // A broker redelivery, or a command back from a delay tier, may be
-    // the lease holder's own: it waits out the lease instead.
+    // the lease holder's own: it waits for the holder instead.
     let (delay, retry) = delayed(h.handle(&body("k1"), true).await);
-    assert!(delay > LEASE - Duration::from_secs(1) && delay <= LEASE + Duration::from_secs(1));
+    assert!(delay <= LIVENESS, "{delay:?}");
     // Back from the tier it is marked as returning, not a duplicate.
     let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &retry).await);
-    assert_eq!((retry.attempts, retry.delays), (0, 2));
+    assert_eq!((retry.attempts, retry.delays), (0, 1));
     let back = RetryState {
         attempts: 1,
         delays: 1,
@@ -209,7 +209,7 @@ async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_th
         retry.attempts, back.attempts,
         "waiting for a lease makes no attempt"
     );
-    assert_eq!(retry.delays, back.delays + 1);
+    assert_eq!(retry.delays, back.delays, "and climbs no tier");
     assert_eq!(first.await.unwrap(), Outcome::Sent);
     assert_eq!(h.provider.calls(), 1);
     assert_eq!(h.events.sent().len(), 1);
@@ -278,9 +278,23 @@ async fn a_crashed_holders_key_is_taken_over_once_its_liveness_record_expires_no
 async fn a_live_but_slow_holder_keeps_the_key_for_its_whole_lease() {
     let h = harness(ScriptedProvider::new(vec![]));
     holder(&h.cache, "k1", Duration::from_secs(86_400)).await;
-    let (delay, _) = delayed(h.handle(&body("k1"), true).await);
-    assert!(delay > LEASE - Duration::from_secs(1), "{delay:?}");
-    assert_eq!(h.provider.calls(), 0);
+    let mut retry = RetryState::default();
+    let mut waited = Duration::ZERO;
+    while waited < LEASE - LIVENESS {
+        let (delay, back) = delayed(h.handle_retry(&body("k1"), true, &retry).await);
+        assert!(
+            delay <= LIVENESS,
+            "one round waits at most the liveness TTL: {delay:?}"
+        );
+        assert_eq!(back.delays, 1, "waiting for a holder climbs no tier");
+        tokio::time::advance(delay).await;
+        (waited, retry) = (waited + delay, back);
+    }
+    assert_eq!(
+        h.provider.calls(),
+        0,
+        "sent while a live holder had the lease"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -780,7 +794,7 @@ async fn malformed_bodies_are_dead_lettered_without_events() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn invalid_commands_get_sms_failed_and_touch_neither_provider_nor_store() {
+async fn invalid_commands_get_sms_failed_a_failed_status_and_no_provider_call() {
     let h = harness(ScriptedProvider::new(vec![]));
     let bad = br#"{"idempotencyKey":"k9","phoneNumber":"12","text":"hi"}"#;
     match h.handle(bad, false).await {
@@ -788,10 +802,17 @@ async fn invalid_commands_get_sms_failed_and_touch_neither_provider_nor_store() 
         other => panic!("{other:?}"),
     }
     assert_eq!(h.events.failed()[0].reason, "invalid_phone_number");
-    assert_eq!(h.cache.status_of("k9"), None);
+    assert_eq!(h.cache.status_of("k9"), Some(("failed".into(), true, 0)));
+    assert_eq!(h.provider.calls(), 0);
+    // The same mistake again: one SmsFailed per key.
+    assert!(matches!(h.handle(bad, false).await, Outcome::DeadLetter(_)));
+    assert_eq!(h.events.failed().len(), 1);
+    // The corrected command reuses the key.
+    assert_eq!(h.handle(&body("k9"), false).await, Outcome::Sent);
     h.events.down.store(true, SeqCst);
+    let other = br#"{"idempotencyKey":"k10","phoneNumber":"12","text":"hi"}"#;
     assert!(
-        matches!(h.handle(bad, false).await, Outcome::RetryAfter(_)),
+        matches!(h.handle(other, false).await, Outcome::RetryAfter(_)),
         "event must be confirmed"
     );
 }
@@ -804,7 +825,7 @@ async fn an_invalid_duplicate_of_a_known_key_publishes_nothing() {
     match h.handle(bad, false).await {
         Outcome::DeadLetter(reason) => {
             assert!(reason.starts_with("invalid_phone_number"), "{reason}");
-            assert!(reason.contains("duplicate of a sent key"), "{reason}");
+            assert!(reason.contains("duplicate of a known key"), "{reason}");
         }
         other => panic!("{other:?}"),
     }

@@ -28,6 +28,10 @@ struct Entry {
     takeovers: u32,
     sent: Option<SentRecord>,
     failed: Option<FailedRecord>,
+    /// The payload the key was first seen with.
+    fingerprint: Option<String>,
+    /// Failed as an invalid command: reserves nothing.
+    invalid: bool,
 }
 
 /// The idempotency store in memory: the same state machine as the Redis
@@ -126,26 +130,31 @@ fn epoch_ms() -> u64 {
 
 #[async_trait]
 impl CacheService for MemoryCache {
-    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError> {
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        fingerprint: &str,
+    ) -> Result<Claim, CacheError> {
         self.check()?;
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
-        let entry = entries.entry(key.to_string()).or_insert_with(|| Entry {
-            status: "new".into(),
-            ..Entry::default()
-        });
-        if entry.status == "new" {
+        let entry = entries.entry(key.to_string()).or_default();
+        if matches!(entry.status.as_str(), "" | "accepted") || entry.invalid {
+            let admitted = entry.fingerprint.take().filter(|_| !entry.invalid);
             *entry = Entry {
                 status: "processing".into(),
                 lease: Some((owner.clone(), now + self.lease)),
                 attempts: 1,
                 first_attempt_ms: epoch_ms(),
+                fingerprint: Some(admitted.unwrap_or_else(|| fingerprint.to_owned())),
                 ..Entry::default()
             };
             return Ok(Claim::Send {
                 attempts: 0,
                 first_attempt_ms: entry.first_attempt_ms,
                 takeovers: 0,
+                took_over: false,
             });
         }
         let terminal = !matches!(entry.status.as_str(), "processing" | "retrying");
@@ -155,6 +164,7 @@ impl CacheService for MemoryCache {
                 _ => Claim::AlreadySent,
             });
         }
+        let mut took_over = false;
         match entry.lease.clone() {
             Some((holder, until)) if holder.id == owner.id => {
                 entry.lease = Some((holder, now + self.lease));
@@ -163,6 +173,7 @@ impl CacheService for MemoryCache {
                         attempts: entry.attempts.saturating_sub(1),
                         first_attempt_ms: entry.first_attempt_ms,
                         takeovers: entry.takeovers,
+                        took_over: false,
                     });
                 }
                 let _ = until;
@@ -177,6 +188,7 @@ impl CacheService for MemoryCache {
                     }
                 }
                 entry.takeovers += 1;
+                took_over = true;
                 entry.lease = Some((owner.clone(), now + self.lease));
             }
             None => entry.lease = Some((owner.clone(), now + self.lease)),
@@ -195,6 +207,7 @@ impl CacheService for MemoryCache {
                     attempts: before,
                     first_attempt_ms: entry.first_attempt_ms,
                     takeovers: entry.takeovers,
+                    took_over,
                 }
             }
         })
@@ -266,21 +279,81 @@ impl CacheService for MemoryCache {
         Ok(())
     }
 
+    async fn admit(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+    ) -> Result<Admission, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        if entry.status.is_empty() || entry.invalid {
+            *entry = Entry {
+                status: "accepted".into(),
+                fingerprint: Some(fingerprint.to_owned()),
+                ..Entry::default()
+            };
+            return Ok(Admission::New);
+        }
+        Ok(match &entry.fingerprint {
+            Some(known) if known != fingerprint => Admission::Conflict,
+            _ => Admission::Same,
+        })
+    }
+
+    async fn withdraw(&self, key: &IdempotencyKey) -> Result<(), CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        if entries
+            .get(key.as_str())
+            .is_some_and(|e| e.status == "accepted")
+        {
+            entries.remove(key.as_str());
+        }
+        Ok(())
+    }
+
+    async fn record_invalid(
+        &self,
+        key: &IdempotencyKey,
+        record: &FailedRecord,
+    ) -> Result<InvalidVerdict, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        if matches!(entry.status.as_str(), "" | "accepted") {
+            *entry = Entry {
+                status: "failed".into(),
+                failed: Some(record.clone()),
+                invalid: true,
+                ..Entry::default()
+            };
+            return Ok(InvalidVerdict::Recorded);
+        }
+        Ok(if entry.invalid && !entry.published {
+            InvalidVerdict::Unpublished
+        } else {
+            InvalidVerdict::Known
+        })
+    }
+
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError> {
         self.check()?;
         let entries = self.entries.lock().unwrap();
-        Ok(entries
-            .get(key)
-            .filter(|e| !e.status.is_empty())
-            .map(|e| MessageStatus {
+        Ok(entries.get(key).filter(|e| !e.status.is_empty()).map(|e| {
+            let failed = e.failed.as_ref().filter(|_| e.status == "failed");
+            MessageStatus {
                 status: match e.status.as_str() {
-                    "retrying" => "processing".into(),
+                    "retrying" | "accepted" => "processing".into(),
                     other => other.into(),
                 },
                 provider_message_id: e.sent.as_ref().map(|s| s.provider_message_id.clone()),
                 attempts: e.attempts,
                 updated_at: String::new(),
-            }))
+                reason: failed.map(|f| f.reason.as_str().to_owned()),
+                detail: failed.map(|f| f.detail.clone()),
+            }
+        }))
     }
 
     async fn record_delivery(

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use crate::domain::{FailureReason, IdempotencyKey};
-use crate::ports::{CacheService, Claim, FailedRecord, Owner, Recorded, SentRecord};
+use crate::ports::{
+    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, Recorded, SentRecord,
+};
 
 /// Runs every case; panics naming the first that fails.
 pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
@@ -37,6 +39,12 @@ pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
     c.the_claim_counts_the_call_about_to_be_made().await;
     c.renew_extends_the_holders_lease_only().await;
     c.status_follows_the_key().await;
+    c.an_admitted_key_is_processing_and_new_to_its_claim().await;
+    c.a_reused_key_with_another_payload_conflicts().await;
+    c.a_withdrawn_admission_is_forgotten_but_nothing_else_is()
+        .await;
+    c.an_invalid_command_is_failed_but_reserves_nothing().await;
+    c.an_invalid_copy_of_a_known_key_is_a_duplicate().await;
 }
 
 struct Case<'a> {
@@ -87,7 +95,7 @@ impl Case<'_> {
     }
 
     async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Claim {
-        self.store.claim(key, owner).await.unwrap()
+        self.store.claim(key, owner, "fp-1").await.unwrap()
     }
 
     async fn outlive_the_lease(&self) {
@@ -101,6 +109,7 @@ impl Case<'_> {
             Claim::Send {
                 attempts: 0,
                 takeovers: 0,
+                took_over: false,
                 first_attempt_ms,
             } => assert!(first_attempt_ms > 0, "new: first attempt time kept"),
             other => panic!("new: {other:?}"),
@@ -150,6 +159,7 @@ impl Case<'_> {
             Claim::Send {
                 attempts: 1,
                 takeovers: 1,
+                took_over: true,
                 ..
             } => {}
             other => panic!("expired: {other:?}"),
@@ -353,5 +363,136 @@ impl Case<'_> {
             ),
             ("sent", Some("m-1"))
         );
+    }
+
+    async fn an_admitted_key_is_processing_and_new_to_its_claim(&self) {
+        let key = self.key("admitted");
+        assert_eq!(
+            self.store.admit(&key, "fp-1").await.unwrap(),
+            Admission::New
+        );
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!((status.status.as_str(), status.attempts), ("processing", 0));
+        assert_eq!(
+            self.store.admit(&key, "fp-1").await.unwrap(),
+            Admission::Same
+        );
+        let a = self.live("a", 1).await;
+        assert!(
+            matches!(
+                self.claim(&key, &a).await,
+                Claim::Send {
+                    attempts: 0,
+                    takeovers: 0,
+                    ..
+                }
+            ),
+            "admitted: the claim is the first"
+        );
+    }
+
+    async fn a_reused_key_with_another_payload_conflicts(&self) {
+        let key = self.key("reused");
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await; // with fingerprint fp-1
+        assert_eq!(
+            self.store.admit(&key, "fp-2").await.unwrap(),
+            Admission::Conflict
+        );
+        assert_eq!(
+            self.store.admit(&key, "fp-1").await.unwrap(),
+            Admission::Same
+        );
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        self.store.mark_published(&key, &a).await.unwrap();
+        assert_eq!(
+            self.store.admit(&key, "fp-2").await.unwrap(),
+            Admission::Conflict
+        );
+    }
+
+    async fn a_withdrawn_admission_is_forgotten_but_nothing_else_is(&self) {
+        let key = self.key("withdrawn");
+        self.store.admit(&key, "fp-1").await.unwrap();
+        self.store.withdraw(&key).await.unwrap();
+        assert_eq!(self.store.status(key.as_str()).await.unwrap(), None);
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        self.store.withdraw(&key).await.unwrap();
+        assert!(
+            self.store.status(key.as_str()).await.unwrap().is_some(),
+            "withdraw touched a claimed key"
+        );
+    }
+
+    async fn an_invalid_command_is_failed_but_reserves_nothing(&self) {
+        let key = self.key("invalid");
+        let bad = FailedRecord {
+            reason: FailureReason::InvalidPhoneNumber,
+            detail: "phoneNumber must be E.164".into(),
+            attempts: 0,
+            failed_at: "2026-12-01T10:00:00Z".into(),
+        };
+        let store = self.store;
+        assert_eq!(
+            store.record_invalid(&key, &bad).await.unwrap(),
+            InvalidVerdict::Recorded
+        );
+        let status = store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                status.status.as_str(),
+                status.reason.as_deref(),
+                status.detail.as_deref()
+            ),
+            (
+                "failed",
+                Some("invalid_phone_number"),
+                Some("phoneNumber must be E.164")
+            )
+        );
+        // Its SmsFailed not confirmed yet: the next copy publishes it.
+        assert_eq!(
+            store.record_invalid(&key, &bad).await.unwrap(),
+            InvalidVerdict::Unpublished
+        );
+        store
+            .mark_published(&key, &self.dead("x", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.record_invalid(&key, &bad).await.unwrap(),
+            InvalidVerdict::Known
+        );
+        // A corrected command may reuse the key.
+        let a = self.live("a", 1).await;
+        assert!(
+            matches!(self.claim(&key, &a).await, Claim::Send { attempts: 0, .. }),
+            "invalid: the key is new to a valid command"
+        );
+        let status = store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (status.status.as_str(), status.reason),
+            ("processing", None)
+        );
+    }
+
+    async fn an_invalid_copy_of_a_known_key_is_a_duplicate(&self) {
+        let key = self.key("invalid-copy");
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        assert_eq!(
+            self.store.record_invalid(&key, &failed()).await.unwrap(),
+            InvalidVerdict::Known,
+            "in work"
+        );
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        self.store.mark_published(&key, &a).await.unwrap();
+        assert_eq!(
+            self.store.record_invalid(&key, &failed()).await.unwrap(),
+            InvalidVerdict::Known,
+            "sent"
+        );
+        assert_eq!(self.claim(&key, &a).await, Claim::AlreadySent);
     }
 }

@@ -729,3 +729,58 @@ async fn the_send_limit_climbs_from_its_floor_to_keep_a_slow_provider_busy() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_status_api_knows_a_message_from_the_moment_it_is_accepted_and_refuses_a_reused_key() {
+    let mut app = spawn_app().await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "slow-1"}))
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    let url = format!("{}/v1/messages", app.base_url);
+    let submit = |text: &'static str| {
+        app.http
+            .post(&url)
+            .json(
+                &json!({"idempotencyKey": "door-1", "phoneNumber": "+254712345678", "text": text}),
+            )
+            .send()
+    };
+    assert_eq!(submit("hello").await.unwrap().status(), 202);
+    let (status, body) = app.get_json("/v1/messages/door-1").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("processing")),
+        "{body}"
+    );
+    // The same key for another message: refused, with what the key holds.
+    let reused = submit("another text").await.unwrap();
+    assert_eq!(reused.status(), 409);
+    let body: serde_json::Value = reused.json().await.unwrap();
+    assert_eq!(body["error"], "idempotency_key_reused");
+    assert_eq!(body["idempotencyKey"], "door-1");
+    assert!(body["status"].is_string(), "{body}");
+    // The same message again is a harmless duplicate.
+    assert_eq!(submit("hello").await.unwrap().status(), 202);
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    let (_, body) = app.get_json("/v1/messages/door-1").await;
+    assert_eq!(body["status"], "sent");
+    assert!(app.broker.sent(1, QUIET).await.is_empty(), "one SmsSent");
+
+    // An invalid command's SmsFailed and its status agree.
+    app.publish(br#"{"idempotencyKey":"bad-door","phoneNumber":"+2547bad","text":"x"}"#)
+        .await;
+    assert_eq!(app.broker.failed(1, WAIT).await.len(), 1);
+    let (status, body) = app.get_json("/v1/messages/bad-door").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["reason"], "invalid_phone_number");
+    assert!(body["detail"].is_string(), "{body}");
+    app.cleanup().await;
+}

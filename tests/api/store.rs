@@ -42,7 +42,7 @@ async fn every_granted_claim_refreshes_the_keys_ttl() {
         .heartbeat(&owner.instance, Duration::from_secs(60))
         .await
         .unwrap();
-    store.claim(&key, &owner).await.unwrap();
+    store.claim(&key, &owner, "fp").await.unwrap();
     let msg = format!("{}:msg:ttl", names.key_prefix);
     let mut redis = redis_connection().await;
     // As if the key had been waiting in delay tiers for most of a day.
@@ -55,7 +55,7 @@ async fn every_granted_claim_refreshes_the_keys_ttl() {
     store.release(&key, &owner, 1).await.unwrap();
     assert!(matches!(
         store
-            .claim(&key, &Owner::new("ttlinstance", 2))
+            .claim(&key, &Owner::new("ttlinstance", 2), "fp")
             .await
             .unwrap(),
         Claim::Send { attempts: 1, .. }

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CommandError, SendSms};
-use crate::ports::{CacheService, EventBus, EventMeta, QueueClient};
+use crate::ports::{Admission, CacheService, EventBus, EventMeta, MessageStatus, QueueClient};
 use crate::processing::Consuming;
 
 /// What the handlers share.
@@ -117,14 +117,7 @@ async fn status(State(state): State<HttpState>, Path(key): Path<String>) -> Resp
         );
     }
     match state.cache.status(&key).await {
-        Ok(Some(s)) => Json(json!({
-            "idempotencyKey": key,
-            "status": s.status,
-            "providerMessageId": s.provider_message_id,
-            "attempts": s.attempts,
-            "updatedAt": s.updated_at,
-        }))
-        .into_response(),
+        Ok(Some(s)) => Json(status_document(&key, &s)).into_response(),
         Ok(None) => problem(
             StatusCode::NOT_FOUND,
             "unknown_key",
@@ -159,16 +152,61 @@ async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes)
         correlation_id: text_header("x-correlation-id"),
         traceparent: text_header("traceparent"),
     };
+    let key = &command.idempotency_key;
+    // Known from this moment: the status route answers for it at once, and
+    // a reused key with another payload is refused before it is queued.
+    let admission = match state.cache.admit(key, &command.fingerprint()).await {
+        Ok(admission) => admission,
+        Err(e) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            )
+        }
+    };
+    if admission == Admission::Conflict {
+        let mut answer = match state.cache.status(key.as_str()).await {
+            Ok(Some(known)) => status_document(key.as_str(), &known),
+            _ => json!({"idempotencyKey": key.as_str()}),
+        };
+        answer["error"] = json!("idempotency_key_reused");
+        answer["detail"] = json!("this key was used for another message");
+        return (StatusCode::CONFLICT, Json(answer)).into_response();
+    }
     match state.queue.publish_command(&body, &meta).await {
         Ok(()) => (
             StatusCode::ACCEPTED,
-            Json(json!({"idempotencyKey": command.idempotency_key.as_str()})),
+            Json(json!({"idempotencyKey": key.as_str()})),
         )
             .into_response(),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => {
+            if admission == Admission::New {
+                // Not queued: the key is not taken. If this fails too the
+                // status says `processing` until the client retries.
+                let _ = state.cache.withdraw(key).await;
+            }
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                e.to_string(),
+            )
+        }
     }
+}
+
+/// The status document of a key, as the status route answers it.
+fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
+    let mut doc = json!({
+        "idempotencyKey": key,
+        "status": s.status,
+        "providerMessageId": s.provider_message_id,
+        "attempts": s.attempts,
+        "updatedAt": s.updated_at,
+    });
+    if let Some(reason) = &s.reason {
+        doc["reason"] = json!(reason);
+        doc["detail"] = json!(s.detail);
+    }
+    doc
 }

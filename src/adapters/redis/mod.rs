@@ -29,13 +29,17 @@ use tokio::sync::OnceCell;
 use crate::config::RedisSettings;
 use crate::domain::{rfc3339, DeliveryStatus, FailureReason, IdempotencyKey};
 use crate::ports::{
-    CacheError, CacheService, Claim, FailedRecord, MessageStatus, Owner, Recorded, SentRecord,
+    Admission, CacheError, CacheService, Claim, FailedRecord, InvalidVerdict, MessageStatus, Owner,
+    Recorded, SentRecord,
 };
 
 mod scripts;
 
 struct Scripts {
     claim: Script,
+    admit: Script,
+    withdraw: Script,
+    record_invalid: Script,
     renew: Script,
     record_sent: Script,
     record_failed: Script,
@@ -77,6 +81,9 @@ impl RedisStore {
             lease_ms: settings.lease_ms,
             scripts: Scripts {
                 claim: Script::new(scripts::CLAIM),
+                admit: Script::new(scripts::ADMIT),
+                withdraw: Script::new(scripts::WITHDRAW),
+                record_invalid: Script::new(scripts::RECORD_INVALID),
                 renew: Script::new(scripts::RENEW),
                 record_sent: Script::new(&scripts::record_sent()),
                 record_failed: Script::new(&scripts::record_failed()),
@@ -230,7 +237,12 @@ fn recorded(written: i64) -> Recorded {
 
 #[async_trait]
 impl CacheService for RedisStore {
-    async fn claim(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Claim, CacheError> {
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        fingerprint: &str,
+    ) -> Result<Claim, CacheError> {
         let msg = self.msg_key(key.as_str());
         let (lease, ttl, now) = (self.lease_ms.to_string(), self.ttl_secs.to_string(), now());
         let alive = self.alive_key("");
@@ -241,6 +253,7 @@ impl CacheService for RedisStore {
             &ttl,
             &now,
             &alive,
+            fingerprint,
         ];
         let reply: Vec<Value> = self.run(&self.scripts.claim, &[&msg], &args).await?;
         let verdict = reply.first().and_then(text).unwrap_or_default();
@@ -257,11 +270,13 @@ impl CacheService for RedisStore {
                 attempts: 0,
                 first_attempt_ms: first_attempt_ms(1),
                 takeovers: 0,
+                took_over: false,
             },
             ("send", _) => Claim::Send {
                 attempts: count(reply.get(1)),
                 first_attempt_ms: first_attempt_ms(2),
                 takeovers: count(reply.get(3)),
+                took_over: count(reply.get(4)) == 1,
             },
             ("busy", _) => Claim::Busy {
                 lease_left: millis(reply.get(1), self.lease_ms),
@@ -366,6 +381,48 @@ impl CacheService for RedisStore {
         .map(drop)
     }
 
+    async fn admit(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+    ) -> Result<Admission, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let (ttl, now) = (self.ttl_secs.to_string(), now());
+        let verdict: String = self
+            .run(&self.scripts.admit, &[&msg], &[fingerprint, &ttl, &now])
+            .await?;
+        Ok(match verdict.as_str() {
+            "new" => Admission::New,
+            "conflict" => Admission::Conflict,
+            _ => Admission::Same,
+        })
+    }
+
+    async fn withdraw(&self, key: &IdempotencyKey) -> Result<(), CacheError> {
+        let msg = self.msg_key(key.as_str());
+        self.run::<i64>(&self.scripts.withdraw, &[&msg], &[])
+            .await
+            .map(drop)
+    }
+
+    async fn record_invalid(
+        &self,
+        key: &IdempotencyKey,
+        r: &FailedRecord,
+    ) -> Result<InvalidVerdict, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let ttl = self.ttl_secs.to_string();
+        let args = [r.reason.as_str(), &r.detail, &r.failed_at, &ttl];
+        let verdict: String = self
+            .run(&self.scripts.record_invalid, &[&msg], &args)
+            .await?;
+        Ok(match verdict.as_str() {
+            "recorded" => InvalidVerdict::Recorded,
+            "unpublished" => InvalidVerdict::Unpublished,
+            _ => InvalidVerdict::Known,
+        })
+    }
+
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError> {
         let mut pipe = redis::pipe();
         pipe.hgetall(self.msg_key(key));
@@ -374,17 +431,17 @@ impl CacheService for RedisStore {
             return Ok(None);
         }
         let status = match field(&f, "status").as_str() {
-            "retrying" => "processing".to_owned(),
+            "retrying" | "accepted" | "" => "processing".to_owned(),
             other => other.to_owned(),
         };
+        let present = |name: &str| f.get(name).filter(|v| !v.is_empty()).cloned();
         Ok(Some(MessageStatus {
-            status,
-            provider_message_id: f
-                .get("provider_message_id")
-                .filter(|v| !v.is_empty())
-                .cloned(),
+            provider_message_id: present("provider_message_id"),
             attempts: number(&f, "attempts"),
             updated_at: field(&f, "updated_at"),
+            reason: present("reason").filter(|_| status == "failed"),
+            detail: present("detail").filter(|_| status == "failed"),
+            status,
         }))
     }
 

@@ -2,10 +2,11 @@
 //! so a transition is one round trip and never interleaves with another.
 //! Times come from the Redis clock (`TIME`), never from an instance's.
 
-/// `claim(key; owner, instance, lease_ms, ttl_secs, now, alive_prefix)`.
+/// `claim(key; owner, instance, lease_ms, ttl_secs, now, alive_prefix,
+/// fingerprint)`.
 ///
 /// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
-/// takeovers}`, `{'claimed', fields...}` (an outcome to publish),
+/// takeovers, took_over}`, `{'claimed', fields...}` (an outcome to publish),
 /// `{'done'}` / `{'done', fields...}` (failed), or
 /// `{'busy', lease_left_ms, holder_alive_ms}`.
 ///
@@ -20,12 +21,21 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = tostring(now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
-  'attempts', 'first_attempt_ms', 'takeovers')
+  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint')
 local status = h[1]
+-- Admitted at a front door, or failed as an invalid command: nothing was
+-- sent, so the key is new to a valid command.
+local fingerprint = h[10] or ARGV[7]
+if status == 'accepted' or (status == 'failed' and h[9] == '1') then
+  if status == 'failed' then fingerprint = ARGV[7] end
+  redis.call('HDEL', KEYS[1], 'reason', 'detail', 'failed_at', 'invalid')
+  status = nil
+end
 if not status then
   redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', '1', 'published', '0',
     'owner', ARGV[1], 'holder', ARGV[2], 'lease_until', lease_until,
-    'first_attempt_ms', tostring(now), 'takeovers', '0', 'updated_at', ARGV[5])
+    'first_attempt_ms', tostring(now), 'takeovers', '0', 'updated_at', ARGV[5],
+    'fingerprint', fingerprint)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   return {'new', tostring(now)}
 end
@@ -38,6 +48,7 @@ end
 local attempts = tonumber(h[6] or '0') or 0
 local first = h[7] or tostring(now)
 local takeovers = tonumber(h[8] or '0') or 0
+local takeover = 0
 if h[4] == ARGV[1] then
   -- This very claim, retried after a lost reply: granted again, counted once.
   redis.call('HSET', KEYS[1], 'lease_until', lease_until)
@@ -57,6 +68,7 @@ if h[4] then
     end
   end
   takeovers = takeovers + 1
+  takeover = 1
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'lease_until', lease_until,
   'takeovers', tostring(takeovers), 'updated_at', ARGV[5])
@@ -64,7 +76,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 if status == 'processing' or status == 'retrying' then
   redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', tostring(attempts + 1),
     'first_attempt_ms', first)
-  return {'send', tostring(attempts), first, tostring(takeovers)}
+  return {'send', tostring(attempts), first, tostring(takeovers), tostring(takeover)}
 end
 return {'claimed', redis.call('HGETALL', KEYS[1])}
 "#;
@@ -148,4 +160,43 @@ if status == 'sent' or status == 'delivered' or status == 'undelivered' then
   redis.call('HSET', msg, 'status', ARGV[2], 'updated_at', ARGV[3], 'error_code', ARGV[4])
 end
 return key
+"#;
+
+/// `admit(key; fingerprint, ttl_secs, now)`: `new` (recorded as
+/// `accepted`), `same`, or `conflict` (another payload holds the key).
+pub const ADMIT: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'invalid')
+if not h[1] or (h[1] == 'failed' and h[3] == '1') then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'status', 'accepted', 'attempts', '0', 'published', '0',
+    'fingerprint', ARGV[1], 'updated_at', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 'new'
+end
+if h[2] and h[2] ~= ARGV[1] then return 'conflict' end
+return 'same'
+"#;
+
+/// `withdraw(key)`: forgets an admission nothing else touched.
+pub const WITHDRAW: &str = r#"
+if redis.call('HGET', KEYS[1], 'status') == 'accepted' then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"#;
+
+/// `record_invalid(key; reason, detail, failed_at, ttl_secs)`: `recorded`,
+/// `unpublished` (an invalid command's SmsFailed still to confirm), or
+/// `known`.
+pub const RECORD_INVALID: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'invalid', 'published')
+if not h[1] or h[1] == 'accepted' then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'invalid', '1', 'published', '0',
+    'reason', ARGV[1], 'detail', ARGV[2], 'attempts', '0', 'failed_at', ARGV[3],
+    'updated_at', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return 'recorded'
+end
+if h[1] == 'failed' and h[2] == '1' and h[3] ~= '1' then return 'unpublished' end
+return 'known'
 "#;
