@@ -228,6 +228,16 @@ mod tests {
     }
 
     #[test]
+    fn the_signed_example_of_the_reference_verifies() {
+        // docs/reference.md, section 7.6: secret s3cret, 2026-11-22T10:00:00Z.
+        let body = br#"{"id":"fake-17","status":"delivered"}"#;
+        let signature = "sha256=8494982b539c8932521d8dacacca46dcc767843a3b44f68325a5bc20f1e5f54b";
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_341_600 + 60);
+        let checked = verify_signature(b"s3cret", Some("1795341600"), body, Some(signature), now);
+        assert_eq!(checked, Ok(()));
+    }
+
+    #[test]
     fn signed_reports_are_accepted_only_within_five_minutes_either_way() {
         for (at, fresh) in [
             (NOW - 300, true),
