@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::adapters::http::{self, HttpState};
+use crate::adapters::http::{self, ApiAccess, HttpState};
 use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
 use crate::config::{configured, Settings};
@@ -86,7 +86,15 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
             .map(|s| s.to_owned().into()),
         provider: provider_name,
         max_body_bytes: settings.http.max_body_bytes,
+        api_access: ApiAccess::new(&settings.http.api_keys, &settings.http.bind),
     };
+    if matches!(state.api_access, ApiAccess::Closed) {
+        warn!(
+            bind = %settings.http.bind,
+            "no http.api_keys configured and http.bind is not loopback: \
+             POST /v1/messages and GET /v1/messages/{{key}} answer 401 to everyone"
+        );
+    }
     let shutdown = CancellationToken::new();
     let http_shutdown = CancellationToken::new();
     tokio::spawn(crate::telemetry::metrics_upkeep(

@@ -104,6 +104,10 @@ pub struct ProcessingConfig {
 pub struct HttpSettings {
     pub bind: String,
     pub max_body_bytes: usize,
+    /// Bearer keys that open the message routes; empty leaves them open
+    /// on a loopback bind only (see `adapters::http::auth`).
+    #[serde(deserialize_with = "secret_list")]
+    pub api_keys: Vec<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +157,31 @@ fn number_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
     }
 }
 
+/// A list of secrets from a TOML array, or from an environment variable as
+/// comma-separated text (`key1,key2`; blanks around each key are dropped,
+/// and an empty variable is an empty list). Errors never echo a value.
+fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    let raw = Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("not a list of keys (nor comma-separated text)"))?;
+    Ok(match raw {
+        Raw::List(list) => list.into_iter().map(SecretString::from).collect(),
+        Raw::Text(text) if text.trim().is_empty() => Vec::new(),
+        Raw::Text(text) => text
+            .split(',')
+            .map(|part| SecretString::from(part.trim()))
+            .collect(),
+    })
+}
+
+/// The shortest API key accepted: a guessable key is no lock.
+pub const MIN_API_KEY_LEN: usize = 16;
+
 impl Settings {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -195,6 +224,23 @@ impl Settings {
         )?;
         if self.http.bind.parse::<SocketAddr>().is_err() {
             return bad("http.bind", "must be an address like 127.0.0.1:8080");
+        }
+        // Name the key by its position: its value is a secret.
+        for (i, key) in self.http.api_keys.iter().enumerate() {
+            let key = key.expose_secret();
+            let name = format!("http.api_keys[{i}]");
+            if key.is_empty() {
+                return bad(&name, "is empty (a stray comma?)");
+            }
+            if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(&name, "must be printable ASCII without spaces");
+            }
+            if key.len() < MIN_API_KEY_LEN {
+                return bad(
+                    &name,
+                    &format!("must be at least {MIN_API_KEY_LEN} characters"),
+                );
+            }
         }
         for (key, name) in [
             ("amqp.command_queue", &self.amqp.command_queue),
@@ -689,6 +735,44 @@ mod tests {
         }
         let fine = load(&[("SMS__PROVIDER__TOKEN", "AbC-123._~+/xyz==")]).unwrap();
         assert_eq!(configured(&fine.provider.token), Some("AbC-123._~+/xyz=="));
+    }
+
+    #[test]
+    fn api_keys_come_from_a_comma_separated_environment_variable() {
+        let first = "a".repeat(16);
+        let second = format!("b-{}", "x".repeat(30));
+        let s = load(&[("SMS__HTTP__API_KEYS", &format!("{first}, {second}"))]).unwrap();
+        let keys: Vec<&str> = s.http.api_keys.iter().map(|k| k.expose_secret()).collect();
+        assert_eq!(keys, [first.as_str(), second.as_str()]);
+        let one = load(&[("SMS__HTTP__API_KEYS", &first)]).unwrap();
+        assert_eq!(one.http.api_keys.len(), 1);
+        for empty in ["", " "] {
+            let none = load(&[("SMS__HTTP__API_KEYS", empty)]).unwrap();
+            assert!(none.http.api_keys.is_empty(), "{empty:?}");
+        }
+        assert!(
+            load(&[]).unwrap().http.api_keys.is_empty(),
+            "none by default"
+        );
+    }
+
+    #[test]
+    fn short_empty_or_spaced_api_keys_are_refused_without_echoing_them() {
+        let good = "g".repeat(16);
+        for (value, key) in [
+            ("short-key-15chr".to_owned(), "http.api_keys[0]"),
+            (format!("{good},"), "http.api_keys[1]"),
+            (format!("{good},,{good}"), "http.api_keys[1]"),
+            (format!("{good},has a space in it!!"), "http.api_keys[1]"),
+        ] {
+            let err = load(&[("SMS__HTTP__API_KEYS", &value)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{value}: {err}");
+            for part in value.split(',').filter(|p| !p.is_empty()) {
+                assert!(!err.contains(part), "the key leaked: {err}");
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Delivery-report callbacks from the provider. When a callback secret is
-//! configured, the body must be signed: header `X-Signature:
-//! sha256=<hex HMAC-SHA256 of the raw body>`, compared in constant time.
+//! configured, each report must be signed and fresh: header `X-Timestamp`
+//! (Unix seconds) within [`REPLAY_WINDOW`] of now, either direction, and
+//! `X-Signature: sha256=<hex HMAC-SHA256 of "<X-Timestamp>.<raw body>">`,
+//! compared in constant time. The timestamp is inside the signature, so a
+//! captured report cannot be replayed after the window with a new one.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -15,6 +20,9 @@ use tracing::{info, warn};
 use super::{problem, HttpState};
 use crate::domain::{rfc3339, DeliveryReport, DeliveryStatus};
 
+/// How far a signed report's `X-Timestamp` may be from now, either way.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(5 * 60);
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Callback {
@@ -23,17 +31,49 @@ struct Callback {
     error_code: Option<String>,
 }
 
-/// Whether `signature` (`sha256=<hex>`) is the HMAC of `body` under `secret`.
-pub fn signature_valid(secret: &[u8], body: &[u8], signature: Option<&str>) -> bool {
-    let Some(hex_digest) = signature.and_then(|s| s.strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Ok(expected) = hex::decode(hex_digest.trim()) else {
-        return false;
-    };
+/// Why a signed report was refused; the text is the 401's detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("X-Timestamp is missing or not Unix seconds")]
+    BadTimestamp,
+    #[error("X-Signature does not match")]
+    BadSignature,
+    #[error("X-Timestamp is more than 5 minutes from now")]
+    Stale,
+}
+
+/// Checks a report's `X-Timestamp` and `X-Signature` (`sha256=<hex>`)
+/// against `body` under `secret`, at `now`.
+pub fn verify_signature(
+    secret: &[u8],
+    timestamp: Option<&str>,
+    body: &[u8],
+    signature: Option<&str>,
+    now: SystemTime,
+) -> Result<(), SignatureError> {
+    let timestamp = timestamp
+        .map(str::trim)
+        .filter(|t| (1..=12).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or(SignatureError::BadTimestamp)?;
+    let expected = signature
+        .and_then(|s| s.trim().strip_prefix("sha256="))
+        .and_then(|hex_digest| hex::decode(hex_digest).ok())
+        .ok_or(SignatureError::BadSignature)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    // verify_slice compares in constant time.
+    mac.verify_slice(&expected)
+        .map_err(|_| SignatureError::BadSignature)?;
+    let signed_at: u64 = timestamp
+        .parse()
+        .map_err(|_| SignatureError::BadTimestamp)?;
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    if now.abs_diff(signed_at) > REPLAY_WINDOW.as_secs() {
+        return Err(SignatureError::Stale);
+    }
+    Ok(())
 }
 
 pub async fn delivery_report(
@@ -42,14 +82,16 @@ pub async fn delivery_report(
     body: Bytes,
 ) -> Response {
     if let Some(secret) = &state.callback_secret {
-        let signature = headers.get("x-signature").and_then(|v| v.to_str().ok());
-        if !signature_valid(secret.expose_secret().as_bytes(), &body, signature) {
-            warn!("delivery report with a missing or bad signature refused");
-            return problem(
-                StatusCode::UNAUTHORIZED,
-                "bad_signature",
-                "X-Signature does not match",
-            );
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Err(e) = verify_signature(
+            secret.expose_secret().as_bytes(),
+            header("x-timestamp"),
+            &body,
+            header("x-signature"),
+            SystemTime::now(),
+        ) {
+            warn!(reason = %e, "delivery report refused");
+            return problem(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string());
         }
     }
     let callback: Callback = match serde_json::from_slice(&body) {
@@ -116,15 +158,103 @@ pub async fn delivery_report(
 mod tests {
     use super::*;
 
+    const NOW: u64 = 1_795_860_000;
+
+    fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    fn check(
+        timestamp: Option<&str>,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
+        let now = UNIX_EPOCH + Duration::from_secs(NOW);
+        verify_signature(b"s3cret", timestamp, body, signature, now)
+    }
+
     #[test]
-    fn signatures_are_checked_against_the_body() {
-        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
-        mac.update(b"{}");
-        let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-        assert!(signature_valid(b"s3cret", b"{}", Some(&good)));
-        assert!(!signature_valid(b"other", b"{}", Some(&good)));
-        assert!(!signature_valid(b"s3cret", b"{ }", Some(&good)));
-        assert!(!signature_valid(b"s3cret", b"{}", None));
-        assert!(!signature_valid(b"s3cret", b"{}", Some("sha256=zz")));
+    fn signatures_cover_the_timestamp_and_the_body() {
+        let ts = NOW.to_string();
+        let good = sign(b"s3cret", &ts, b"{}");
+        assert_eq!(check(Some(&ts), b"{}", Some(&good)), Ok(()));
+        assert_eq!(
+            check(
+                Some(&ts),
+                b"{}",
+                Some(&good.to_uppercase().replace("SHA256=", "sha256="))
+            ),
+            Ok(()),
+            "hex in either case"
+        );
+        let bad = Err(SignatureError::BadSignature);
+        assert_eq!(check(Some(&ts), b"{ }", Some(&good)), bad, "another body");
+        let other_ts = (NOW - 1).to_string();
+        assert_eq!(
+            check(Some(&other_ts), b"{}", Some(&good)),
+            bad,
+            "another time"
+        );
+        let other_secret = sign(b"other", &ts, b"{}");
+        assert_eq!(check(Some(&ts), b"{}", Some(&other_secret)), bad);
+        let mut body_only = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        body_only.update(b"{}");
+        let body_only = format!("sha256={}", hex::encode(body_only.finalize().into_bytes()));
+        assert_eq!(
+            check(Some(&ts), b"{}", Some(&body_only)),
+            bad,
+            "part 1's scheme"
+        );
+        assert_eq!(check(Some(&ts), b"{}", None), bad);
+        assert_eq!(check(Some(&ts), b"{}", Some("sha256=zz")), bad);
+        assert_eq!(check(Some(&ts), b"{}", Some(&good[7..])), bad, "no sha256=");
+        for ts in [
+            None,
+            Some(""),
+            Some("-1"),
+            Some("12.5"),
+            Some("1e9"),
+            Some("9999999999999"),
+        ] {
+            assert_eq!(
+                check(ts, b"{}", Some(&good)),
+                Err(SignatureError::BadTimestamp),
+                "{ts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_signed_example_of_the_reference_verifies() {
+        // docs/reference.md, section 7.6: secret s3cret, 2026-11-22T10:00:00Z.
+        let body = br#"{"id":"fake-17","status":"delivered"}"#;
+        let signature = "sha256=8494982b539c8932521d8dacacca46dcc767843a3b44f68325a5bc20f1e5f54b";
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_341_600 + 60);
+        let checked = verify_signature(b"s3cret", Some("1795341600"), body, Some(signature), now);
+        assert_eq!(checked, Ok(()));
+    }
+
+    #[test]
+    fn signed_reports_are_accepted_only_within_five_minutes_either_way() {
+        for (at, fresh) in [
+            (NOW - 300, true),
+            (NOW + 300, true),
+            (NOW - 301, false),
+            (NOW + 301, false),
+            (NOW - 360, false),
+            (0, false),
+        ] {
+            let ts = at.to_string();
+            let signature = sign(b"s3cret", &ts, b"{}");
+            let expected = if fresh {
+                Ok(())
+            } else {
+                Err(SignatureError::Stale)
+            };
+            assert_eq!(check(Some(&ts), b"{}", Some(&signature)), expected, "{at}");
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! The service's HTTP API (axum): health, readiness, metrics, message
-//! status, command submission and delivery-report callbacks.
+//! status, command submission and delivery-report callbacks. The message
+//! routes need an API key ([`auth`]); health, readiness and metrics do not;
+//! callbacks authenticate the provider's way ([`callbacks`]).
 
+pub mod auth;
 mod callbacks;
 
 use std::net::SocketAddr;
@@ -9,6 +12,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,6 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use self::auth::ApiAccess;
 use crate::domain::{CommandError, SendSms};
 use crate::ports::{Admission, CacheService, EventBus, EventMeta, MessageStatus, QueueClient};
 use crate::processing::Consuming;
@@ -35,6 +40,8 @@ pub struct HttpState {
     /// The provider whose ids delivery reports name.
     pub provider: String,
     pub max_body_bytes: usize,
+    /// Who may use the message routes (`http.api_keys`, `http.bind`).
+    pub api_access: ApiAccess,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -43,11 +50,19 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
-        .route("/v1/messages", post(submit))
-        .route("/v1/messages/{key}", get(status))
         .route("/v1/delivery-reports", post(callbacks::delivery_report))
+        .merge(message_routes(state.clone()))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// The routes that act on messages: each needs an API key. A new route for
+/// producers belongs here.
+fn message_routes(state: HttpState) -> Router<HttpState> {
+    Router::new()
+        .route("/v1/messages", post(submit))
+        .route("/v1/messages/{key}", get(status))
+        .route_layer(middleware::from_fn_with_state(state, auth::require_api_key))
 }
 
 /// Serves the API until `shutdown` fires.
