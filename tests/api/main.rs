@@ -1,6 +1,7 @@
 //! Integration and end-to-end tests against the real RabbitMQ and Redis on
 //! loopback. One test binary, so it links once.
 
+mod cli;
 mod e2e;
 mod helpers;
 mod ops;
