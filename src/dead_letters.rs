@@ -1,5 +1,6 @@
-//! `sms-service dead-letters`: what is in the dead-letter queue, and moving
-//! it back to the command queue once the cause is fixed.
+//! `sms-service dead-letters` and `forget`: what is in the dead-letter
+//! queue, moving it back to the command queue once the cause is fixed, and
+//! clearing a failed key so that its command is sent afresh.
 //!
 //! `list` reads without removing (it takes messages unacknowledged and
 //! hands them all back when done). `replay` moves each message with a
@@ -7,46 +8,60 @@
 //! dead-letter queue, so a crash in between leaves a copy in both, never in
 //! neither; the copy is harmless, since the command's key makes a second
 //! run a duplicate. Replayed commands lose `x-sms-error` and the retry
-//! headers, so they get a fresh set of attempts.
+//! headers, so they get a fresh set of attempts. A run replays at most the
+//! letters that were queued when it started: a replayed command that fails
+//! again while the service runs goes to the back of the queue, and must not
+//! be replayed (and fail, and publish `SmsFailed`) again in the same run.
+//!
+//! A key that failed stays failed while Redis remembers it, so its replayed
+//! command is only a duplicate. `--reset` (and `forget`) delete the key's
+//! record first, in one Lua script that deletes it only when its status is
+//! `failed`: a sent key is never cleared, as that would allow a second SMS.
+
+use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
+use crate::cli_tools::open;
 use crate::config::Settings;
-use crate::domain::mask_phone;
+use crate::domain::{mask_phone, rfc3339, IdempotencyKey};
 
 /// One dead letter, as an operator sees it (never the message text).
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     pub idempotency_key: Option<String>,
     /// The phone number, masked.
-    pub to: Option<String>,
+    pub phone_number: Option<String>,
     pub reason: String,
     pub bytes: usize,
+    /// When the service dead-lettered it (RFC 3339), from the
+    /// `x-sms-dead-lettered-at` header; `None` for letters without one.
+    pub dead_lettered_at: Option<String>,
 }
 
+/// The header the service stamps on every dead letter: when it was
+/// dead-lettered, an AMQP timestamp (Unix seconds).
+pub const DEAD_LETTERED_AT: &str = "x-sms-dead-lettered-at";
+
 /// Headers the service adds, dropped on replay.
-const SERVICE_HEADERS: [&str; 4] = [
+const SERVICE_HEADERS: [&str; 5] = [
     "x-sms-error",
     "x-sms-attempts",
     "x-sms-delays",
     "x-sms-first-attempt-ms",
+    DEAD_LETTERED_AT,
 ];
-
-async fn open(settings: &Settings) -> anyhow::Result<(Connection, Channel)> {
-    let connection = Connection::connect(
-        settings.amqp.url.expose_secret(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .context("connecting to RabbitMQ (amqp.url)")?;
-    let channel = connection.create_channel().await?;
-    Ok((connection, channel))
-}
 
 fn describe(body: &[u8], headers: Option<&FieldTable>) -> DeadLetter {
     #[derive(serde::Deserialize)]
@@ -57,19 +72,26 @@ fn describe(body: &[u8], headers: Option<&FieldTable>) -> DeadLetter {
         phone: Option<String>,
     }
     let peek = serde_json::from_slice::<Peek>(body).ok();
-    let reason = headers
-        .and_then(|h| h.inner().get("x-sms-error"))
+    let header = |name: &str| headers.and_then(|h| h.inner().get(name));
+    let reason = header("x-sms-error")
         .and_then(|v| v.as_long_string())
         .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned())
         .unwrap_or_else(|| "(no x-sms-error header)".into());
+    let dead_lettered_at = match header(DEAD_LETTERED_AT) {
+        Some(AMQPValue::Timestamp(secs)) => UNIX_EPOCH
+            .checked_add(Duration::from_secs(*secs))
+            .map(rfc3339),
+        _ => None,
+    };
     DeadLetter {
         idempotency_key: peek
             .as_ref()
             .and_then(|p| p.key.clone())
             .map(|k| k.chars().take(128).collect()),
-        to: peek.and_then(|p| p.phone).map(|p| mask_phone(&p)),
+        phone_number: peek.and_then(|p| p.phone).map(|p| mask_phone(&p)),
         reason,
         bytes: body.len(),
+        dead_lettered_at,
     }
 }
 
@@ -97,9 +119,26 @@ pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<Vec<DeadL
     Ok(out)
 }
 
-/// Moves up to `limit` dead letters back to the command queue; returns
-/// what was moved.
-pub async fn replay(settings: &Settings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+/// A dead letter moved back to the command queue.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub letter: DeadLetter,
+    /// With `--reset`: what clearing its key found (`None` without a usable key).
+    pub reset: Option<Reset>,
+}
+
+/// Moves up to `limit` dead letters back to the command queue, each at most
+/// once: never more than were queued when it started. With `reset`, each
+/// letter's key is cleared first if it failed ([`FailedRecords::clear`]).
+pub async fn replay(
+    settings: &Settings,
+    limit: usize,
+    reset: bool,
+) -> anyhow::Result<Vec<Replayed>> {
+    let mut records = match reset {
+        true => Some(FailedRecords::connect(settings).await?),
+        false => None,
+    };
     let (connection, channel) = open(settings).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -108,6 +147,19 @@ pub async fn replay(settings: &Settings, limit: usize) -> anyhow::Result<Vec<Dea
         settings.amqp.dead_letter_queue.as_str(),
         settings.amqp.command_queue.as_str(),
     );
+    let queued = channel
+        .queue_declare(
+            dead.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("reading {dead} (amqp.dead_letter_queue)"))?
+        .message_count();
+    let limit = limit.min(usize::try_from(queued).unwrap_or(usize::MAX));
     let mut moved = Vec::new();
     while moved.len() < limit {
         let Some(message) = channel
@@ -117,7 +169,15 @@ pub async fn replay(settings: &Settings, limit: usize) -> anyhow::Result<Vec<Dea
             break;
         };
         let delivery = message.delivery;
-        let described = describe(&delivery.data, delivery.properties.headers().as_ref());
+        let letter = describe(&delivery.data, delivery.properties.headers().as_ref());
+        let key = letter
+            .idempotency_key
+            .as_deref()
+            .and_then(|k| IdempotencyKey::parse(k).ok());
+        let reset = match (records.as_mut(), key) {
+            (Some(records), Some(key)) => Some(records.clear(&key).await?),
+            _ => None,
+        };
         let mut headers = FieldTable::default();
         if let Some(original) = delivery.properties.headers() {
             for (name, value) in original {
@@ -150,17 +210,105 @@ pub async fn replay(settings: &Settings, limit: usize) -> anyhow::Result<Vec<Dea
             delivery.acker.ack(BasicAckOptions::default()).await?,
             "could not remove a replayed message from {dead}; it is now in both queues (harmless: its key makes it a duplicate)"
         );
-        moved.push(described);
+        moved.push(Replayed { letter, reset });
     }
     connection.close(200, "done".into()).await?;
     Ok(moved)
 }
 
+/// What clearing a key's failed record found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reset {
+    /// The key had failed; its record is gone, so its next command is new.
+    Cleared,
+    /// The key's record is not `failed` (this status); it was left alone.
+    Kept(String),
+    /// Redis has no record of the key.
+    Unknown,
+}
+
+impl fmt::Display for Reset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reset::Cleared => f.write_str("failed record cleared"),
+            Reset::Kept(status) if status == "processing" || status == "retrying" => write!(
+                f,
+                "the key is in progress (status {status}), not failed: left alone"
+            ),
+            Reset::Kept(status) => write!(
+                f,
+                "the key was sent (status {status}): clearing it would allow a second SMS"
+            ),
+            Reset::Unknown => {
+                f.write_str("no record of the key (never claimed, expired or already cleared)")
+            }
+        }
+    }
+}
+
+/// Deletes `KEYS[1]` only if its `status` is `failed`; answers the status
+/// found (`failed` meaning deleted), or `''` for no record.
+const CLEAR_FAILED: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status == 'failed' then redis.call('DEL', KEYS[1]) end
+return status
+"#;
+
+/// The idempotency records in Redis, as far as clearing failed keys goes.
+pub struct FailedRecords {
+    connection: MultiplexedConnection,
+    key_prefix: String,
+    script: redis::Script,
+}
+
+impl FailedRecords {
+    /// Connects to `redis.url`.
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        let timeout = Some(Duration::from_millis(settings.redis.timeout_ms));
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout);
+        let connection = redis::Client::open(settings.redis.url.expose_secret())
+            .context("redis.url")?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .context("connecting to Redis (redis.url)")?;
+        Ok(Self {
+            connection,
+            key_prefix: settings.redis.key_prefix.clone(),
+            script: redis::Script::new(CLEAR_FAILED),
+        })
+    }
+
+    /// Deletes `key`'s record if, and only if, the key failed: atomically,
+    /// so a record that turns `sent` meanwhile is never deleted.
+    pub async fn clear(&mut self, key: &IdempotencyKey) -> anyhow::Result<Reset> {
+        let status: String = self
+            .script
+            .key(format!("{}:msg:{key}", self.key_prefix))
+            .invoke_async(&mut self.connection)
+            .await
+            .with_context(|| format!("clearing the failed record of {key} in Redis"))?;
+        Ok(match status.as_str() {
+            "" => Reset::Unknown,
+            "failed" => Reset::Cleared,
+            _ => Reset::Kept(status),
+        })
+    }
+}
+
+/// `sms-service forget KEY`: clears `key`'s record if it failed.
+pub async fn forget_failed(settings: &Settings, key: &str) -> anyhow::Result<Reset> {
+    let key = IdempotencyKey::parse(key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    FailedRecords::connect(settings).await?.clear(&key).await
+}
+
 /// Dead letters as a table.
 pub fn render(letters: &[DeadLetter]) -> String {
     let mut out = format!(
-        "{:<4} {:<40} {:<16} {:>7}  reason\n",
-        "#", "idempotencyKey", "to", "bytes"
+        "{:<4} {:<40} {:<16} {:>7}  {:<20}  reason\n",
+        "#", "idempotencyKey", "to", "bytes", "deadLetteredAt"
     );
     for (i, l) in letters.iter().enumerate() {
         let key: String = l
@@ -171,13 +319,26 @@ pub fn render(letters: &[DeadLetter]) -> String {
             .take(40)
             .collect();
         out.push_str(&format!(
-            "{:<4} {:<40} {:<16} {:>7}  {}\n",
+            "{:<4} {:<40} {:<16} {:>7}  {:<20}  {}\n",
             i + 1,
             key,
-            l.to.as_deref().unwrap_or("-"),
+            l.phone_number.as_deref().unwrap_or("-"),
             l.bytes,
+            l.dead_lettered_at.as_deref().unwrap_or("-"),
             l.reason
         ));
+    }
+    out
+}
+
+/// Replayed letters as a table, then one line per reset key.
+pub fn render_replayed(replayed: &[Replayed]) -> String {
+    let letters: Vec<DeadLetter> = replayed.iter().map(|r| r.letter.clone()).collect();
+    let mut out = render(&letters);
+    for (i, r) in replayed.iter().enumerate() {
+        if let (Some(reset), Some(key)) = (&r.reset, &r.letter.idempotency_key) {
+            out.push_str(&format!("reset {} {key}: {reset}\n", i + 1));
+        }
     }
     out
 }

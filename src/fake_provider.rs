@@ -1,7 +1,10 @@
 //! A fake of the generic provider, for docker-compose, demos, benchmarks
-//! and end-to-end tests: `POST /messages` answers `{"id": "fake-N"}` after a
-//! set latency, or 503 for a set share of calls; `GET /stats` counts what it
-//! accepted and how many keys it saw more than once.
+//! and end-to-end tests: `POST /messages` answers `{"id": "fake-<run>-N"}`
+//! after a set latency, or, for set shares of calls, 503 (a transient
+//! failure), 400 (a rejection) or 429 with `Retry-After: 1` (throttling);
+//! `GET /stats` counts each, and how many keys it saw more than once.
+//! `<run>` is random per fake, so ids stay unique across restarts, as a
+//! real provider's do (delivery reports are matched on them).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,19 +24,47 @@ use tracing::info;
 
 use crate::domain::mask_phone;
 
-/// How the fake behaves.
+/// How the fake behaves. The three shares are of all calls, drawn once per
+/// call, so together they are at most 1.
 #[derive(Debug, Clone, Default)]
 pub struct FakeSettings {
     /// Added to every answer.
     pub latency: Duration,
     /// Share of calls (0 to 1) answered 503.
     pub fail_rate: f64,
+    /// Share of calls (0 to 1) answered 400.
+    pub reject_rate: f64,
+    /// Share of calls (0 to 1) answered 429 with `Retry-After: 1`.
+    pub throttle_rate: f64,
+}
+
+impl FakeSettings {
+    /// Each share is in [0, 1], and so is their sum.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (flag, share) in [
+            ("--fail-rate", self.fail_rate),
+            ("--reject-rate", self.reject_rate),
+            ("--throttle-rate", self.throttle_rate),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&share),
+                "{flag} must be between 0 and 1"
+            );
+        }
+        anyhow::ensure!(
+            self.fail_rate + self.reject_rate + self.throttle_rate <= 1.0,
+            "--fail-rate, --reject-rate and --throttle-rate add up to more than 1"
+        );
+        Ok(())
+    }
 }
 
 #[derive(Default)]
 struct Counters {
     accepted: AtomicU64,
     failed: AtomicU64,
+    rejected: AtomicU64,
+    throttled: AtomicU64,
     duplicates: AtomicU64,
     keys: Mutex<HashSet<String>>,
 }
@@ -41,6 +72,8 @@ struct Counters {
 #[derive(Clone)]
 struct FakeState {
     settings: FakeSettings,
+    /// Random per fake: the `<run>` of its ids.
+    run: Arc<str>,
     counters: Arc<Counters>,
 }
 
@@ -58,8 +91,10 @@ pub async fn serve(
     settings: FakeSettings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].into();
     let state = FakeState {
         settings,
+        run,
         counters: Arc::default(),
     };
     let router = Router::new()
@@ -95,13 +130,8 @@ async fn accept(
         tokio::time::sleep(state.settings.latency).await;
     }
     let counters = &state.counters;
-    if state.settings.fail_rate > 0.0 && rand::random::<f64>() < state.settings.fail_rate {
-        counters.failed.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "simulated failure"})),
-        )
-            .into_response();
+    if let Some(answer) = simulated_answer(&state.settings, counters) {
+        return answer;
     }
     let key = headers
         .get("idempotency-key")
@@ -119,8 +149,34 @@ async fn accept(
             counters.duplicates.fetch_add(1, Ordering::Relaxed);
         }
     }
-    info!(to = %mask_phone(&message.to), key = %key, id = n, "fake provider accepted a message");
-    (StatusCode::OK, Json(json!({"id": format!("fake-{n}")}))).into_response()
+    let id = format!("fake-{}-{n}", state.run);
+    info!(to = %mask_phone(&message.to), key = %key, id = %id, "fake provider accepted a message");
+    (StatusCode::OK, Json(json!({"id": id}))).into_response()
+}
+
+/// The failure this call draws, if any: 503, 400 or 429, by their shares.
+fn simulated_answer(settings: &FakeSettings, counters: &Counters) -> Option<Response> {
+    let s = settings;
+    if s.fail_rate + s.reject_rate + s.throttle_rate <= 0.0 {
+        return None;
+    }
+    let draw = rand::random::<f64>();
+    if draw < s.fail_rate {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+        let body = Json(json!({"error": "simulated failure"}));
+        Some((StatusCode::SERVICE_UNAVAILABLE, body).into_response())
+    } else if draw < s.fail_rate + s.reject_rate {
+        counters.rejected.fetch_add(1, Ordering::Relaxed);
+        let body = Json(json!({"error": "simulated rejection"}));
+        Some((StatusCode::BAD_REQUEST, body).into_response())
+    } else if draw < s.fail_rate + s.reject_rate + s.throttle_rate {
+        counters.throttled.fetch_add(1, Ordering::Relaxed);
+        let body = Json(json!({"error": "simulated throttling"}));
+        let retry_after = [(axum::http::header::RETRY_AFTER, "1")];
+        Some((StatusCode::TOO_MANY_REQUESTS, retry_after, body).into_response())
+    } else {
+        None
+    }
 }
 
 async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
@@ -129,6 +185,8 @@ async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
     Json(json!({
         "accepted": c.accepted.load(Ordering::Relaxed),
         "failed": c.failed.load(Ordering::Relaxed),
+        "rejected": c.rejected.load(Ordering::Relaxed),
+        "throttled": c.throttled.load(Ordering::Relaxed),
         "duplicates": c.duplicates.load(Ordering::Relaxed),
         "distinctKeys": distinct,
     }))

@@ -16,6 +16,8 @@
 //!   delivery (ack, requeue, dead-letter); graceful shutdown.
 //! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest), HTTP (axum).
 //! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
+//! - [`cli_tools`], [`dead_letters`]: the operator's one-shot commands
+//!   (`send`, `events`; list, replay and reset dead letters, `forget`).
 //! - [`fake_provider`]: a fake of the generic provider for demos and tests.
 //! - `testing` (tests, or the `test-support` feature): in-memory adapters
 //!   and the idempotency store's contract.
@@ -28,6 +30,7 @@ pub mod adapters;
 pub mod app;
 pub mod bench;
 pub mod breaker;
+pub mod cli_tools;
 pub mod concurrency;
 pub mod config;
 pub mod dead_letters;

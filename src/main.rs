@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sms_service::app;
 use sms_service::config::Settings;
-use sms_service::domain::SendSms;
-use sms_service::ports::{EventMeta, QueueClient};
+use sms_service::{app, cli_tools};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 /// mimalloc: the hot path allocates small, short-lived buffers (frames,
 /// futures, JSON); glibc's allocator showed up at ~15% of the service's CPU.
@@ -22,19 +22,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Sends SMS from RabbitMQ commands, once per idempotency key"
+    about = "Sends SMS from RabbitMQ commands, once per idempotency key",
+    // A bare `sms-service` prints this help and exits 2: it never starts
+    // consuming a queue just because someone wanted to see what it does.
+    subcommand_required = true,
+    arg_required_else_help = true
 )]
 struct Cli {
     /// A settings file layered over config/default.toml (env SMS__* still wins).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume commands until SIGTERM or SIGINT (the default).
+    /// Consume commands until SIGTERM or SIGINT.
     Run,
     /// Publish one SendSms command and print its idempotency key.
     Send {
@@ -50,6 +54,20 @@ enum Command {
         /// Sender id shown on the handset.
         #[arg(long)]
         sender: Option<String>,
+        /// Declare the service's queues and exchanges first, as the service
+        /// does; without it a command queue that does not exist is an error.
+        #[arg(long)]
+        declare: bool,
+    },
+    /// Print events (SmsSent, SmsFailed, delivery reports) as they are
+    /// published, phone numbers masked, until Ctrl-C or SIGTERM.
+    Events {
+        /// Print each event's JSON (phone number masked) instead of a line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
     },
     /// Load-test a running service (and, with --baseline, a bare relay first).
     Bench {
@@ -81,6 +99,12 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Clear a key's failed record, so that the next command with it is sent
+    /// afresh. Refuses a key that was sent or is in progress.
+    Forget {
+        /// The idempotency key.
+        key: String,
+    },
     /// Serve a fake of the generic provider's API.
     FakeProvider {
         /// Address to listen on.
@@ -92,6 +116,12 @@ enum Command {
         /// Share of calls (0 to 1) answered 503.
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
+        /// Share of calls (0 to 1) answered 400 (a permanent rejection).
+        #[arg(long, default_value_t = 0.0)]
+        reject_rate: f64,
+        /// Share of calls (0 to 1) answered 429 with `Retry-After: 1`.
+        #[arg(long, default_value_t = 0.0)]
+        throttle_rate: f64,
     },
 }
 
@@ -105,10 +135,16 @@ enum DeadLetterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Move dead letters back to the command queue (confirmed, then removed).
+    /// Move dead letters back to the command queue (confirmed, then removed),
+    /// each at most once: at most the letters queued when it starts.
     Replay {
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Clear each letter's failed record first, so that its command is
+        /// sent afresh instead of ending as a duplicate of a failed command
+        /// (never clears a sent key).
+        #[arg(long)]
+        reset: bool,
     },
 }
 
@@ -121,20 +157,41 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    sms_service::telemetry::init_logs(&settings.log);
+    if cli.command.is_one_shot() {
+        init_one_shot_logs();
+    } else {
+        sms_service::telemetry::init_logs(&settings.log);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime");
     let result = runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Run) {
+        match cli.command {
             Command::Run => run(settings).await,
             Command::Send {
                 to,
                 text,
                 key,
                 sender,
-            } => send(settings, to, text, key, sender).await,
+                declare,
+            } => {
+                let command = cli_tools::NewCommand {
+                    to,
+                    text,
+                    key,
+                    sender,
+                };
+                let key = cli_tools::send(&settings, command, declare).await?;
+                println!("{key}");
+                Ok(())
+            }
+            Command::Events { json, count } => {
+                let options = cli_tools::EventsOptions { json, count };
+                cli_tools::events(&settings, options, app::shutdown_signal())
+                    .await
+                    .map(drop)
+            }
             Command::Bench {
                 count,
                 duplicates,
@@ -155,11 +212,22 @@ fn main() -> ExitCode {
                 bench(settings, options, json).await
             }
             Command::DeadLetters { action } => dead_letters(settings, action).await,
+            Command::Forget { key } => forget(settings, key).await,
             Command::FakeProvider {
                 bind,
                 latency_ms,
                 fail_rate,
-            } => fake_provider(bind, latency_ms, fail_rate).await,
+                reject_rate,
+                throttle_rate,
+            } => {
+                let settings = sms_service::fake_provider::FakeSettings {
+                    latency: Duration::from_millis(latency_ms),
+                    fail_rate,
+                    reject_rate,
+                    throttle_rate,
+                };
+                fake_provider(bind, settings).await
+            }
         }
     });
     match result {
@@ -171,46 +239,37 @@ fn main() -> ExitCode {
     }
 }
 
+impl Command {
+    /// The operator's commands that do one thing and exit.
+    fn is_one_shot(&self) -> bool {
+        matches!(
+            self,
+            Command::Send { .. }
+                | Command::Events { .. }
+                | Command::DeadLetters { .. }
+                | Command::Forget { .. }
+        )
+    }
+}
+
+/// Logs of the one-shot commands: their result is on stdout and what went
+/// wrong is one `error:` line, so only warnings show, and none of the AMQP
+/// client's (its errors are in that line); `RUST_LOG` still applies.
+fn init_one_shot_logs() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,lapin=off,amq_protocol=off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let running = app::start(settings).await?;
     app::shutdown_signal().await;
     tracing::info!("signal received; shutting down");
     running.stop().await;
     Ok(())
-}
-
-async fn send(
-    settings: Settings,
-    to: String,
-    text: String,
-    key: Option<String>,
-    sender: Option<String>,
-) -> anyhow::Result<()> {
-    let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let mut body = serde_json::json!({"idempotencyKey": key, "phoneNumber": to, "text": text});
-    if let Some(sender) = sender {
-        body["senderId"] = sender.into();
-    }
-    let body = serde_json::to_vec(&body)?;
-    if let Err(e) = SendSms::from_json(&body) {
-        anyhow::bail!("not a valid command: {}", e.dead_letter_reason());
-    }
-    let broker =
-        sms_service::adapters::rabbitmq::RabbitMq::new(&settings.amqp, &settings.retry_tiers());
-    let published = tokio::time::timeout(
-        Duration::from_secs(15),
-        broker.publish_command(&body, &EventMeta::default()),
-    )
-    .await;
-    broker.close().await;
-    match published {
-        Ok(Ok(())) => {
-            println!("{key}");
-            Ok(())
-        }
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => anyhow::bail!("broker did not confirm within 15 s"),
-    }
 }
 
 async fn bench(
@@ -245,12 +304,12 @@ async fn dead_letters(settings: Settings, action: DeadLetterAction) -> anyhow::R
                 print!("{}", dead_letters::render(&letters));
             }
         }
-        DeadLetterAction::Replay { limit } => {
-            let moved = dead_letters::replay(&settings, limit).await?;
-            print!("{}", dead_letters::render(&moved));
+        DeadLetterAction::Replay { limit, reset } => {
+            let replayed = dead_letters::replay(&settings, limit, reset).await?;
+            print!("{}", dead_letters::render_replayed(&replayed));
             println!(
                 "replayed {} to {}",
-                moved.len(),
+                replayed.len(),
                 settings.amqp.command_queue
             );
         }
@@ -258,23 +317,32 @@ async fn dead_letters(settings: Settings, action: DeadLetterAction) -> anyhow::R
     Ok(())
 }
 
-async fn fake_provider(bind: String, latency_ms: u64, fail_rate: f64) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&fail_rate),
-        "--fail-rate must be between 0 and 1"
-    );
-    let listener = tokio::net::TcpListener::bind(&bind).await?;
-    tracing::info!(address = %listener.local_addr()?, latency_ms, fail_rate, "fake provider listening");
+async fn forget(settings: Settings, key: String) -> anyhow::Result<()> {
+    use sms_service::dead_letters::{forget_failed, Reset};
+    match forget_failed(&settings, &key).await? {
+        Reset::Cleared => {
+            println!("forgot {key}: its failed record is cleared; the next command with it is sent afresh");
+            Ok(())
+        }
+        other => anyhow::bail!("{key}: {other}; nothing cleared"),
+    }
+}
+
+async fn fake_provider(
+    bind: String,
+    settings: sms_service::fake_provider::FakeSettings,
+) -> anyhow::Result<()> {
+    settings.validate()?;
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind} (--bind)"))?;
+    tracing::info!(address = %listener.local_addr()?, ?settings, "fake provider listening");
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         app::shutdown_signal().await;
         on_signal.cancel();
     });
-    let settings = sms_service::fake_provider::FakeSettings {
-        latency: Duration::from_millis(latency_ms),
-        fail_rate,
-    };
     sms_service::fake_provider::serve(listener, settings, shutdown).await?;
     Ok(())
 }

@@ -10,10 +10,10 @@ use sms_service::ports::QueueClient;
 
 use crate::helpers::{command, init_logs, Names, TestBroker};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
 
 /// A child process killed when the test ends, however it ends.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -22,7 +22,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -30,7 +30,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn service(env: &[(String, String)], args: &[&str]) -> Command {
+pub(crate) fn service(env: &[(String, String)], args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env_clear()
@@ -46,7 +46,7 @@ fn service(env: &[(String, String)], args: &[&str]) -> Command {
     cmd
 }
 
-async fn wait_http(url: &str) {
+pub(crate) async fn wait_http(url: &str) {
     let client = reqwest::Client::new();
     for _ in 0..150 {
         if let Ok(r) = client.get(url).send().await {
@@ -59,7 +59,7 @@ async fn wait_http(url: &str) {
     panic!("{url} never answered 200");
 }
 
-fn terminate(child: &Child) {
+pub(crate) fn terminate(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -67,7 +67,7 @@ fn terminate(child: &Child) {
     assert!(status.success());
 }
 
-async fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+pub(crate) async fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
@@ -221,14 +221,14 @@ async fn a_bad_configuration_exits_2_naming_the_key() {
 }
 
 /// The fake provider and a service binary on fresh ports, for the crash tests.
-struct Stack {
-    env: Vec<(String, String)>,
-    provider_url: String,
+pub(crate) struct Stack {
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) provider_url: String,
     base: String,
     _fake: Proc,
 }
 
-async fn stack(names: &Names, latency_ms: u64, extra: &[(&str, &str)]) -> Stack {
+pub(crate) async fn stack(names: &Names, latency_ms: u64, extra: &[(&str, &str)]) -> Stack {
     let provider_port = free_port();
     let provider_url = format!("http://127.0.0.1:{provider_port}");
     let http_port = free_port();
@@ -265,7 +265,7 @@ async fn stack(names: &Names, latency_ms: u64, extra: &[(&str, &str)]) -> Stack 
 }
 
 impl Stack {
-    async fn start_service(&self) -> Proc {
+    pub(crate) async fn start_service(&self) -> Proc {
         let svc = Proc(service(&self.env, &["run"]).spawn().unwrap());
         wait_http(&format!("{}/readyz", self.base)).await;
         svc

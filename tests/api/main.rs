@@ -2,6 +2,7 @@
 //! loopback. One test binary, so it links once.
 
 mod auth;
+mod cli;
 mod e2e;
 mod helpers;
 mod ops;

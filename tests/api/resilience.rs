@@ -300,7 +300,7 @@ async fn dead_letters_are_listed_without_removal_and_replayed_to_the_command_que
     let rendered = sms_service::dead_letters::render(&listed);
     assert!(rendered.contains("dl-invalid"));
 
-    let moved = sms_service::dead_letters::replay(&settings, 10)
+    let moved = sms_service::dead_letters::replay(&settings, 10, false)
         .await
         .unwrap();
     assert_eq!(moved.len(), 2);

@@ -230,6 +230,9 @@ impl DeliveryHandle for RabbitDelivery {
             "x-sms-error".into(),
             AMQPValue::LongString(bounded(reason).into()),
         );
+        // When, for `dead-letters list` (the command's own `timestamp` is kept).
+        let now = std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
+        headers.insert("x-sms-dead-lettered-at".into(), AMQPValue::Timestamp(now));
         // Persistent whatever the command was: a dead letter is kept for people.
         let properties = self
             .properties
