@@ -259,10 +259,11 @@ async fn replay_moves_each_dead_letter_at_most_once_per_run_while_the_service_ru
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 5);
-    assert_eq!(
-        app.broker.failed(50, Duration::from_secs(3)).await.len(),
-        5,
-        "one new SmsFailed per letter, no more"
+    // Their keys already had their one SmsFailed: the replayed copies are
+    // duplicates, back in the dead-letter queue once each, with no event.
+    assert!(
+        app.broker.failed(50, Duration::from_secs(3)).await.is_empty(),
+        "a second SmsFailed for one key"
     );
     wait_dead_letters(&app, 5).await;
     app.cleanup().await;
