@@ -1,9 +1,11 @@
 //! Integration and end-to-end tests against the real RabbitMQ and Redis on
 //! loopback. One test binary, so it links once.
 
+mod amqp;
 mod e2e;
 mod helpers;
 mod pipeline;
+mod privacy;
 mod provider;
 mod proxy;
 mod resilience;
