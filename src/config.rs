@@ -39,6 +39,7 @@ pub struct AmqpSettings {
     pub max_body_bytes: usize,
     pub reconnect_delay_ms: u64,
     pub confirm_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +265,7 @@ impl Settings {
             ("amqp.prefetch", u64::from(self.amqp.prefetch)),
             ("amqp.max_body_bytes", self.amqp.max_body_bytes as u64),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+            ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
             (
                 "redis.idempotency_ttl_secs",
                 self.redis.idempotency_ttl_secs,

@@ -12,7 +12,7 @@ pub use command::{
     MAX_SENDER_LEN, MAX_TEXT_CHARS,
 };
 pub use events::{DeliveryReport, DeliveryStatus, SmsFailed, SmsSent};
-pub use phone::{mask_phone, PhoneNumber};
+pub use phone::{mask_numbers, mask_phone, PhoneNumber};
 pub use segments::{count_segments, Encoding};
 
 /// Formats a time as RFC 3339 UTC with second precision, as the events carry it.

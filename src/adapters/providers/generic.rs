@@ -6,6 +6,10 @@
 //! | 2xx | accepted (the id from `{"id": ...}`; a 2xx is never retried, since the message is out) |
 //! | 408, 429, 5xx, connect error, timeout | transient, with `Retry-After` seconds if given |
 //! | any other 4xx (and 1xx/3xx) | rejected |
+//!
+//! A detail quotes the provider's answer, which often names the number
+//! (`The 'To' number +254... is not valid`): every number in it is masked
+//! here, before it can reach a log, an event, a header or the store.
 
 use std::time::Duration;
 
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::{check_header_secret, configured, ProviderSettings};
-use crate::domain::SendSms;
+use crate::domain::{mask_numbers, SendSms};
 use crate::ports::{Accepted, ProviderError, SmsService};
 
 /// Longest provider answer read, and longest id kept.
@@ -91,7 +95,8 @@ impl GenericProvider {
                 Err(e) => {
                     // The provider took the message; resending would
                     // duplicate it. Record it sent without an id.
-                    warn!(%status, error = %e, "provider accepted without a usable id");
+                    let error = mask_numbers(&e.to_string());
+                    warn!(%status, %error, "provider accepted without a usable id");
                     String::new()
                 }
             };
@@ -134,13 +139,15 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, reqwes
     Ok(body)
 }
 
-/// The first line of an answer, short, for a failure's detail.
+/// The start of an answer, short, on one line and with its numbers
+/// masked, for a failure's detail.
 fn snippet(body: &[u8]) -> String {
-    String::from_utf8_lossy(body)
+    let start: String = String::from_utf8_lossy(body)
         .chars()
         .take(200)
         .filter(|c| !c.is_control())
-        .collect()
+        .collect();
+    mask_numbers(&start)
 }
 
 #[async_trait]
@@ -188,7 +195,21 @@ fn describe(e: &reqwest::Error) -> String {
         detail = format!("{detail}: {inner}");
         source = inner.source();
     }
-    detail
+    mask_numbers(&detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quoted_answer_has_its_numbers_masked() {
+        let body = b"{\"message\": \"The 'To' number +254798765432 is not a valid phone number\",\n\"to\": \"254798765432\"}";
+        let detail = snippet(body);
+        assert!(!detail.contains("254798765432"), "{detail}");
+        assert!(detail.contains("+********5432"), "{detail}");
+        assert!(!detail.contains('\n'), "{detail}");
+    }
 }
 
 #[cfg(test)]

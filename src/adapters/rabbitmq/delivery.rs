@@ -1,19 +1,30 @@
 //! A subscription and its deliveries: turns lapin deliveries into
 //! [`InboundMessage`]s and settles them, in order, through the channel's
 //! settling task ([`super::settle`]), which batches acks.
+//!
+//! Two things a delivery carries are not taken at face value:
+//!
+//! - a delivery read after its channel died is dropped, not processed: the
+//!   broker has it back already (and hands it to a live consumer), and its
+//!   tag means nothing on any other channel;
+//! - the service's own retry headers (`x-sms-attempts`, `x-sms-delays`,
+//!   `x-sms-first-attempt-ms`) count only on a message that came back from
+//!   one of the service's delay tiers (its `x-death` names the tier), so a
+//!   producer cannot set a command's attempts; their numbers saturate.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::settle::{self, Settle};
-use super::{unavailable, RabbitMq};
+use super::{unavailable, RabbitMq, RetryTier};
+use crate::domain::mask_numbers;
 use crate::ports::{
     DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError, RetryState,
 };
@@ -49,9 +60,17 @@ impl RabbitStream {
 #[async_trait]
 impl DeliveryStream for RabbitStream {
     async fn next(&mut self) -> Option<Result<InboundMessage, QueueError>> {
-        let delivery = match self.consumer.next().await? {
-            Ok(delivery) => delivery,
-            Err(e) => return Some(Err(unavailable(e))),
+        let delivery = loop {
+            match self.consumer.next().await? {
+                // Pushed before the channel died and read after: the broker
+                // redelivers it to a live consumer.
+                Ok(delivery) if !delivery.acker.usable() => {
+                    metrics::counter!("sms_amqp_stale_deliveries_dropped_total").increment(1);
+                    tracing::debug!("dropped a delivery of a channel that has closed");
+                }
+                Ok(delivery) => break delivery,
+                Err(e) => return Some(Err(unavailable(e))),
+            }
         };
         let settle = self.settle.clone()?;
         let Delivery {
@@ -73,17 +92,10 @@ impl DeliveryStream for RabbitStream {
                 .and_then(|h| h.inner().get("traceparent"))
                 .and_then(header_text),
         };
-        let headers = properties.headers().as_ref();
-        let count = |name: &str| {
-            headers
-                .and_then(|h| h.inner().get(name))
-                .and_then(header_number)
-        };
-        let retry = RetryState {
-            attempts: count(ATTEMPTS).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32),
-            delays: count(DELAYS).map_or(0, |n| n.min(u64::from(u32::MAX)) as u32),
-            first_attempt_at_ms: count(FIRST_ATTEMPT),
-        };
+        let retry = retry_state(
+            properties.headers().as_ref(),
+            &self.broker.topology().retry_tiers,
+        );
         // Registered before anyone can settle it, and in tag order.
         let _ = settle.send(Settle::Open(delivery_tag));
         Some(Ok(InboundMessage {
@@ -127,8 +139,46 @@ const ATTEMPTS: &str = "x-sms-attempts";
 const DELAYS: &str = "x-sms-delays";
 const FIRST_ATTEMPT: &str = "x-sms-first-attempt-ms";
 
+/// Counts read from headers stop here: far past any `retry.max_attempts`,
+/// with room left for the core to count on.
+const MAX_COUNT: u32 = u32::MAX / 2;
+
+/// The retry bookkeeping of a delivery: what its headers say if it came
+/// back from one of the delay tiers, else a first attempt's.
+fn retry_state(headers: Option<&FieldTable>, tiers: &[RetryTier]) -> RetryState {
+    let Some(headers) = headers.filter(|h| from_delay_tier(h, tiers)) else {
+        return RetryState::default();
+    };
+    let number = |name: &str| headers.inner().get(name).and_then(header_number);
+    let count = |name: &str| number(name).map_or(0, |n| n.min(u64::from(MAX_COUNT)) as u32);
+    RetryState {
+        attempts: count(ATTEMPTS),
+        delays: count(DELAYS),
+        first_attempt_at_ms: number(FIRST_ATTEMPT),
+    }
+}
+
+/// Whether the broker's `x-death` says the message expired out of one of
+/// the service's delay tiers.
+fn from_delay_tier(headers: &FieldTable, tiers: &[RetryTier]) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return false;
+    };
+    deaths.as_slice().iter().any(|death| {
+        let AMQPValue::FieldTable(death) = death else {
+            return false;
+        };
+        death
+            .inner()
+            .get("queue")
+            .and_then(header_text)
+            .is_some_and(|queue| tiers.iter().any(|tier| tier.queue == queue))
+    })
+}
+
 /// A header value as a non-negative number, whatever integer type (or
-/// decimal string) a producer used; anything else counts as absent.
+/// decimal string) a producer used, saturating at `u64::MAX`; anything else
+/// counts as absent.
 fn header_number(value: &AMQPValue) -> Option<u64> {
     match value {
         AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
@@ -139,7 +189,13 @@ fn header_number(value: &AMQPValue) -> Option<u64> {
         AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::LongString(s) => {
+            let digits = std::str::from_utf8(s.as_bytes()).ok()?.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(digits.parse().unwrap_or(u64::MAX))
+        }
         _ => None,
     }
 }
@@ -226,9 +282,11 @@ impl DeliveryHandle for RabbitDelivery {
 
     async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError> {
         let mut headers = self.properties.headers().clone().unwrap_or_default();
+        // Masked again here: a reason may quote a provider, a provider may
+        // quote the number, and a dead letter is kept and read by people.
         headers.insert(
             "x-sms-error".into(),
-            AMQPValue::LongString(bounded(reason).into()),
+            AMQPValue::LongString(bounded(&mask_numbers(reason)).into()),
         );
         // When, for `dead-letters list` (the command's own `timestamp` is kept).
         let now = std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
@@ -271,5 +329,101 @@ impl DeliveryHandle for RabbitDelivery {
             .publish("", &tier.queue, body, properties)
             .await?;
         self.ack().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lapin::types::{FieldArray, LongString};
+
+    use super::*;
+
+    fn tiers() -> Vec<RetryTier> {
+        ["sms.send.retry.5s", "sms.send.retry.30s"]
+            .into_iter()
+            .map(|queue| RetryTier {
+                queue: queue.into(),
+                delay: Duration::from_secs(5),
+            })
+            .collect()
+    }
+
+    fn death(queue: &str) -> AMQPValue {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+        AMQPValue::FieldTable(death)
+    }
+
+    fn headers(deaths: &[&str], attempts: AMQPValue) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPTS.into(), attempts);
+        headers.insert(DELAYS.into(), AMQPValue::LongLongInt(2));
+        headers.insert(FIRST_ATTEMPT.into(), AMQPValue::LongLongInt(1_000));
+        if !deaths.is_empty() {
+            let deaths: Vec<AMQPValue> = deaths.iter().map(|q| death(q)).collect();
+            headers.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::from(deaths)),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn retry_headers_count_on_a_message_back_from_a_delay_tier() {
+        let h = headers(&["sms.send.retry.30s"], AMQPValue::LongLongInt(3));
+        assert_eq!(
+            retry_state(Some(&h), &tiers()),
+            RetryState {
+                attempts: 3,
+                delays: 2,
+                first_attempt_at_ms: Some(1_000)
+            }
+        );
+    }
+
+    #[test]
+    fn retry_headers_a_producer_set_are_ignored() {
+        let fresh = RetryState::default();
+        let forged = headers(&[], AMQPValue::LongLongInt(999));
+        assert_eq!(retry_state(Some(&forged), &tiers()), fresh);
+        let elsewhere = headers(&["some.other.queue"], AMQPValue::LongLongInt(999));
+        assert_eq!(retry_state(Some(&elsewhere), &tiers()), fresh);
+        let mut not_an_array = forged.clone();
+        not_an_array.insert("x-death".into(), death("sms.send.retry.5s"));
+        assert_eq!(retry_state(Some(&not_an_array), &tiers()), fresh);
+        assert_eq!(retry_state(None, &tiers()), fresh);
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_overflowing() {
+        for huge in [
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::Timestamp(u64::MAX),
+            AMQPValue::LongUInt(u32::MAX),
+            AMQPValue::LongString(LongString::from("99999999999999999999999999")),
+        ] {
+            let h = headers(&["sms.send.retry.5s"], huge.clone());
+            let retry = retry_state(Some(&h), &tiers());
+            assert_eq!(retry.attempts, MAX_COUNT, "{huge:?}");
+            // The core counts on from here without overflowing.
+            assert!(retry.attempts.checked_add(1_000).is_some());
+        }
+    }
+
+    #[test]
+    fn header_numbers_are_read_from_any_integer_or_digits() {
+        assert_eq!(header_number(&AMQPValue::ShortShortUInt(7)), Some(7));
+        assert_eq!(header_number(&AMQPValue::LongInt(-1)), None);
+        assert_eq!(
+            header_number(&AMQPValue::LongString(" 12 ".into())),
+            Some(12)
+        );
+        assert_eq!(header_number(&AMQPValue::LongString("-3".into())), None);
+        assert_eq!(header_number(&AMQPValue::LongString("".into())), None);
+        assert_eq!(header_number(&AMQPValue::Boolean(true)), None);
     }
 }

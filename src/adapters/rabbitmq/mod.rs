@@ -6,23 +6,39 @@
 //! every task (confirms are awaited concurrently, each by its publisher), and
 //! one channel per subscription. When the connection dies the next call
 //! reconnects and redeclares the topology.
+//!
+//! Nothing waits on the broker without a bound. A connection attempt (the
+//! handshake and the topology) runs as a task of its own, shared by all who
+//! need the connection meanwhile, and is given up after
+//! `amqp.connect_timeout_ms`, its socket closed. A publish waits for it only
+//! within its own `amqp.confirm_timeout_ms`, which covers the connection,
+//! the publish and the confirm together.
+//!
+//! A message the broker returns (no queue bound) is a failed publish; its
+//! body is never read or logged here, and lapin's own warning that prints it
+//! is filtered out ([`crate::telemetry::PAYLOAD_TARGETS`]).
 
 mod delivery;
 mod settle;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use async_compat::CompatExt;
 use async_trait::async_trait;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{AsyncTcpStream, TLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::AmqpSettings;
@@ -105,15 +121,24 @@ impl Session {
     }
 }
 
+/// A connection attempt, shared by everyone waiting for it.
+type Attempt = Shared<BoxFuture<'static, Result<Session, QueueError>>>;
+
 struct Inner {
     url: SecretString,
     topology: Topology,
     prefetch: u16,
-    /// Longest wait for a publish and its confirm.
+    /// Longest wait for a publish and its confirm, the wait for a
+    /// connection included.
     confirm_timeout: Duration,
+    /// Longest a connection attempt (handshake and topology) or a
+    /// subscription's set-up may take.
+    connect_timeout: Duration,
     current: RwLock<Option<Session>>,
-    /// Serialises reconnects so a dead connection is replaced once.
-    connecting: tokio::sync::Mutex<()>,
+    /// The connection attempt under way, if any: one at a time, so a dead
+    /// connection is replaced once, and in a task of its own, so a caller
+    /// that stops waiting does not cancel it for the others.
+    connecting: Mutex<Option<Attempt>>,
 }
 
 /// The broker: command queue, events, dead letters.
@@ -135,8 +160,9 @@ impl RabbitMq {
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
                 confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
+                connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
                 current: RwLock::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: Mutex::new(None),
             }),
         }
     }
@@ -155,40 +181,42 @@ impl RabbitMq {
         guard.as_ref().filter(|s| s.healthy()).cloned()
     }
 
+    /// The live session, or the one the attempt under way (started now if
+    /// there is none) brings. Bounded by that attempt's
+    /// `amqp.connect_timeout_ms`; callers with a shorter budget bound it
+    /// themselves.
     async fn session(&self) -> Result<Session, QueueError> {
         if let Some(session) = self.current() {
             return Ok(session);
         }
-        let _one_at_a_time = self.inner.connecting.lock().await;
-        if let Some(session) = self.current() {
-            return Ok(session);
-        }
-        let properties =
-            ConnectionProperties::default().with_connection_name(LongString::from("sms-service"));
-        let connection = Connection::connect(self.inner.url.expose_secret(), properties)
-            .await
-            .map_err(unavailable)?;
-        let publisher = connection.create_channel().await.map_err(unavailable)?;
-        declare_topology(&publisher, &self.inner.topology).await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
-        info!("connected to RabbitMQ; topology declared");
-        let session = Session {
-            connection: Arc::new(connection),
-            publisher,
+        let attempt = {
+            let mut connecting = self
+                .inner
+                .connecting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(session) = self.current() {
+                return Ok(session);
+            }
+            match connecting.as_ref() {
+                Some(attempt) if attempt.peek().is_none() => attempt.clone(),
+                _ => {
+                    let inner = self.inner.clone();
+                    let task = tokio::spawn(async move { inner.connect().await });
+                    let attempt = async move { task.await.unwrap_or_else(|e| Err(unavailable(e))) }
+                        .boxed()
+                        .shared();
+                    *connecting = Some(attempt.clone());
+                    attempt
+                }
+            }
         };
-        *self
-            .inner
-            .current
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
-        Ok(session)
+        attempt.await
     }
 
     /// Publishes with `mandatory` and waits for the confirm. A Nack or a
-    /// returned (unroutable) message is an error.
+    /// returned (unroutable) message is an error, and so is no connection
+    /// and confirm within `amqp.confirm_timeout_ms`.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -196,7 +224,15 @@ impl RabbitMq {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
-        let session = self.session().await?;
+        // A broker under a memory or disk alarm stops reading, and one that
+        // hangs can hold a reconnect: never wait for it past the lease's
+        // budget, whatever the wait is for.
+        let deadline = Instant::now() + self.inner.confirm_timeout;
+        let session = tokio::time::timeout_at(deadline, self.session())
+            .await
+            .map_err(|_| {
+                QueueError::Unavailable("no connection within amqp.confirm_timeout_ms".into())
+            })??;
         let publish = async {
             session
                 .publisher
@@ -215,9 +251,7 @@ impl RabbitMq {
                 .await
                 .map_err(|e| QueueError::NotConfirmed(e.to_string()))
         };
-        // A broker under a memory or disk alarm stops reading: never wait
-        // for it past the lease's budget.
-        let confirm = tokio::time::timeout(self.inner.confirm_timeout, publish)
+        let confirm = tokio::time::timeout_at(deadline, publish)
             .await
             .map_err(|_| {
                 QueueError::NotConfirmed("no confirm within amqp.confirm_timeout_ms".into())
@@ -229,7 +263,11 @@ impl RabbitMq {
         };
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(QueueError::Unroutable(target.to_owned())),
+            // Dropped unread: the body may hold a phone number.
+            Confirmation::Ack(Some(returned)) => Err(QueueError::Unroutable(format!(
+                "{target} ({} {})",
+                returned.reply_code, returned.reply_text
+            ))),
             Confirmation::Nack(_) => Err(QueueError::NotConfirmed(format!("{target}: nack"))),
             Confirmation::NotRequested => Err(QueueError::NotConfirmed("confirms off".into())),
         }
@@ -245,6 +283,120 @@ impl RabbitMq {
     ) -> Result<(), QueueError> {
         let properties = event_properties(kind, message_id, meta);
         self.publish(exchange, "", &body, properties).await
+    }
+}
+
+impl Inner {
+    /// One connection attempt, bounded by `amqp.connect_timeout_ms`; the
+    /// session it makes becomes the current one.
+    async fn connect(&self) -> Result<Session, QueueError> {
+        let sockets = Arc::new(Sockets::default());
+        let session = match tokio::time::timeout(self.connect_timeout, self.open(&sockets)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                sockets.abandon();
+                return Err(QueueError::Unavailable(
+                    "no answer within amqp.connect_timeout_ms".into(),
+                ));
+            }
+        };
+        sockets.hand_over();
+        info!("connected to RabbitMQ; topology declared");
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn open(&self, sockets: &Arc<Sockets>) -> Result<Session, QueueError> {
+        let uri: AMQPUri = self.url.expose_secret().parse().map_err(unavailable)?;
+        let runtime = lapin::runtime::default_runtime().map_err(unavailable)?;
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from("sms-service"));
+        let sockets = sockets.clone();
+        // lapin's own connect, but with a socket the attempt can close.
+        let connect = async move |uri: AMQPUri, _| {
+            let stream =
+                tokio::net::TcpStream::connect((uri.authority.host.as_str(), uri.authority.port))
+                    .await?;
+            stream.set_nodelay(true)?;
+            let stream = sockets.track(stream)?;
+            let stream = AsyncTcpStream::Plain(stream.compat());
+            Ok(match uri.scheme {
+                AMQPScheme::AMQP => stream,
+                AMQPScheme::AMQPS => {
+                    stream
+                        .into_tls(&uri.authority.host, TLSConfig::default())
+                        .await?
+                }
+            })
+        };
+        let connection = Connection::connector(uri, runtime, connect, properties)
+            .await
+            .map_err(unavailable)?;
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        declare_topology(&publisher, &self.topology).await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        Ok(Session {
+            connection: Arc::new(connection),
+            publisher,
+        })
+    }
+}
+
+/// The sockets of one connection attempt. lapin reads a socket from a
+/// thread of its own until the peer closes it, which a broker that never
+/// answers never does: an attempt given up on shuts its sockets down, or
+/// every retry would leave a thread and a socket behind.
+#[derive(Default)]
+struct Sockets(Mutex<SocketsState>);
+
+enum SocketsState {
+    /// Connecting: a second handle to each socket, to shut it down with.
+    Tracking(Vec<std::net::TcpStream>),
+    /// Connected: the handles are dropped (lapin's closes the socket).
+    HandedOver,
+    /// Given up: sockets are shut down, and no new one is opened.
+    Abandoned,
+}
+
+impl Default for SocketsState {
+    fn default() -> Self {
+        Self::Tracking(Vec::new())
+    }
+}
+
+impl Sockets {
+    fn state(&self) -> std::sync::MutexGuard<'_, SocketsState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a second handle to `stream` while the attempt lasts.
+    fn track(&self, stream: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+        let stream = stream.into_std()?;
+        match &mut *self.state() {
+            SocketsState::Tracking(handles) => handles.push(stream.try_clone()?),
+            SocketsState::HandedOver => {}
+            SocketsState::Abandoned => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Err(std::io::ErrorKind::ConnectionAborted.into());
+            }
+        }
+        tokio::net::TcpStream::from_std(stream)
+    }
+
+    fn hand_over(&self) {
+        *self.state() = SocketsState::HandedOver;
+    }
+
+    fn abandon(&self) {
+        let state = std::mem::replace(&mut *self.state(), SocketsState::Abandoned);
+        if let SocketsState::Tracking(handles) = state {
+            for handle in handles {
+                let _ = handle.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 
@@ -345,24 +497,32 @@ fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProp
 impl QueueClient for RabbitMq {
     async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError> {
         let session = self.session().await?;
-        let channel = session
-            .connection
-            .create_channel()
+        let subscribe = async {
+            let channel = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(unavailable)?;
+            channel
+                .basic_qos(self.inner.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(unavailable)?;
+            let consumer = channel
+                .basic_consume(
+                    self.inner.topology.command_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok::<_, QueueError>((consumer, channel))
+        };
+        let (consumer, channel) = tokio::time::timeout(self.inner.connect_timeout, subscribe)
             .await
-            .map_err(unavailable)?;
-        channel
-            .basic_qos(self.inner.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(unavailable)?;
-        let consumer = channel
-            .basic_consume(
-                self.inner.topology.command_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
+            .map_err(|_| {
+                QueueError::Unavailable("no subscription within amqp.connect_timeout_ms".into())
+            })??;
         Ok(Box::new(RabbitStream::new(consumer, channel, self.clone())))
     }
 
