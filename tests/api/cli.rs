@@ -262,7 +262,10 @@ async fn replay_moves_each_dead_letter_at_most_once_per_run_while_the_service_ru
     // Their keys already had their one SmsFailed: the replayed copies are
     // duplicates, back in the dead-letter queue once each, with no event.
     assert!(
-        app.broker.failed(50, Duration::from_secs(3)).await.is_empty(),
+        app.broker
+            .failed(50, Duration::from_secs(3))
+            .await
+            .is_empty(),
         "a second SmsFailed for one key"
     );
     wait_dead_letters(&app, 5).await;

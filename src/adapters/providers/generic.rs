@@ -201,6 +201,7 @@ fn describe(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[test]
     fn a_quoted_answer_has_its_numbers_masked() {
@@ -210,12 +211,6 @@ mod tests {
         assert!(detail.contains("+********5432"), "{detail}");
         assert!(!detail.contains('\n'), "{detail}");
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Settings;
 
     #[test]
     fn a_provider_built_by_hand_refuses_a_token_that_is_no_clean_header_value() {
