@@ -214,7 +214,6 @@ impl Notifier {
             failed_at: record.failed_at,
         };
         if let Err(e) = self.events.publish_failed(&event, message.meta).await {
-            warn!(error = %e, "SmsFailed for an invalid command not confirmed; will publish it again");
             return self.unpublished(&e, message.retry);
         }
         let marker = Owner::new(self.instance(), 0);

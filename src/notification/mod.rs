@@ -54,7 +54,7 @@ mod send;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,6 +135,8 @@ pub struct Notifier {
     /// Outcomes of provider calls not yet written to the store: while any
     /// is held, the instance takes no new work.
     held: AtomicUsize,
+    /// "No queue is bound" was logged, and no event went through since.
+    unroutable_said: AtomicBool,
     meters: Meters,
 }
 
@@ -172,6 +174,7 @@ impl Notifier {
             instance: uuid::Uuid::new_v4().simple().to_string(),
             claims: AtomicU64::new(0),
             held: AtomicUsize::new(0),
+            unroutable_said: AtomicBool::new(false),
             meters: Meters::new(),
         }
     }

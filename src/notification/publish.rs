@@ -2,6 +2,7 @@
 //! and mark it published; or say what to do when the broker did not take
 //! it.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -57,10 +58,10 @@ impl Notifier {
             Event::Failed(r) => r.attempts,
         };
         if let Err(e) = self.renewing(a, publishing).await {
-            warn!(error = %e, "event not confirmed; will publish it again");
             self.release(key, a.owner, attempts).await;
             return self.unpublished(&e, &a.retry);
         }
+        self.unroutable_said.store(false, Ordering::Relaxed);
         self.held_write(|| self.cache.mark_published(key, a.owner))
             .await;
         match event {
@@ -84,8 +85,21 @@ impl Notifier {
     /// failing: requeue after a short wait.
     pub(super) fn unpublished(&self, error: &QueueError, retry: &RetryState) -> Outcome {
         let QueueError::Unroutable(exchange) = error else {
+            warn!(error = %error, "event not confirmed; will publish it again");
             return Outcome::RetryAfter(self.settings.retry.requeue_delay);
         };
+        // Said once until an event goes through again, not once per
+        // message per return from a tier.
+        if !self.unroutable_said.swap(true, Ordering::Relaxed) {
+            warn!(
+                %exchange,
+                "events wait: no queue is bound to the event exchange. The messages are sent; \
+                 their events wait in the delay tiers (up to retry.max_age_secs) until a \
+                 subscriber binds a queue"
+            );
+        } else {
+            tracing::debug!(error = %error, "event still unroutable; waiting in a delay tier");
+        }
         let mut retry = one_more_delay(retry);
         let first = *retry.first_attempt_at_ms.get_or_insert_with(now_ms);
         let waited = Duration::from_millis(now_ms().saturating_sub(first));

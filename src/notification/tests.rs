@@ -866,3 +866,74 @@ async fn an_event_nobody_subscribes_to_waits_in_the_tiers_at_most_max_age() {
         Outcome::DeadLetter(_)
     ));
 }
+
+/// Log lines written while `f` runs, at warn level and above.
+async fn warnings_during<F: std::future::Future>(f: F) -> String {
+    logs_during(tracing::Level::WARN, f).await
+}
+
+/// Log lines written while `f` runs, at `level` and above.
+async fn logs_during<F: std::future::Future>(level: tracing::Level, f: F) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    let bytes = buffer.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_waiting_for_a_bound_queue_are_said_once_not_per_message() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.events.unroutable.store(true, SeqCst);
+    let logs = warnings_during(async {
+        for i in 0..5 {
+            let (_, retry) = delayed(h.handle(&body(&format!("k{i}")), false).await);
+            delayed(h.handle_retry(&body(&format!("k{i}")), false, &retry).await);
+        }
+    })
+    .await;
+    assert_eq!(logs.matches("no queue is bound").count(), 1, "{logs}");
+    // Once an event went through, a new wait is said again.
+    h.events.unroutable.store(false, SeqCst);
+    assert_eq!(h.handle(&body("ok"), false).await, Outcome::Sent);
+    h.events.unroutable.store(true, SeqCst);
+    let logs = warnings_during(async {
+        delayed(h.handle(&body("again"), false).await);
+    })
+    .await;
+    assert_eq!(logs.matches("no queue is bound").count(), 1, "{logs}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_providers_acceptance_is_logged_at_once_with_the_key_and_a_masked_number() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.events.unroutable.store(true, SeqCst);
+    let logs = logs_during(tracing::Level::INFO, async {
+        delayed(h.handle(&body("k1"), false).await);
+    })
+    .await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("provider accepted"))
+        .unwrap_or_else(|| panic!("no 'provider accepted' line: {logs}"));
+    assert!(line.contains("k1") && line.contains("id-1"), "{line}");
+    assert!(line.contains("********5678"), "{line}");
+    assert!(!logs.contains("254712345678"), "a full number: {logs}");
+}
