@@ -121,7 +121,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    sms_service::telemetry::init_logs(&settings.log);
+    // A filter that hides every log is a bad setting like any other.
+    if let Err(e) = sms_service::telemetry::init_logs(&settings.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
