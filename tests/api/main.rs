@@ -8,4 +8,5 @@ mod pipeline;
 mod provider;
 mod proxy;
 mod resilience;
+mod startup;
 mod store;

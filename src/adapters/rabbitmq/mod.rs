@@ -107,6 +107,8 @@ impl Session {
 
 struct Inner {
     url: SecretString,
+    /// `host:port` of the broker, for messages (the URL holds a password).
+    address: String,
     topology: Topology,
     prefetch: u16,
     /// Longest wait for a publish and its confirm.
@@ -126,12 +128,45 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+/// A failed connect, naming the broker and, when it refused, its reason
+/// (`ACCESS_REFUSED - Login was refused ...`), never the URL's password.
+fn connect_error(address: &str, e: &lapin::Error) -> QueueError {
+    let reason = match e.kind() {
+        lapin::ErrorKind::ProtocolError(refusal) => refusal.get_message().to_string(),
+        _ => e.to_string(),
+    };
+    QueueError::Unavailable(format!("cannot connect to RabbitMQ at {address}: {reason}"))
+}
+
+/// `host:port` of an AMQP URL, without its user name or password.
+fn broker_address(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => {
+            let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
+                5671
+            } else {
+                5672
+            });
+            format!("{}:{port}", parsed.host_str().unwrap_or("?"))
+        }
+        Err(_) => "?".to_owned(),
+    }
+}
+
+/// Messages ready in the command and dead-letter queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepths {
+    pub commands: u32,
+    pub dead_letters: u32,
+}
+
 impl RabbitMq {
     /// Makes the adapter; nothing connects until first use.
     pub fn new(settings: &AmqpSettings, retry_tiers: &[Duration]) -> Self {
         Self {
             inner: Arc::new(Inner {
                 url: settings.url.clone(),
+                address: broker_address(settings.url.expose_secret()),
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
                 confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
@@ -143,6 +178,31 @@ impl RabbitMq {
 
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
+    }
+
+    /// Reads the depth of the command and dead-letter queues with a passive
+    /// declare, on a channel of its own (a passive declare of a missing
+    /// queue closes its channel). Uses the live connection only: never
+    /// connects for this.
+    pub async fn queue_depths(&self) -> Result<QueueDepths, QueueError> {
+        let session = self
+            .current()
+            .ok_or_else(|| QueueError::Unavailable("not connected".into()))?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let t = &self.inner.topology;
+        let depths = async {
+            Ok(QueueDepths {
+                commands: passive_count(&channel, &t.command_queue).await?,
+                dead_letters: passive_count(&channel, &t.dead_letter_queue).await?,
+            })
+        }
+        .await;
+        let _ = channel.close(200, "OK".into()).await;
+        depths
     }
 
     /// Connects now (declaring the topology) rather than on first use.
@@ -167,7 +227,7 @@ impl RabbitMq {
             ConnectionProperties::default().with_connection_name(LongString::from("sms-service"));
         let connection = Connection::connect(self.inner.url.expose_secret(), properties)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| connect_error(&self.inner.address, &e))?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         declare_topology(&publisher, &self.inner.topology).await?;
         publisher
@@ -246,6 +306,19 @@ impl RabbitMq {
         let properties = event_properties(kind, message_id, meta);
         self.publish(exchange, "", &body, properties).await
     }
+}
+
+/// Messages ready in `queue`, from a passive declare.
+async fn passive_count(channel: &Channel, queue: &str) -> Result<u32, QueueError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .map_err(unavailable)
 }
 
 /// Declares the contract's topology; declaring again is a no-op.
