@@ -704,6 +704,20 @@ mod tests {
         assert_eq!(configured(&fine.provider.token), Some("AbC-123._~+/xyz=="));
     }
 
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = load(&[("SMS__AMQP__PREFETCHH", "5")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefetchh"), "{err}");
+    }
+
+    #[test]
+    fn url_errors_do_not_echo_the_password() {
+        let err = load(&[("SMS__AMQP__URL", "amqp://user:hunter2@:bad:port")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
     /// One case per kind of mistake: the message names the key, the
     /// variable the user set, and what was expected, in plain words.
     #[test]
@@ -821,19 +835,5 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn unknown_keys_are_an_error() {
-        let err = load(&[("SMS__AMQP__PREFETCHH", "5")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("prefetchh"), "{err}");
-    }
-
-    #[test]
-    fn url_errors_do_not_echo_the_password() {
-        let err = load(&[("SMS__AMQP__URL", "amqp://user:hunter2@:bad:port")]).unwrap_err();
-        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

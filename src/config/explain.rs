@@ -85,7 +85,10 @@ impl Origins {
     /// it has its default. `http.api_keys[1]` is named after `http.api_keys`.
     pub(super) fn name(&self, key: &str) -> String {
         let base = key.split('[').next().unwrap_or(key);
-        name_from(key, self.0.get(base).map(String::as_str))
+        match self.0.get(base).map(String::as_str) {
+            Some(ENVIRONMENT) => format!("{key} (from {})", env_var(base)),
+            origin => name_from(key, origin),
+        }
     }
 
     /// A deserialising error of the `config` crate, reworded.
@@ -404,6 +407,19 @@ mod tests {
             Some("amqp.prefetch")
         );
         assert_eq!(suggest("log_levl", &schema).as_deref(), Some("log.level"));
+    }
+
+    #[test]
+    fn an_item_of_a_list_is_named_with_the_variable_that_set_the_list() {
+        let origins = Origins(HashMap::from([(
+            "http.api_keys".to_owned(),
+            ENVIRONMENT.to_owned(),
+        )]));
+        assert_eq!(
+            origins.name("http.api_keys[1]"),
+            "http.api_keys[1] (from SMS__HTTP__API_KEYS)"
+        );
+        assert_eq!(origins.name("http.bind"), "http.bind");
     }
 
     #[test]
