@@ -6,16 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::adapters::http::{self, ApiAccess, HttpState};
 use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
 use crate::config::{configured, Settings};
 use crate::notification::{Notifier, ProviderGuard};
+use crate::ports::CacheService;
 use crate::processing::QueueProcessingService;
+
+/// How often the depths of the command and dead-letter queues are read
+/// into their gauges.
+pub const QUEUE_DEPTHS_EVERY: Duration = Duration::from_secs(5);
 
 /// A started service.
 pub struct RunningApp {
@@ -76,8 +82,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let (listener, http_addr) = http::bind(&settings.http.bind)
         .await
         .with_context(|| format!("http.bind: cannot listen on {}", settings.http.bind))?;
+    let redis_address = redis_durability::server_address(settings.redis.url.expose_secret());
+    let redis_check = report_redis(
+        store.clone(),
+        redis_address.clone(),
+        Duration::from_millis(settings.redis.timeout_ms),
+        Duration::from_millis(settings.amqp.reconnect_delay_ms),
+    );
+    let depths = broker.clone();
     let state = HttpState {
         cache: store,
+        redis_address,
         queue: Arc::new(broker.clone()),
         events: Arc::new(broker),
         consuming: processing.consuming(),
@@ -104,6 +119,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     ));
     let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
     info!(%http_addr, "HTTP API listening");
+    // On the side, so start-up never waits for Redis or the broker.
+    tokio::spawn(until(http_shutdown.clone(), redis_check));
+    tokio::spawn(watch_queue_depths(
+        depths,
+        QUEUE_DEPTHS_EVERY,
+        http_shutdown.clone(),
+    ));
     // Read on the side: start-up never waits for this answer.
     let redis_settings = settings.redis;
     tokio::spawn(async move {
@@ -125,6 +147,66 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         shutdown,
         task,
     })
+}
+
+/// Runs `task` until it ends or `stop` fires.
+async fn until(stop: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = task => {}
+    }
+}
+
+/// Asks Redis at start whether it answers (a write, as `/readyz` does) and
+/// says so either way: otherwise a Redis that is away is first heard of at
+/// the first command. While it does not answer, asks again every `every`
+/// and says so once it does, never before. `/readyz` answers 503 meanwhile.
+async fn report_redis(store: Arc<RedisStore>, address: String, timeout: Duration, every: Duration) {
+    // A connect and a command.
+    let limit = timeout.saturating_mul(2).max(Duration::from_secs(2));
+    let mut warned = false;
+    loop {
+        match tokio::time::timeout(limit, store.ping()).await {
+            Ok(Ok(())) => {
+                let now = if warned { " now" } else { "" };
+                info!("Redis at {address} answers{now}");
+                return;
+            }
+            Ok(Err(e)) if !warned => {
+                warn!(error = %e, "Redis at {address} does not answer; /readyz says 503 until it does");
+                warned = true;
+            }
+            Err(_) if !warned => {
+                warn!("Redis at {address} gave no answer within {limit:?}; /readyz says 503 until it does");
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(every.max(Duration::from_millis(100))).await;
+    }
+}
+
+/// Reads the depth of the command and dead-letter queues into their
+/// gauges every `every` while connected, until `stop` fires. While not
+/// connected the gauges keep their last value.
+async fn watch_queue_depths(broker: RabbitMq, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match tokio::time::timeout(every, broker.queue_depths()).await {
+            Ok(Ok(depths)) => {
+                metrics::gauge!("sms_command_queue_messages").set(f64::from(depths.commands));
+                metrics::gauge!("sms_dead_letter_queue_messages")
+                    .set(f64::from(depths.dead_letters));
+            }
+            Ok(Err(e)) => debug!(error = %e, "queue depths not read"),
+            Err(_) => debug!("queue depths not read: no answer in time"),
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -1,13 +1,16 @@
 //! Settings: `config/default.toml` (compiled in, so the binary always has
 //! its defaults), then an optional file, then `SMS__SECTION__KEY`
 //! environment variables. Unknown keys are an error; [`Settings::validate`]
-//! rejects what would only fail later, naming the key.
+//! rejects what would only fail later, naming the key. Every error names
+//! where the value came from (`explain`).
+
+mod explain;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -65,6 +68,7 @@ pub enum ProviderKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
+    #[serde(deserialize_with = "explain::choice")]
     pub kind: ProviderKind,
     pub base_url: String,
     pub token: SecretString,
@@ -121,6 +125,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
+    #[serde(deserialize_with = "explain::choice")]
     pub format: LogFormat,
     pub level: String,
 }
@@ -191,17 +196,22 @@ impl Settings {
 
     /// As [`Settings::load`], with the environment given (tests pass a map).
     pub fn load_from(file: Option<&Path>, env: Environment) -> Result<Self, ConfigError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let defaults = File::from_str(DEFAULT_TOML, FileFormat::Toml);
+        let mut builder = Config::builder().add_source(defaults.clone());
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).required(true));
         }
-        let settings: Settings = builder
+        let merged = builder
             .add_source(env)
             .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| ConfigError(e.to_string()))?;
-        settings.validate()?;
+            .map_err(|e| explain::Origins::default().explain(e))?;
+        let schema = defaults.collect().expect("config/default.toml parses");
+        let given = merged
+            .collect()
+            .map_err(|e| explain::Origins::default().explain(e))?;
+        let origins = explain::Origins::check(&schema, &given)?;
+        let settings: Settings = merged.try_deserialize().map_err(|e| origins.explain(e))?;
+        settings.validate().map_err(|e| origins.locate(e))?;
         Ok(settings)
     }
 
@@ -414,6 +424,8 @@ impl Settings {
             );
         }
         check_header_secret("provider.token", self.provider.token.expose_secret())?;
+        crate::telemetry::check_filter(&self.log.level)
+            .map_err(|why| ConfigError(format!("log.level: {why}")))?;
         Ok(())
     }
 
@@ -521,7 +533,7 @@ mod tests {
         assert_eq!(one.retry.tiers_ms, [60000]);
         let token = load(&[
             ("SMS__PROVIDER__TOKEN", "007123"),
-            ("SMS__LOG__LEVEL", "true"),
+            ("SMS__REDIS__KEY_PREFIX", "true"),
         ])
         .unwrap();
         assert_eq!(
@@ -529,6 +541,7 @@ mod tests {
             Some("007123"),
             "secrets are taken as written"
         );
+        assert_eq!(token.redis.key_prefix, "true", "text stays text");
         let defaults = load(&[]).unwrap();
         assert_eq!(
             defaults.retry.tiers_ms,
@@ -789,5 +802,124 @@ mod tests {
     fn url_errors_do_not_echo_the_password() {
         let err = load(&[("SMS__AMQP__URL", "amqp://user:hunter2@:bad:port")]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    /// One case per kind of mistake: the message names the key, the
+    /// variable the user set, and what was expected, in plain words.
+    #[test]
+    fn errors_name_the_variable_set_and_say_what_was_expected() {
+        for (var, value, expected) in [
+            (
+                "SMS__LOG__FORMAT",
+                "yaml",
+                r#"log.format (from SMS__LOG__FORMAT): expected "text" or "json", got "yaml""#,
+            ),
+            (
+                "SMS__PROVIDER__KIND",
+                "twilio",
+                r#"provider.kind (from SMS__PROVIDER__KIND): expected "generic", got "twilio""#,
+            ),
+            (
+                "SMS__AMQP__PREFETCH",
+                "many",
+                r#"amqp.prefetch (from SMS__AMQP__PREFETCH): expected a whole number, got "many""#,
+            ),
+            (
+                "SMS__AMQP__PREFETCH",
+                "70000",
+                "amqp.prefetch (from SMS__AMQP__PREFETCH): expected a whole number from 0 to 65535, got 70000",
+            ),
+            (
+                "SMS__AMQP__PREFETCH",
+                "0",
+                "amqp.prefetch (from SMS__AMQP__PREFETCH): must be greater than 0",
+            ),
+            (
+                "SMS__PROCESSING__ADAPTIVE_SENDS",
+                "maybe",
+                r#"processing.adaptive_sends (from SMS__PROCESSING__ADAPTIVE_SENDS): expected true or false, got "maybe""#,
+            ),
+            (
+                "SMS__AMQP__PREFECH",
+                "5",
+                "amqp.prefech (from SMS__AMQP__PREFECH): no such setting; did you mean amqp.prefetch (SMS__AMQP__PREFETCH)?",
+            ),
+            (
+                "SMS__AMQP_PREFETCH",
+                "5",
+                "amqp_prefetch (from SMS__AMQP_PREFETCH): no such setting; did you mean amqp.prefetch (SMS__AMQP__PREFETCH)?",
+            ),
+            (
+                "SMS__AMQP",
+                "5",
+                "amqp (from SMS__AMQP): is a section of settings, not a value; set its keys, like SMS__AMQP__COMMAND_QUEUE",
+            ),
+            (
+                "SMS__LOG__LEVEL",
+                "verbose",
+                r#"log.level (from SMS__LOG__LEVEL): "verbose" is not a level; expected trace, debug, info, warn, error or off, or target=level as in sms_service=debug"#,
+            ),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert_eq!(err, format!("invalid configuration: {expected}"), "{var}={value}");
+        }
+        let far = load(&[("SMS__REDIS__BANANA", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            far.contains(
+                "redis.banana (from SMS__REDIS__BANANA): no such setting; the keys of redis are "
+            ),
+            "{far}"
+        );
+        assert!(far.contains("key_prefix"), "{far}");
+    }
+
+    #[test]
+    fn a_settings_file_is_named_as_the_source_of_its_mistakes() {
+        let dir = std::env::temp_dir().join(format!("sms-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sms.toml");
+        let cases = [
+            (
+                "[amqp]\nprefech = 5\n",
+                "(from ",
+                "no such setting; did you mean amqp.prefetch?",
+            ),
+            (
+                "[amqp]\nprefetch = 0\n",
+                "amqp.prefetch (from ",
+                "must be greater than 0",
+            ),
+            (
+                "[amqp]\nprefetch = \"x\n",
+                "settings file ",
+                "TOML parse error at line 2",
+            ),
+        ];
+        for (text, names, says) in cases {
+            std::fs::write(&file, text).unwrap();
+            let err = Settings::load_from(Some(&file), environment().source(Some(HashMap::new())))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(names) && err.contains("sms.toml"),
+                "{text:?}: {err}"
+            );
+            assert!(err.contains(says), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+        }
+        // The environment wins over the file, and is what the message names.
+        std::fs::write(&file, "[amqp]\nprefetch = 0\n").unwrap();
+        let env: HashMap<String, String> =
+            [("SMS__AMQP__PREFETCH".to_owned(), "0".to_owned())].into();
+        let err = Settings::load_from(Some(&file), environment().source(Some(env)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("amqp.prefetch (from SMS__AMQP__PREFETCH)"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

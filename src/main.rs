@@ -159,8 +159,10 @@ fn main() -> ExitCode {
     };
     if cli.command.is_one_shot() {
         init_one_shot_logs();
-    } else {
-        sms_service::telemetry::init_logs(&settings.log);
+    } else if let Err(e) = sms_service::telemetry::init_logs(&settings.log) {
+        // A filter that hides every log is a bad setting like any other.
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

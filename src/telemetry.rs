@@ -1,17 +1,28 @@
 //! Logs and metrics. Logs go to stderr, human-readable or JSON; `RUST_LOG`
-//! overrides the configured level, except for the log targets of
-//! dependencies that print message contents ([`PAYLOAD_TARGETS`]), which
-//! stay at `error` whatever it says. Metrics go to one process-wide
-//! Prometheus recorder, rendered by `/metrics`.
+//! overrides the configured level, and a filter that would hide everything
+//! (a misspelt level) stops start-up instead; the log targets of
+//! dependencies that print message contents ([`PAYLOAD_TARGETS`]) stay at
+//! `error` whatever it says. Metrics go to one
+//! process-wide Prometheus recorder, rendered by `/metrics`: every metric
+//! is described once here ([`METRICS`]), and every counter is exported at 0
+//! from the start with each label value it can take, so `increase()` sees
+//! the first failure.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal;
+use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::{Directive, LevelFilter};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{ConfigError, LogFormat, LogSettings};
+use crate::domain::{DeliveryStatus, FailureReason};
 
 /// Log targets of dependencies that print what a message carries: lapin
 /// logs every message the broker returns (an event nobody subscribed to
@@ -24,35 +35,195 @@ pub const PAYLOAD_TARGETS: [&str; 3] = [
     "lapin::frames",
 ];
 
-/// Installs the log subscriber; later calls do nothing.
-pub fn init_logs(settings: &LogSettings) {
+/// Put before the configured directives: lapin logs every failed connect
+/// three times at error level ("Exponential backoff attempts exhausted"
+/// among them) and a returned message with its body. The service logs each
+/// broker failure itself, once, naming the broker and the reason. A
+/// directive naming lapin (`RUST_LOG=info,lapin=debug`) brings them back.
+const QUIET: &str = "lapin=off,amq_protocol=warn";
+
+/// Installs the log subscriber; later calls do nothing. A `RUST_LOG` that
+/// is set (and not blank) wins over `log.level`; either one that cannot be
+/// parsed, or names no level, is a configuration error naming it.
+pub fn init_logs(settings: &LogSettings) -> Result<(), ConfigError> {
     let rust_log = std::env::var("RUST_LOG").ok();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(log_filter(rust_log.as_deref(), &settings.level))
-        .with_writer(std::io::stderr);
-    let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    let filter = log_filter(&settings.level, rust_log.as_deref())?;
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let _ = subscriber(settings.format, filter, ansi, std::io::stderr).try_init();
+    Ok(())
 }
 
-/// `RUST_LOG` when set and valid, else the configured level with lapin at
-/// warn; either way with [`PAYLOAD_TARGETS`] kept at `error` (a directive
-/// for the same target replaces the user's, so `RUST_LOG=trace` or
-/// `lapin=trace` cannot turn them back on).
-fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
-    let filter = rust_log
-        .and_then(|directives| EnvFilter::try_new(directives).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("{level},lapin=warn,amq_protocol=warn")));
-    PAYLOAD_TARGETS.iter().fold(filter, |filter, target| {
+/// The filter from `RUST_LOG` when set, else from `log.level`, after
+/// [`QUIET`].
+pub fn log_filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, ConfigError> {
+    let (source, directives) = match rust_log.filter(|v| !v.trim().is_empty()) {
+        Some(value) => ("RUST_LOG", value),
+        None => ("log.level", level),
+    };
+    let refused = |why: String| ConfigError(format!("{source}: {why}"));
+    check_filter(directives).map_err(refused)?;
+    let filter = EnvFilter::builder()
+        .parse(format!("{QUIET},{directives}"))
+        .map_err(|e| refused(e.to_string()))?;
+    // A directive for the same target replaces the user's, so
+    // `RUST_LOG=trace` or `lapin=trace` cannot turn payload dumps back on.
+    Ok(PAYLOAD_TARGETS.iter().fold(filter, |filter, target| {
         let quiet = format!("{target}=error")
             .parse()
             .expect("a valid directive");
         filter.add_directive(quiet)
-    })
+    }))
 }
 
-/// The process's metrics recorder, installed on first call.
+/// Checks a filter as `RUST_LOG` and `log.level` take it: comma-separated
+/// directives, each a level (`info`) or `target=level` (`sms_service=debug`).
+/// A bare word that is no level would be read as a target and leave every
+/// other log off, errors included, so it is refused.
+pub fn check_filter(directives: &str) -> Result<(), String> {
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    if directives.trim().is_empty() {
+        return Err(format!("is empty; expected a level ({LEVELS})"));
+    }
+    for part in directives.split(',').filter(|p| !p.is_empty()) {
+        if let Err(e) = Directive::from_str(part) {
+            return Err(format!(
+                "{part:?} is not a filter directive ({e}); expected a level ({LEVELS}) or target=level"
+            ));
+        }
+        let bare = !part.contains('=') && !part.contains('[');
+        if bare && LevelFilter::from_str(part.trim()).is_err() {
+            return Err(format!(
+                "{part:?} is not a level; expected {LEVELS}, or target=level as in sms_service=debug"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// ANSI colours only on a terminal, and never when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+pub fn colours(is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(OsStr::is_empty)
+}
+
+/// The subscriber, writing to `writer`. JSON lines carry the event's fields
+/// at the top level (one `message`) and the spans it is in once, as the
+/// `spans` list (outermost first), not again as `span`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(
+            builder
+                .with_ansi(false)
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(true)
+                .finish(),
+        ),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+    }
+}
+
+/// What a metric is, as its `# TYPE` line says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the service records: name, kind, and the `# HELP` text.
+/// (The `process_*` metrics are described by `metrics-process`.) A metric
+/// recorded anywhere in `src/` and missing here fails a unit test.
+pub const METRICS: &[(&str, MetricKind, &str)] = {
+    use MetricKind::{Counter, Gauge, Histogram};
+    &[
+        ("sms_build_info", Gauge, "Always 1; the version label names the running build."),
+        ("sms_commands_received_total", Counter, "Commands taken from the command queue, including redeliveries and returns from delay tiers."),
+        ("sms_provider_requests_total", Counter, "Provider calls by outcome: accepted, rejected (permanent failure) or transient."),
+        ("sms_provider_accepted_total", Counter, "Messages the provider accepted; each becomes an SmsSent once recorded and confirmed (sms_sent_total)."),
+        ("sms_provider_request_duration_seconds", Histogram, "Duration of one provider call."),
+        ("sms_sent_total", Counter, "SmsSent events confirmed by the broker."),
+        ("sms_failed_total", Counter, "SmsFailed events confirmed by the broker, by reason."),
+        ("sms_duplicates_total", Counter, "Commands acked or dead-lettered as duplicates of a key already sent, failed or in flight."),
+        ("sms_dead_lettered_total", Counter, "Commands copied to the dead-letter queue, poison messages included."),
+        ("sms_retries_scheduled_total", Counter, "Commands handed to a broker delay tier, confirmed."),
+        ("sms_requeued_total", Counter, "Commands requeued after an unconfirmed event, or handed back after the shutdown grace period."),
+        ("sms_amqp_acks_sent_total", Counter, "basic.ack frames sent for commands; one may settle many."),
+        ("sms_amqp_stale_deliveries_dropped_total", Counter, "Deliveries read after their channel had died, dropped unprocessed (the broker redelivers them)."),
+        ("sms_lease_takeovers_total", Counter, "Claims that took a key over from a holder that died or ran out of lease before an outcome."),
+        ("sms_records_fenced_total", Counter, "Outcomes not recorded because another holder had taken the key over; that holder's outcome stands."),
+        ("sms_store_write_failures_total", Counter, "Failed tries of a held Redis write after a provider call (record, mark published); it is tried until Redis takes it."),
+        ("sms_delivery_reports_total", Counter, "Delivery reports recorded and published, by status."),
+        ("sms_circuit_state", Gauge, "Provider circuit breaker: 0 closed, 1 open, 2 half-open."),
+        ("sms_in_flight", Gauge, "Commands being processed now, including those waiting for the rate limit or a send slot."),
+        ("sms_send_concurrency_limit", Gauge, "The adaptive limit on commands in their send phase at once."),
+        ("sms_processing_duration_seconds", Histogram, "Time from taking a command to settling it."),
+        ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
+        ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
+    ]
+};
+
+/// The label and its values for each counter that has one: each pair is
+/// exported at 0 from the start.
+fn label_values(counter: &str) -> Option<(&'static str, Vec<&'static str>)> {
+    match counter {
+        "sms_provider_requests_total" => {
+            Some(("outcome", vec!["accepted", "rejected", "transient"]))
+        }
+        "sms_failed_total" => Some((
+            "reason",
+            FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
+        )),
+        "sms_delivery_reports_total" => Some((
+            "status",
+            DeliveryStatus::ALL.iter().map(|s| s.as_str()).collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// Describes every metric, registers every counter at 0 (each label value
+/// of it), and sets `sms_build_info`.
+fn register_metrics() {
+    for (name, kind, help) in METRICS {
+        let (name, help) = (*name, *help);
+        match kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(name, help);
+                match label_values(name) {
+                    Some((label, values)) => {
+                        for value in values {
+                            metrics::counter!(name, label => value).increment(0);
+                        }
+                    }
+                    None => metrics::counter!(name).increment(0),
+                }
+            }
+            MetricKind::Gauge => metrics::describe_gauge!(name, help),
+            MetricKind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+    metrics::gauge!("sms_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics_process::Collector::default().describe();
+}
+
+/// The process's metrics recorder, installed (and every metric described
+/// and registered) on first call.
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -60,40 +231,48 @@ pub fn metrics() -> PrometheusHandle {
             let seconds = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets(&seconds)
                 .expect("buckets are not empty")
                 .install_recorder()
-                .expect("the metrics recorder is installed once")
+                .expect("the metrics recorder is installed once");
+            register_metrics();
+            handle
         })
         .clone()
 }
 
-/// How often [`metrics_upkeep`] folds recorded samples into histograms.
+/// How often [`metrics_upkeep`] runs.
 pub const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Folds the samples histograms have recorded into their buckets every
-/// `every`, until `stop` fires. The recorder keeps each sample until then
-/// (or until `/metrics` is scraped), so without this a service nobody
+/// Every `every`, until `stop` fires (and once at once): reads the
+/// process's CPU time, memory, threads and file descriptors (`/proc/self`
+/// on Linux) into the `process_*` metrics, and folds the samples histograms
+/// have recorded into their buckets. The recorder keeps each sample until
+/// then (or until `/metrics` is scraped), so without this a service nobody
 /// scrapes grows by two samples per command without end.
 pub async fn metrics_upkeep(handle: PrometheusHandle, every: Duration, stop: CancellationToken) {
+    let process = metrics_process::Collector::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => handle.run_upkeep(),
+            _ = tick.tick() => {
+                process.collect();
+                handle.run_upkeep();
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
 
-    use super::*;
-
-    /// What a subscriber with `log_filter(rust_log, "info")` writes while
+    /// What a subscriber with `log_filter("info", rust_log)` writes while
     /// lapin logs a returned message and a frame, and the service logs a
     /// line of its own.
     fn logged_with(rust_log: Option<&str>) -> String {
@@ -111,7 +290,7 @@ mod tests {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(log_filter(rust_log, "info"))
+            .with_env_filter(log_filter("info", rust_log).unwrap())
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
@@ -146,13 +325,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_invalid_rust_log_falls_back_to_the_configured_level() {
-        let logged = logged_with(Some("=^nonsense["));
-        assert!(logged.contains("SmsSent not confirmed"), "{logged}");
-        assert!(!logged.contains("+254798765432"), "{logged}");
-    }
-
     #[tokio::test(start_paused = true)]
     async fn upkeep_runs_until_stopped() {
         let stop = CancellationToken::new();
@@ -168,5 +340,223 @@ mod tests {
             .await
             .expect("upkeep stops when told")
             .expect("upkeep does not panic");
+    }
+
+    /// A writer into memory, for reading back what a subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap().clone();
+            String::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Runs `emit` under a subscriber of `format` with the filter of
+    /// `level` and `rust_log`, and returns the lines written.
+    fn logged(
+        format: LogFormat,
+        level: &str,
+        rust_log: Option<&str>,
+        emit: impl FnOnce(),
+    ) -> Vec<String> {
+        let out = Captured::default();
+        let writer = out.clone();
+        let filter = log_filter(level, rust_log).unwrap();
+        let subscriber = subscriber(format, filter, false, move || writer.clone());
+        tracing::subscriber::with_default(subscriber, emit);
+        out.lines()
+    }
+
+    #[test]
+    fn a_json_line_has_one_message_key_and_lists_its_spans_once() {
+        let lines = logged(LogFormat::Json, "info", None, || {
+            let outer = tracing::info_span!("handle", key = "k1", to = tracing::field::Empty);
+            let _outer = outer.enter();
+            outer.record("to", "+********5678");
+            let inner = tracing::info_span!("send", attempt = 2);
+            let _inner = inner.enter();
+            tracing::warn!(attempts = 2, "transient provider failure");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line = &lines[0];
+        assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
+        assert_eq!(line.matches("\"name\":\"send\"").count(), 1, "{line}");
+        assert_eq!(line.matches("\"name\":\"handle\"").count(), 1, "{line}");
+        let json: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(json["message"], "transient provider failure");
+        assert_eq!(json["attempts"], 2);
+        assert_eq!(json["level"], "WARN");
+        assert!(json.get("span").is_none(), "{line}");
+        let spans = json["spans"].as_array().expect("a span list");
+        assert_eq!(spans.len(), 2, "{line}");
+        assert_eq!(spans[0]["name"], "handle");
+        assert_eq!(spans[0]["to"], "+********5678");
+        assert_eq!(spans[1]["name"], "send");
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_and_never_under_no_color() {
+        assert!(colours(true, None));
+        assert!(!colours(false, None), "not a terminal");
+        assert!(!colours(true, Some(OsStr::new("1"))), "NO_COLOR wins");
+        assert!(!colours(false, Some(OsStr::new("1"))));
+        assert!(
+            colours(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+    }
+
+    #[test]
+    fn text_logs_off_a_terminal_carry_no_escape_codes() {
+        let ansi = colours(false, None);
+        let out = Captured::default();
+        let writer = out.clone();
+        let filter = log_filter("info", None).unwrap();
+        let subscriber = subscriber(LogFormat::Text, filter, ansi, move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(attempts = 2, "transient provider failure")
+        });
+        let lines = out.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(!lines[0].contains('\u{1b}'), "{:?}", lines[0]);
+        assert!(lines[0].contains("WARN"), "{:?}", lines[0]);
+    }
+
+    #[test]
+    fn a_level_that_would_hide_every_log_is_refused_naming_its_source() {
+        for bad in [
+            "verbose",
+            "nonsense===",
+            "info,sms_service",
+            "",
+            " ",
+            "inf0",
+        ] {
+            let err = log_filter(bad, None).unwrap_err().to_string();
+            assert!(err.contains("log.level"), "{bad:?}: {err}");
+            let err = log_filter("info", Some(bad)).map(drop);
+            match bad.trim() {
+                // A blank RUST_LOG counts as unset.
+                "" => assert!(err.is_ok(), "{bad:?}"),
+                _ => {
+                    let err = err.unwrap_err().to_string();
+                    assert!(err.contains("RUST_LOG"), "{bad:?}: {err}");
+                    assert!(err.contains("trace, debug, info"), "{bad:?}: {err}");
+                }
+            }
+        }
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "debug,lapin=info",
+            "sms_service=debug",
+            "info,sms_service::processing=trace",
+        ] {
+            assert!(log_filter(good, None).is_ok(), "{good}");
+            assert!(log_filter("info", Some(good)).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn lapins_own_logs_are_off_unless_a_directive_names_lapin() {
+        let emit = || {
+            tracing::error!(target: "lapin::io_loop", "Exponential backoff attempts exhausted, aborting recovery");
+            tracing::warn!(target: "sms_service::processing", "cannot subscribe yet");
+        };
+        let quiet = logged(LogFormat::Text, "info", None, emit);
+        assert_eq!(quiet.len(), 1, "{quiet:?}");
+        assert!(quiet[0].contains("cannot subscribe yet"));
+        let also_quiet = logged(LogFormat::Text, "info", Some("debug"), emit);
+        assert_eq!(also_quiet.len(), 1, "{also_quiet:?}");
+        let asked = logged(LogFormat::Text, "info", Some("info,lapin=error"), emit);
+        assert_eq!(asked.len(), 2, "{asked:?}");
+    }
+
+    #[test]
+    fn every_metric_the_code_records_is_described_with_its_kind() {
+        let described: std::collections::HashMap<&str, MetricKind> = METRICS
+            .iter()
+            .map(|(name, kind, _)| (*name, *kind))
+            .collect();
+        let mut recorded = Vec::new();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let source = std::fs::read_to_string(&path).unwrap();
+                    for (macro_name, kind) in [
+                        ("counter!(\"", MetricKind::Counter),
+                        ("gauge!(\"", MetricKind::Gauge),
+                        ("histogram!(\"", MetricKind::Histogram),
+                    ] {
+                        for (at, _) in source.match_indices(macro_name) {
+                            let rest = &source[at + macro_name.len()..];
+                            let name = &rest[..rest.find('"').unwrap()];
+                            recorded.push((name.to_owned(), kind, path.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            recorded.len() > 10,
+            "the scan found the metrics: {recorded:?}"
+        );
+        for (name, kind, path) in recorded {
+            if name.starts_with("process_") {
+                continue;
+            }
+            assert_eq!(
+                described.get(name.as_str()),
+                Some(&kind),
+                "{name} ({kind:?}, recorded in {}) is not in telemetry::METRICS",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn every_counter_and_each_label_value_is_exported_at_zero_with_help() {
+        let text = metrics().render();
+        for (name, kind, _) in METRICS {
+            if *kind == MetricKind::Counter {
+                assert!(
+                    text.contains(&format!("# HELP {name} ")),
+                    "{name} has no help"
+                );
+            }
+        }
+        for reason in FailureReason::ALL {
+            let series = format!("sms_failed_total{{reason=\"{}\"}}", reason.as_str());
+            assert!(text.contains(&series), "{series} missing");
+        }
+        assert!(text.contains("sms_provider_requests_total{outcome=\"transient\"}"));
+        assert!(text.contains("sms_delivery_reports_total{status=\"undelivered\"}"));
+        assert!(text.contains("sms_provider_accepted_total"));
+        assert!(text.contains(&format!(
+            "sms_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 }

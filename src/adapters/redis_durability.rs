@@ -85,7 +85,7 @@ fn warning_for(policy: &str, server: &str) -> Option<String> {
 }
 
 /// `host:port` of a Redis URL, without its user name or password.
-fn server_address(url: &str) -> String {
+pub fn server_address(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(url) => format!(
             "{}:{}",

@@ -103,6 +103,14 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Every reason, as the `sms_failed_total{reason}` series list them.
+    pub const ALL: [Self; 4] = [
+        Self::InvalidCommand,
+        Self::InvalidPhoneNumber,
+        Self::ProviderRejected,
+        Self::RetriesExhausted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidCommand => "invalid_command",
@@ -113,14 +121,7 @@ impl FailureReason {
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        [
-            Self::InvalidCommand,
-            Self::InvalidPhoneNumber,
-            Self::ProviderRejected,
-            Self::RetriesExhausted,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == raw)
+        Self::ALL.into_iter().find(|r| r.as_str() == raw)
     }
 }
 

@@ -38,6 +38,9 @@ pub enum DeliveryStatus {
 }
 
 impl DeliveryStatus {
+    /// Every status, as the `sms_delivery_reports_total{status}` series list them.
+    pub const ALL: [Self; 2] = [Self::Delivered, Self::Undelivered];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Delivered => "delivered",

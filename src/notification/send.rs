@@ -97,6 +97,7 @@ impl Notifier {
     async fn accepted(&self, a: &Attempt<'_>, accepted: Accepted) -> Outcome {
         self.guard.breaker.record_success();
         self.meters.accepted.increment(1);
+        metrics::counter!("sms_provider_accepted_total").increment(1);
         info!(
             provider = self.sms.name(),
             provider_message_id = %accepted.provider_message_id,

@@ -12,4 +12,5 @@ mod privacy;
 mod provider;
 mod proxy;
 mod resilience;
+mod startup;
 mod store;

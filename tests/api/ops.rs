@@ -15,7 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
 
 /// Runs the binary with `env` over a clean environment, capturing its
 /// output; `None` if it is still running after 20 s (then it is killed).
-fn run_binary(env: &[(String, String)], args: &[&str]) -> Option<Output> {
+pub fn run_binary(env: &[(String, String)], args: &[&str]) -> Option<Output> {
     let mut child = Command::new(BIN)
         .args(args)
         .env_clear()

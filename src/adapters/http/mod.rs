@@ -31,6 +31,8 @@ use crate::processing::Consuming;
 #[derive(Clone)]
 pub struct HttpState {
     pub cache: Arc<dyn CacheService>,
+    /// `host:port` of Redis, for readiness reasons.
+    pub redis_address: String,
     pub queue: Arc<dyn QueueClient>,
     pub events: Arc<dyn EventBus>,
     pub consuming: Arc<Consuming>,
@@ -100,8 +102,11 @@ async fn ready(State(state): State<HttpState>) -> Response {
     }
     match tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => reasons.push(format!("Redis: {e}")),
-        Err(_) => reasons.push("Redis: no answer within 2 s".to_owned()),
+        Ok(Err(e)) => reasons.push(format!("Redis at {}: {e}", state.redis_address)),
+        Err(_) => reasons.push(format!(
+            "Redis at {}: no answer within 2 s",
+            state.redis_address
+        )),
     }
     if reasons.is_empty() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()

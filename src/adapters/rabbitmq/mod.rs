@@ -126,6 +126,8 @@ type Attempt = Shared<BoxFuture<'static, Result<Session, QueueError>>>;
 
 struct Inner {
     url: SecretString,
+    /// `host:port` of the broker, for messages (the URL holds a password).
+    address: String,
     topology: Topology,
     prefetch: u16,
     /// Longest wait for a publish and its confirm, the wait for a
@@ -151,12 +153,45 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+/// A failed connect, naming the broker and, when it refused, its reason
+/// (`ACCESS_REFUSED - Login was refused ...`), never the URL's password.
+fn connect_error(address: &str, e: &lapin::Error) -> QueueError {
+    let reason = match e.kind() {
+        lapin::ErrorKind::ProtocolError(refusal) => refusal.get_message().to_string(),
+        _ => e.to_string(),
+    };
+    QueueError::Unavailable(format!("cannot connect to RabbitMQ at {address}: {reason}"))
+}
+
+/// `host:port` of an AMQP URL, without its user name or password.
+fn broker_address(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => {
+            let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
+                5671
+            } else {
+                5672
+            });
+            format!("{}:{port}", parsed.host_str().unwrap_or("?"))
+        }
+        Err(_) => "?".to_owned(),
+    }
+}
+
+/// Messages ready in the command and dead-letter queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepths {
+    pub commands: u32,
+    pub dead_letters: u32,
+}
+
 impl RabbitMq {
     /// Makes the adapter; nothing connects until first use.
     pub fn new(settings: &AmqpSettings, retry_tiers: &[Duration]) -> Self {
         Self {
             inner: Arc::new(Inner {
                 url: settings.url.clone(),
+                address: broker_address(settings.url.expose_secret()),
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
                 confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
@@ -169,6 +204,31 @@ impl RabbitMq {
 
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
+    }
+
+    /// Reads the depth of the command and dead-letter queues with a passive
+    /// declare, on a channel of its own (a passive declare of a missing
+    /// queue closes its channel). Uses the live connection only: never
+    /// connects for this.
+    pub async fn queue_depths(&self) -> Result<QueueDepths, QueueError> {
+        let session = self
+            .current()
+            .ok_or_else(|| QueueError::Unavailable("not connected".into()))?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let t = &self.inner.topology;
+        let depths = async {
+            Ok(QueueDepths {
+                commands: passive_count(&channel, &t.command_queue).await?,
+                dead_letters: passive_count(&channel, &t.dead_letter_queue).await?,
+            })
+        }
+        .await;
+        let _ = channel.close(200, "OK".into()).await;
+        depths
     }
 
     /// Connects now (declaring the topology) rather than on first use.
@@ -331,7 +391,7 @@ impl Inner {
         };
         let connection = Connection::connector(uri, runtime, connect, properties)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| connect_error(&self.address, &e))?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         declare_topology(&publisher, &self.topology).await?;
         publisher
@@ -398,6 +458,19 @@ impl Sockets {
             }
         }
     }
+}
+
+/// Messages ready in `queue`, from a passive declare.
+async fn passive_count(channel: &Channel, queue: &str) -> Result<u32, QueueError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .map_err(unavailable)
 }
 
 /// Declares the contract's topology; declaring again is a no-op.
