@@ -14,8 +14,8 @@ use tracing::{debug, info, warn};
 use crate::adapters::http::{self, ApiAccess, HttpState};
 use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
-use crate::config::{configured, Settings};
-use crate::notification::{Notifier, ProviderGuard};
+use crate::config::{ProviderKind, Settings};
+use crate::notification::{Notifier, ProviderGuard, Providers};
 use crate::ports::CacheService;
 use crate::processing::QueueProcessingService;
 
@@ -51,21 +51,48 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let metrics = crate::telemetry::metrics();
     let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
-    let sms = providers::build(&settings.provider).map_err(anyhow::Error::msg)?;
-    let provider_name = sms.name().to_owned();
-    let breaker = Arc::new(CircuitBreaker::new(
-        settings.provider.breaker_threshold,
-        Duration::from_millis(settings.provider.breaker_cool_down_ms),
-    ));
-    let guard = ProviderGuard::new(breaker.clone(), settings.provider.max_sends_per_second)
-        .with_send_limit(settings.send_limit());
-    let notifier = Arc::new(Notifier::new(
+    let (instances, routes) = settings.instances().map_err(|e| anyhow::anyhow!(e.0))?;
+    let mut built = Vec::new();
+    for instance in &instances {
+        let sms = providers::build(instance).map_err(anyhow::Error::msg)?;
+        let breaker = Arc::new(CircuitBreaker::named(
+            &instance.name,
+            instance.breaker_threshold,
+            instance.breaker_cool_down,
+        ));
+        built.push((
+            sms,
+            ProviderGuard::new(breaker, instance.max_sends_per_second),
+        ));
+    }
+    let routes: Vec<(Vec<String>, Vec<String>)> = routes
+        .into_iter()
+        .map(|r| (r.prefixes, r.providers))
+        .collect();
+    let providers = Providers::new(built, &routes).map_err(anyhow::Error::msg)?;
+    // Generic delivery reports (POST /v1/delivery-reports) name the first
+    // generic instance's ids, with its callback secret.
+    let reporting = instances
+        .iter()
+        .find(|i| i.kind == ProviderKind::Generic)
+        .or(instances.first())
+        .expect("settings keep at least one provider instance");
+    let provider_name = reporting.name.clone();
+    let callback_secret = reporting
+        .settings
+        .callback_secret
+        .as_ref()
+        .filter(|s| !s.expose_secret().is_empty())
+        .cloned();
+    let notifier = Notifier::new(
         store.clone(),
-        sms,
+        providers,
         Arc::new(broker.clone()),
-        guard,
         settings.notifier_settings(),
-    ));
+    )
+    .with_send_limit(settings.send_limit());
+    let breakers = notifier.breakers();
+    let notifier = Arc::new(notifier);
     // The liveness record outlives processing: it is deleted only once
     // nothing of this instance is still working on a key.
     let alive = CancellationToken::new();
@@ -76,7 +103,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let processing = QueueProcessingService::new(
         Arc::new(broker.clone()),
         notifier,
-        breaker,
+        breakers,
         settings.processing_settings(),
     );
     let (listener, http_addr) = http::bind(&settings.http.bind)
@@ -97,8 +124,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         events: Arc::new(broker),
         consuming: processing.consuming(),
         metrics,
-        callback_secret: configured(&settings.provider.callback_secret)
-            .map(|s| s.to_owned().into()),
+        callback_secret,
         provider: provider_name,
         max_body_bytes: settings.http.max_body_bytes,
         api_access: ApiAccess::new(&settings.http.api_keys, &settings.http.bind),

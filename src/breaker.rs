@@ -57,6 +57,8 @@ impl State {
 
 #[derive(Debug)]
 pub struct CircuitBreaker {
+    /// The provider instance, in logs and the `sms_circuit_state` label.
+    name: String,
     threshold: u32,
     cool_down: Duration,
     state: Mutex<State>,
@@ -66,8 +68,14 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     /// `threshold` 0 disables the breaker.
     pub fn new(threshold: u32, cool_down: Duration) -> Self {
-        metrics::gauge!("sms_circuit_state").set(0.0);
+        Self::named("generic", threshold, cool_down)
+    }
+
+    /// The breaker of the provider instance `name`.
+    pub fn named(name: &str, threshold: u32, cool_down: Duration) -> Self {
+        metrics::gauge!("sms_circuit_state", "provider" => name.to_owned()).set(0.0);
         Self {
+            name: name.to_owned(),
             threshold,
             cool_down,
             state: Mutex::new(State::Closed { failures: 0 }),
@@ -96,11 +104,15 @@ impl CircuitBreaker {
         let before = std::mem::replace(state, next).kind();
         let after = state.kind();
         if before != after {
-            metrics::gauge!("sms_circuit_state").set(after.gauge());
+            metrics::gauge!("sms_circuit_state", "provider" => self.name.clone())
+                .set(after.gauge());
+            let provider = self.name.as_str();
             match after {
-                BreakerState::Open => warn!(cool_down = ?self.cool_down, "provider circuit open"),
-                BreakerState::HalfOpen => info!("provider circuit half-open: probing"),
-                BreakerState::Closed => info!("provider circuit closed"),
+                BreakerState::Open => {
+                    warn!(provider, cool_down = ?self.cool_down, "provider circuit open")
+                }
+                BreakerState::HalfOpen => info!(provider, "provider circuit half-open: probing"),
+                BreakerState::Closed => info!(provider, "provider circuit closed"),
             }
         }
         self.changed.notify_waiters();
@@ -134,6 +146,18 @@ impl CircuitBreaker {
 
     /// Waits until a new command may be taken: at once while closed; while
     /// open, until the cool-down ends, and then only the one probe.
+    /// Opens the breaker at once, whatever the count (an account problem:
+    /// every call would fail the same way). Logged at error when it opens.
+    pub fn trip(&self, detail: &str) {
+        let mut state = self.lock();
+        if matches!(*state, State::Open { .. }) {
+            return;
+        }
+        tracing::error!(provider = self.name.as_str(), %detail, "provider account problem: its circuit opens");
+        let until = Instant::now() + self.cool_down;
+        self.set(&mut state, State::Open { until });
+    }
+
     pub async fn admit(&self) {
         loop {
             let notified = self.changed.notified();

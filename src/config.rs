@@ -5,6 +5,9 @@
 //! where the value came from (`explain`).
 
 mod explain;
+pub mod providers;
+
+pub use providers::{Instance, InstanceSettings, RouteSettings};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,9 +23,15 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// `[[routes]]`: which provider instances serve which destinations.
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
     pub amqp: AmqpSettings,
     pub redis: RedisSettings,
     pub provider: ProviderSettings,
+    /// `[providers.<name>]`: named provider instances.
+    #[serde(default)]
+    pub providers: std::collections::BTreeMap<String, InstanceSettings>,
     pub retry: RetrySettings,
     pub processing: ProcessingConfig,
     pub http: HttpSettings,
@@ -63,6 +72,51 @@ pub struct RedisSettings {
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Generic,
+    Twilio,
+    AfricasTalking,
+    Vonage,
+    Infobip,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 5] = [
+        Self::Generic,
+        Self::Twilio,
+        Self::AfricasTalking,
+        Self::Vonage,
+        Self::Infobip,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Generic => "generic",
+            Self::Twilio => "twilio",
+            Self::AfricasTalking => "africastalking",
+            Self::Vonage => "vonage",
+            Self::Infobip => "infobip",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The provider's public API host (scheme, host and port; the adapter
+    /// appends the API path), where it has one.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            Self::Generic => None,
+            // https://www.twilio.com/docs/usage/api
+            Self::Twilio => Some("https://api.twilio.com"),
+            // https://developers.africastalking.com/docs/sms/sending
+            Self::AfricasTalking => Some("https://api.africastalking.com"),
+            // https://developer.vonage.com/en/api/sms
+            Self::Vonage => Some("https://rest.nexmo.com"),
+            // Infobip gives each account its own base URL; this is the
+            // shared one: https://www.infobip.com/docs/essentials/base-url
+            Self::Infobip => Some("https://api.infobip.com"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -426,7 +480,13 @@ impl Settings {
         check_header_secret("provider.token", self.provider.token.expose_secret())?;
         crate::telemetry::check_filter(&self.log.level)
             .map_err(|why| ConfigError(format!("log.level: {why}")))?;
+        self.instances()?;
         Ok(())
+    }
+
+    /// The provider instances and routes, defaults filled in and checked.
+    pub fn instances(&self) -> Result<(Vec<Instance>, Vec<RouteSettings>), ConfigError> {
+        providers::resolve(&self.provider, &self.providers, &self.routes)
     }
 
     pub fn notifier_settings(&self) -> crate::notification::NotifierSettings {
@@ -816,8 +876,13 @@ mod tests {
             ),
             (
                 "SMS__PROVIDER__KIND",
+                "carrier-pigeon",
+                r#"provider.kind (from SMS__PROVIDER__KIND): expected one of "generic", "twilio", "africastalking", "vonage" or "infobip", got "carrier-pigeon""#,
+            ),
+            (
+                "SMS__PROVIDER__KIND",
                 "twilio",
-                r#"provider.kind (from SMS__PROVIDER__KIND): expected "generic", got "twilio""#,
+                r#"provider.kind (from SMS__PROVIDER__KIND): twilio needs credentials: configure it as [providers.twilio] (for example SMS__PROVIDERS__TWILIO__...)"#,
             ),
             (
                 "SMS__AMQP__PREFETCH",

@@ -44,6 +44,9 @@ pub struct RetryState {
     pub delays: u32,
     /// When its first provider call was made (ms since the Unix epoch).
     pub first_attempt_at_ms: Option<u64>,
+    /// The provider instance an ambiguous answer came from: the command
+    /// may have been sent there, so it is retried there only.
+    pub pinned_provider: Option<String>,
 }
 
 /// One command delivered from the queue, with the handle that settles it.
@@ -116,32 +119,93 @@ pub trait EventBus: Send + Sync {
 // ---------------------------------------------------------------- provider
 
 /// What the provider said when it accepted a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Accepted {
     pub provider_message_id: String,
+    /// Parts the provider counted, where its answer says (else the service
+    /// counts them itself).
+    pub segments: Option<u32>,
 }
 
-/// A provider call that did not end in acceptance.
+/// A provider call that did not end in acceptance, classified from the
+/// provider's documented answers (see each adapter's module doc). The core
+/// decides from the class alone: retry, fail over, or fail.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProviderError {
-    /// Worth trying again: 408, 429, 5xx, connect error, timeout.
+    /// Not sent, and worth trying again: connect refused, DNS failure,
+    /// throttling (429 and the provider's own throttling codes), 503. May
+    /// fail over to the route's next provider after the in-process attempts.
     #[error("transient provider failure: {detail}")]
     Transient {
         detail: String,
         /// The provider asked us to wait this long (`Retry-After`).
         retry_after: Option<Duration>,
     },
-    /// The provider refused the message for good (any other 4xx).
+    /// The provider may have sent it: a timeout after the request was
+    /// written, 500/502/504. Retried at the same provider only, never
+    /// failed over.
+    #[error("ambiguous provider answer (it may have sent the message): {detail}")]
+    Ambiguous {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    /// This provider cannot reach this destination or use this sender:
+    /// fail over to the route's next provider at once.
+    #[error("provider cannot take this route: {detail}")]
+    RouteRefused { detail: String },
+    /// The message itself is bad (invalid number, opted out, blacklisted):
+    /// SmsFailed, no failover.
     #[error("provider rejected the message: {detail}")]
-    Rejected { detail: String },
+    Rejected {
+        detail: String,
+        /// The provider says the number is invalid (`invalid_phone_number`
+        /// rather than `provider_rejected`).
+        invalid_number: bool,
+    },
+    /// Bad credentials, insufficient balance: transient for the command
+    /// (it waits in the delay tiers or fails over), opens the provider's
+    /// breaker, logged at error once per change.
+    #[error("provider account problem: {detail}")]
+    Account { detail: String },
 }
 
-/// An SMS provider.
+impl ProviderError {
+    /// A permanent rejection of the message itself.
+    pub fn rejected(detail: impl Into<String>) -> Self {
+        Self::Rejected {
+            detail: detail.into(),
+            invalid_number: false,
+        }
+    }
+
+    /// Not sent, worth trying again, without a `Retry-After`.
+    pub fn transient(detail: impl Into<String>) -> Self {
+        Self::Transient {
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The class's name, as metrics and logs say it.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Transient { .. } => "transient",
+            Self::Ambiguous { .. } => "ambiguous",
+            Self::RouteRefused { .. } => "route_refused",
+            Self::Rejected { .. } => "rejected",
+            Self::Account { .. } => "account",
+        }
+    }
+}
+
+/// One configured provider instance (an SMS provider's API with one set of
+/// credentials).
 #[async_trait]
 pub trait SmsService: Send + Sync {
-    /// The provider's name, as it appears in SmsSent's `provider`.
+    /// The instance's name, as it appears in SmsSent's `provider`.
     fn name(&self) -> &str;
-    /// Sends one message, passing its idempotency key to the provider.
+    /// Sends one message, passing its idempotency key to the provider where
+    /// the provider takes one.
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError>;
 }
 

@@ -59,7 +59,8 @@ impl Consuming {
 pub struct QueueProcessingService {
     queue: Arc<dyn QueueClient>,
     notifier: Arc<dyn NotificationService>,
-    breaker: Arc<CircuitBreaker>,
+    /// The provider instances' breakers: work is taken while any admits it.
+    breakers: Vec<Arc<CircuitBreaker>>,
     settings: ProcessingSettings,
     consuming: Arc<Consuming>,
 }
@@ -96,13 +97,13 @@ impl QueueProcessingService {
     pub fn new(
         queue: Arc<dyn QueueClient>,
         notifier: Arc<dyn NotificationService>,
-        breaker: Arc<CircuitBreaker>,
+        breakers: Vec<Arc<CircuitBreaker>>,
         settings: ProcessingSettings,
     ) -> Self {
         Self {
             queue,
             notifier,
-            breaker,
+            breakers,
             settings,
             consuming: Arc::new(Consuming::default()),
         }
@@ -144,7 +145,7 @@ impl QueueProcessingService {
             let stop = loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break Stop::Shutdown,
-                    _ = self.breaker.admit() => {}
+                    _ = admit_any(&self.breakers) => {}
                 }
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => break Stop::Shutdown,
@@ -278,6 +279,16 @@ impl QueueProcessingService {
     }
 }
 
+/// Waits until one of the breakers admits work (at once when one is
+/// closed); with none, at once.
+async fn admit_any(breakers: &[Arc<CircuitBreaker>]) {
+    if breakers.is_empty() {
+        return;
+    }
+    let admits = breakers.iter().map(|b| Box::pin(b.admit()));
+    futures_util::future::select_all(admits).await;
+}
+
 /// Requeues what a cancelled subscription had already delivered to us.
 async fn hand_back_prefetched(stream: &mut dyn DeliveryStream) {
     let idle = Duration::from_millis(200);
@@ -362,7 +373,7 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::{Notifier, NotifierSettings, ProviderGuard, RetryPolicy};
+    use crate::notification::{Notifier, NotifierSettings, ProviderGuard, Providers, RetryPolicy};
     use crate::ports::{Accepted, ProviderError};
     use crate::testing::{MemoryCache, MemoryEvents, MemoryQueue, ScriptedProvider, Settled};
 
@@ -392,9 +403,8 @@ mod tests {
         };
         let notifier = Notifier::new(
             MemoryCache::new(Duration::from_secs(60)),
-            provider,
+            Providers::single(provider, guard),
             Arc::new(MemoryEvents::default()),
-            guard,
             NotifierSettings {
                 retry: policy,
                 max_body_bytes: 4096,
@@ -411,7 +421,7 @@ mod tests {
         };
         (
             queue.clone(),
-            QueueProcessingService::new(queue, Arc::new(notifier), breaker, settings),
+            QueueProcessingService::new(queue, Arc::new(notifier), vec![breaker], settings),
         )
     }
 
@@ -428,13 +438,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_outcome_settles_its_delivery_once() {
-        let rejected = Err(ProviderError::Rejected {
-            detail: "no".into(),
-        });
+        let rejected = Err(ProviderError::rejected("no"));
         let (queue, svc) = service(
             ScriptedProvider::new(vec![
                 Ok(Accepted {
                     provider_message_id: "a".into(),
+                    segments: None,
                 }),
                 rejected,
             ]),

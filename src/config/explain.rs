@@ -345,6 +345,15 @@ where
     T::deserialize(from_name).map_err(|e| D::Error::custom(e.0))
 }
 
+/// As [`choice`], for an optional setting.
+pub(super) fn optional_choice<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    choice(d).map(Some)
+}
+
 /// The error [`choice`] reads names with: it words an unknown variant.
 #[derive(Debug)]
 struct ChoiceError(String);

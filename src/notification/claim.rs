@@ -18,7 +18,8 @@ const PAST_THE_HOLDER: Duration = Duration::from_millis(100);
 
 impl Notifier {
     pub(super) async fn process(&self, cmd: &SendSms, message: &Inbound<'_>) -> Outcome {
-        let Some(slot) = self.wait_for_turn(message).await else {
+        let route = self.route_for(cmd, message.retry);
+        let Some(slot) = self.wait_for_turn(message, route.current).await else {
             return Outcome::HandBack;
         };
         let began = Instant::now();
@@ -41,6 +42,7 @@ impl Notifier {
             inbound: message,
             retry: message.retry.clone(),
             calls: 0,
+            route,
         };
         let outcome = self.act_on(claim, &mut attempt).await;
         // Only a first call that went through measures the send phase:
@@ -55,8 +57,12 @@ impl Notifier {
     /// that a long wait never eats into the lease; in that order, so that
     /// no command sits on a rate-limit token while it waits for a slot (the
     /// tokens would pile up into a burst). `None` when told to stop.
-    async fn wait_for_turn(&self, message: &Inbound<'_>) -> Option<Option<Slot<'_>>> {
-        let slot = match &self.guard.sends {
+    async fn wait_for_turn(
+        &self,
+        message: &Inbound<'_>,
+        provider: usize,
+    ) -> Option<Option<Slot<'_>>> {
+        let slot = match &self.sends {
             Some(sends) => tokio::select! {
                 slot = sends.acquire() => Some(slot),
                 _ = message.stop.cancelled() => return None,
@@ -64,7 +70,7 @@ impl Notifier {
             None => None,
         };
         tokio::select! {
-            _ = self.guard.rate_limit() => {}
+            _ = self.providers.get(provider).guard.rate_limit() => {}
             _ = message.stop.cancelled() => return None,
         }
         (!message.stop.is_cancelled()).then_some(slot)

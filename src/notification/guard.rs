@@ -1,5 +1,5 @@
-//! The limits on calling the provider: its circuit breaker, its send rate,
-//! and how many commands may be in their send phase at once.
+//! The limits on calling one provider instance: its circuit breaker and
+//! its send rate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,32 +7,19 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::breaker::CircuitBreaker;
-use crate::concurrency::AdaptiveLimit;
 
 /// Limits on the provider: the breaker and the send rate.
 pub struct ProviderGuard {
     pub breaker: Arc<CircuitBreaker>,
     /// Sends per second for this instance; `None` for no limit.
     pub limiter: Option<DefaultDirectRateLimiter>,
-    /// Commands in their send phase at once; `None` for no limit.
-    pub sends: Option<AdaptiveLimit>,
 }
 
 impl ProviderGuard {
     pub fn new(breaker: Arc<CircuitBreaker>, max_per_second: u32) -> Self {
         let limiter = std::num::NonZeroU32::new(max_per_second)
             .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
-        Self {
-            breaker,
-            limiter,
-            sends: None,
-        }
-    }
-
-    /// Limits the commands in their send phase at once.
-    pub fn with_send_limit(mut self, sends: AdaptiveLimit) -> Self {
-        self.sends = Some(sends);
-        self
+        Self { breaker, limiter }
     }
 
     pub fn unlimited() -> Self {

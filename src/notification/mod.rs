@@ -47,6 +47,7 @@
 
 mod claim;
 mod guard;
+mod providers;
 mod publish;
 mod record;
 mod retry;
@@ -62,12 +63,12 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::concurrency::AdaptiveLimit;
 use crate::domain::{CommandError, SendSms};
-use crate::ports::{
-    CacheService, EventBus, Inbound, NotificationService, Outcome, Owner, SmsService,
-};
+use crate::ports::{CacheService, EventBus, Inbound, NotificationService, Outcome, Owner};
 
 pub use guard::ProviderGuard;
+pub use providers::{ProviderInstance, Providers};
 pub use retry::RetryPolicy;
 
 /// What the notification step is told by the configuration.
@@ -94,29 +95,20 @@ struct Meters {
     received: metrics::Counter,
     sent: metrics::Counter,
     duplicates: metrics::Counter,
-    accepted: metrics::Counter,
-    rejected: metrics::Counter,
-    transient: metrics::Counter,
     fenced: metrics::Counter,
     takeovers: metrics::Counter,
     store_write_failures: metrics::Counter,
-    provider_seconds: metrics::Histogram,
 }
 
 impl Meters {
     fn new() -> Self {
-        let requests = |outcome: &'static str| metrics::counter!("sms_provider_requests_total", "outcome" => outcome);
         Self {
             received: metrics::counter!("sms_commands_received_total"),
             sent: metrics::counter!("sms_sent_total"),
             duplicates: metrics::counter!("sms_duplicates_total"),
-            accepted: requests("accepted"),
-            rejected: requests("rejected"),
-            transient: requests("transient"),
             fenced: metrics::counter!("sms_records_fenced_total"),
             takeovers: metrics::counter!("sms_lease_takeovers_total"),
             store_write_failures: metrics::counter!("sms_store_write_failures_total"),
-            provider_seconds: metrics::histogram!("sms_provider_request_duration_seconds"),
         }
     }
 }
@@ -124,9 +116,10 @@ impl Meters {
 /// The notification step over its ports.
 pub struct Notifier {
     cache: Arc<dyn CacheService>,
-    sms: Arc<dyn SmsService>,
+    providers: Providers,
     events: Arc<dyn EventBus>,
-    guard: ProviderGuard,
+    /// Commands in their send phase at once; `None` for no limit.
+    sends: Option<AdaptiveLimit>,
     settings: NotifierSettings,
     /// This instance in the store's liveness records and lease owners.
     instance: String,
@@ -155,21 +148,39 @@ struct Attempt<'a> {
     retry: crate::ports::RetryState,
     /// Provider calls made under this claim.
     calls: u32,
+    /// Where the next call goes.
+    route: Route,
+}
+
+/// The provider instances one command may go to, and where it stands.
+#[derive(Debug, Clone)]
+struct Route {
+    /// Instance indices, in order of preference.
+    candidates: Vec<usize>,
+    /// The instance of the next call.
+    current: usize,
+    /// Calls made at `current` under this claim.
+    calls_here: u32,
+    /// An ambiguous answer came from `current` (now or before a delay
+    /// tier): it may have sent the message, so no other is tried.
+    pinned: bool,
+    /// Instances that refused the route, or failed without sending and
+    /// were left for the next.
+    left: Vec<usize>,
 }
 
 impl Notifier {
     pub fn new(
         cache: Arc<dyn CacheService>,
-        sms: Arc<dyn SmsService>,
+        providers: Providers,
         events: Arc<dyn EventBus>,
-        guard: ProviderGuard,
         settings: NotifierSettings,
     ) -> Self {
         Self {
             cache,
-            sms,
+            providers,
             events,
-            guard,
+            sends: None,
             settings,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             claims: AtomicU64::new(0),
@@ -177,6 +188,18 @@ impl Notifier {
             unroutable_said: AtomicBool::new(false),
             meters: Meters::new(),
         }
+    }
+
+    /// Limits the commands in their send phase at once.
+    pub fn with_send_limit(mut self, sends: AdaptiveLimit) -> Self {
+        self.sends = Some(sends);
+        self
+    }
+
+    /// Every provider instance's breaker (the processing loop takes work
+    /// while any admits it).
+    pub fn breakers(&self) -> Vec<Arc<crate::breaker::CircuitBreaker>> {
+        self.providers.breakers()
     }
 
     /// This instance's name in the store.

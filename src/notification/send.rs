@@ -1,17 +1,53 @@
-//! Step 2: call the provider until it accepts or rejects, the attempts or
-//! the age run out, or the wait grows long enough to hand to the broker.
+//! Step 2: call the provider instances of the command's route until one
+//! accepts or the message is rejected, the attempts or the age run out, or
+//! the wait grows long enough to hand to the broker.
+//!
+//! Failover: a command goes to the first instance of its route whose
+//! breaker is not open. It moves to the next one at once when the current
+//! one refuses the route, and after the in-process attempts when the
+//! current one failed without sending (transient, account problem). It
+//! never moves after an ambiguous answer (the message may be out): it is
+//! then pinned to that instance, through delay tiers too. With no instance
+//! left, the command waits in the delay tiers.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
 use super::claim::one_more_delay;
-use super::{now_ms, Attempt, Notifier};
+use super::{now_ms, Attempt, Notifier, Route};
 use crate::breaker::BreakerState;
-use crate::domain::{count_segments, rfc3339, FailureReason};
-use crate::ports::{Accepted, Outcome, ProviderError, SentRecord};
+use crate::domain::{count_segments, rfc3339, FailureReason, SendSms};
+use crate::ports::{Accepted, Outcome, ProviderError, RetryState, SentRecord};
 
 impl Notifier {
+    /// Where a command starts: the instance its retry state is pinned to,
+    /// or the first of its route whose breaker is not open.
+    pub(super) fn route_for(&self, cmd: &SendSms, retry: &RetryState) -> Route {
+        let candidates = self.providers.route(cmd.phone_number.as_str()).to_vec();
+        let pinned = retry
+            .pinned_provider
+            .as_deref()
+            .and_then(|name| self.providers.index_of(name))
+            .filter(|i| candidates.contains(i));
+        let current = pinned
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .copied()
+                    .find(|i| self.providers.get(*i).guard.breaker.state() != BreakerState::Open)
+            })
+            .or(candidates.first().copied())
+            .unwrap_or(0);
+        Route {
+            candidates,
+            current,
+            calls_here: 0,
+            pinned: pinned.is_some(),
+            left: Vec::new(),
+        }
+    }
+
     /// Sends under the claim in `a`, counting its calls there.
     pub(super) async fn send(&self, a: &mut Attempt<'_>) -> Outcome {
         let first_attempt_ms = a.retry.first_attempt_at_ms.unwrap_or_else(now_ms);
@@ -19,51 +55,144 @@ impl Notifier {
             if let Some(outcome) = self.not_now(a, first_attempt_ms).await {
                 return outcome;
             }
+            let instance = self.providers.get(a.route.current);
             a.retry.attempts = a.retry.attempts.saturating_add(1);
             a.calls += 1;
+            a.route.calls_here += 1;
             let started = Instant::now();
-            let call = self.sms.send(a.cmd);
+            let call = instance.sms.send(a.cmd);
             let result = self.renewing(a, call).await;
-            self.meters
-                .provider_seconds
+            instance
+                .meters
+                .seconds
                 .record(started.elapsed().as_secs_f64());
-            let (detail, retry_after) = match result {
+            let error = match result {
                 Ok(accepted) => return self.accepted(a, accepted).await,
-                Err(ProviderError::Rejected { detail }) => {
-                    self.guard.breaker.record_success();
-                    self.meters.rejected.increment(1);
-                    warn!(%detail, attempts = a.retry.attempts, "provider rejected the message");
+                Err(error) => error,
+            };
+            instance.meters.outcome(error.class());
+            let breaker = &instance.guard.breaker;
+            let (detail, retry_after) = match error {
+                ProviderError::Rejected {
+                    detail,
+                    invalid_number,
+                } => {
+                    breaker.record_success();
+                    warn!(provider = instance.sms.name(), %detail, attempts = a.retry.attempts, "provider rejected the message");
+                    let reason = if invalid_number {
+                        FailureReason::InvalidPhoneNumber
+                    } else {
+                        FailureReason::ProviderRejected
+                    };
+                    return self.fail(a, reason, detail).await;
+                }
+                ProviderError::RouteRefused { detail } => {
+                    breaker.record_success();
+                    warn!(provider = instance.sms.name(), %detail, "provider cannot take this route");
+                    if self.fail_over(a) {
+                        continue;
+                    }
+                    let detail =
+                        format!("no provider of the route takes this destination; last: {detail}");
                     return self.fail(a, FailureReason::ProviderRejected, detail).await;
                 }
-                Err(ProviderError::Transient {
+                ProviderError::Ambiguous {
                     detail,
                     retry_after,
-                }) => (detail, retry_after),
+                } => {
+                    breaker.record_failure();
+                    instance.meters.ambiguous_answers.increment(1);
+                    // It may be out: from now on only this instance.
+                    a.route.pinned = true;
+                    (detail, retry_after)
+                }
+                ProviderError::Transient {
+                    detail,
+                    retry_after,
+                } => {
+                    breaker.record_failure();
+                    (detail, retry_after)
+                }
+                ProviderError::Account { detail } => {
+                    breaker.trip(&detail);
+                    if self.fail_over(a) {
+                        continue;
+                    }
+                    (detail, None)
+                }
             };
-            self.guard.breaker.record_failure();
-            self.meters.transient.increment(1);
-            warn!(%detail, attempts = a.retry.attempts, "transient provider failure");
-            let policy = &self.settings.retry;
-            if a.retry.attempts >= policy.max_attempts {
-                let detail = format!("provider failed {} times; last: {detail}", a.retry.attempts);
-                return self.fail(a, FailureReason::RetriesExhausted, detail).await;
-            }
-            let wait = policy.delay(a.calls, retry_after);
-            if a.calls >= policy.in_process_attempts || wait > policy.max_delay {
-                let wait = policy.broker_delay(a.retry.delays, retry_after);
-                return self.hand_over(a, wait).await;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = a.inbound.stop.cancelled() => {}
+            warn!(provider = instance.sms.name(), %detail, attempts = a.retry.attempts, "provider call failed; will retry");
+            if let Some(outcome) = self.after_failure(a, detail, retry_after).await {
+                return outcome;
             }
         }
     }
 
+    /// After a call that did not send (or may have): give up, go on to the
+    /// next instance, hand over to a delay tier, or wait in process and
+    /// try again (`None`).
+    async fn after_failure(
+        &self,
+        a: &mut Attempt<'_>,
+        detail: String,
+        retry_after: Option<Duration>,
+    ) -> Option<Outcome> {
+        let policy = &self.settings.retry;
+        if a.retry.attempts >= policy.max_attempts {
+            let detail = format!("provider failed {} times; last: {detail}", a.retry.attempts);
+            return Some(self.fail(a, FailureReason::RetriesExhausted, detail).await);
+        }
+        let wait = policy.delay(a.route.calls_here, retry_after);
+        if a.route.calls_here >= policy.in_process_attempts || wait > policy.max_delay {
+            if !a.route.pinned && self.fail_over(a) {
+                return None;
+            }
+            let wait = policy.broker_delay(a.retry.delays, retry_after);
+            return Some(self.hand_over(a, wait).await);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = a.inbound.stop.cancelled() => {}
+        }
+        None
+    }
+
+    /// Moves the command to the next instance of its route that is not
+    /// left behind and whose breaker is not open; `false` if there is none
+    /// (or the command is pinned).
+    fn fail_over(&self, a: &mut Attempt<'_>) -> bool {
+        if a.route.pinned {
+            return false;
+        }
+        let from = a.route.current;
+        a.route.left.push(from);
+        let next = a.route.candidates.iter().copied().find(|i| {
+            !a.route.left.contains(i)
+                && self.providers.get(*i).guard.breaker.state() != BreakerState::Open
+        });
+        let Some(to) = next else {
+            return false;
+        };
+        let (from, to_name) = (
+            self.providers.get(from).sms.name(),
+            self.providers.get(to).sms.name(),
+        );
+        info!(
+            from,
+            to = to_name,
+            "failing over to the route's next provider"
+        );
+        metrics::counter!("sms_provider_failovers_total", "from" => from.to_owned(), "to" => to_name.to_owned())
+            .increment(1);
+        a.route.current = to;
+        a.route.calls_here = 0;
+        true
+    }
+
     /// Why the next call is not to be made now, if it is not: the attempts
-    /// or the age ran out, shutdown, an open breaker, or no rate-limit
-    /// token for a retry (it goes to a delay tier rather than wait while
-    /// holding the lease).
+    /// or the age ran out, shutdown, no instance whose breaker lets a call
+    /// through, or no rate-limit token for a retry (it goes to a delay tier
+    /// rather than wait while holding the lease).
     async fn not_now(&self, a: &mut Attempt<'_>, first_attempt_ms: u64) -> Option<Outcome> {
         let age = Duration::from_millis(now_ms().saturating_sub(first_attempt_ms));
         let policy = &self.settings.retry;
@@ -80,12 +209,17 @@ impl Notifier {
                 .await;
             return Some(Outcome::HandBack);
         }
-        if self.guard.breaker.state() == BreakerState::Open {
-            let wait = self.guard.breaker.open_for().unwrap_or(policy.max_delay);
-            debug!(?wait, "provider circuit open; delaying without a call");
+        let breaker = &self.providers.get(a.route.current).guard.breaker;
+        if breaker.state() == BreakerState::Open && !self.fail_over(a) {
+            let wait = breaker.open_for().unwrap_or(policy.max_delay);
+            debug!(
+                ?wait,
+                "no provider of the route lets a call through; delaying without a call"
+            );
             return Some(self.hand_over(a, wait.max(Duration::from_secs(1))).await);
         }
-        if a.calls > 0 && !self.guard.retry_token() {
+        let guard = &self.providers.get(a.route.current).guard;
+        if a.calls > 0 && !guard.retry_token() {
             let wait = policy.broker_delay(a.retry.delays, None);
             return Some(self.hand_over(a, wait).await);
         }
@@ -95,29 +229,37 @@ impl Notifier {
     /// The provider took the message: say so at once (a user with no
     /// subscriber bound learns it here), then record and publish.
     async fn accepted(&self, a: &Attempt<'_>, accepted: Accepted) -> Outcome {
-        self.guard.breaker.record_success();
-        self.meters.accepted.increment(1);
-        metrics::counter!("sms_provider_accepted_total").increment(1);
+        let instance = self.providers.get(a.route.current);
+        instance.guard.breaker.record_success();
+        instance.meters.outcome("accepted");
+        instance.meters.accepted_messages.increment(1);
         info!(
-            provider = self.sms.name(),
+            provider = instance.sms.name(),
             provider_message_id = %accepted.provider_message_id,
             attempts = a.retry.attempts,
             "provider accepted"
         );
         let record = SentRecord {
-            provider: self.sms.name().to_owned(),
+            provider: instance.sms.name().to_owned(),
             provider_message_id: accepted.provider_message_id,
-            segments: count_segments(a.cmd.text.as_str()).1,
+            segments: accepted
+                .segments
+                .unwrap_or_else(|| count_segments(a.cmd.text.as_str()).1),
             attempts: a.retry.attempts,
             sent_at: rfc3339(SystemTime::now()),
         };
         self.sent(a, record).await
     }
 
-    /// Releases the lease (keeping the attempts) and asks for a delay tier.
-    async fn hand_over(&self, a: &Attempt<'_>, delay: Duration) -> Outcome {
+    /// Releases the lease (keeping the attempts) and asks for a delay tier,
+    /// carrying the instance the command is pinned to, if it is.
+    async fn hand_over(&self, a: &mut Attempt<'_>, delay: Duration) -> Outcome {
         self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
             .await;
+        a.retry.pinned_provider = a
+            .route
+            .pinned
+            .then(|| self.providers.get(a.route.current).sms.name().to_owned());
         Outcome::Delay {
             delay,
             retry: one_more_delay(&a.retry),

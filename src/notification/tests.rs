@@ -64,9 +64,8 @@ fn instance(
 ) -> Notifier {
     let notifier = Notifier::new(
         cache.clone(),
-        provider.clone(),
+        Providers::single(provider.clone(), guard),
         events.clone(),
-        guard,
         NotifierSettings {
             retry: policy,
             max_body_bytes: 1024,
@@ -203,6 +202,7 @@ async fn duplicate_while_in_flight_is_acked_and_a_returning_command_waits_for_th
         attempts: 1,
         delays: 1,
         first_attempt_at_ms: Some(1),
+        pinned_provider: None,
     };
     let (_, retry) = delayed(h.handle_retry(&body("k1"), false, &back).await);
     assert_eq!(
@@ -554,6 +554,7 @@ async fn a_command_older_than_the_maximum_age_is_retries_exhausted() {
         attempts: 1,
         delays: 1,
         first_attempt_at_ms: Some(now_ms() - 3_601_000),
+        pinned_provider: None,
     };
     match h.handle_retry(&body("k1"), false, &old).await {
         Outcome::Failed(reason) => assert!(reason.starts_with("retries_exhausted"), "{reason}"),
@@ -589,12 +590,13 @@ async fn an_open_breaker_delays_commands_without_calling_the_provider() {
 #[tokio::test(start_paused = true)]
 async fn a_command_waiting_for_a_send_slot_holds_no_lease_no_token_and_calls_nothing() {
     let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
-    let h = harness_with(
+    let mut h = harness_with(
         ScriptedProvider::new(vec![]),
         policy(),
-        ProviderGuard::new(breaker, 1).with_send_limit(AdaptiveLimit::new(1, 1, false)),
+        ProviderGuard::new(breaker, 1),
     );
-    let sends = h.notifier.guard.sends.as_ref().expect("a send limit");
+    h.notifier = h.notifier.with_send_limit(AdaptiveLimit::new(1, 1, false));
+    let sends = h.notifier.sends.as_ref().expect("a send limit");
     let taken = sends.acquire().await;
     let command = body("k1");
     let mut handling = std::pin::pin!(h.handle(&command, false));
@@ -602,7 +604,14 @@ async fn a_command_waiting_for_a_send_slot_holds_no_lease_no_token_and_calls_not
     assert!(waited.is_err(), "finished without a slot: {waited:?}");
     assert_eq!(h.cache.lease_holder("k1"), None, "claimed while waiting");
     assert_eq!(h.provider.calls(), 0);
-    let limiter = h.notifier.guard.limiter.as_ref().expect("a rate limit");
+    let limiter = h
+        .notifier
+        .providers
+        .get(0)
+        .guard
+        .limiter
+        .as_ref()
+        .expect("a rate limit");
     assert!(
         limiter.check().is_ok(),
         "took a rate-limit token while waiting"
@@ -751,6 +760,7 @@ async fn a_sent_key_is_never_poison_however_often_it_is_redelivered() {
 async fn a_rejection_is_provider_rejected_at_once() {
     let rejected = Err(ProviderError::Rejected {
         detail: "HTTP 400: barred".into(),
+        invalid_number: false,
     });
     let h = harness(ScriptedProvider::new(vec![rejected]));
     match h.handle(&body("k1"), false).await {
@@ -765,6 +775,7 @@ async fn a_rejection_is_provider_rejected_at_once() {
 async fn unconfirmed_sms_failed_is_republished_on_redelivery() {
     let rejected = Err(ProviderError::Rejected {
         detail: "no".into(),
+        invalid_number: false,
     });
     let h = harness(ScriptedProvider::new(vec![rejected]));
     h.events.down.store(true, SeqCst);

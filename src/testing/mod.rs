@@ -388,6 +388,8 @@ impl CacheService for MemoryCache {
 /// A provider that answers from a script, then accepts.
 #[derive(Default)]
 pub struct ScriptedProvider {
+    /// The instance name (`scripted` unless given).
+    name: Option<String>,
     script: Mutex<Vec<Result<Accepted, ProviderError>>>,
     pub calls: AtomicU32,
     /// How long each call takes.
@@ -400,6 +402,17 @@ impl ScriptedProvider {
         let mut script = script;
         script.reverse();
         Arc::new(Self {
+            script: Mutex::new(script),
+            ..Self::default()
+        })
+    }
+
+    /// As [`ScriptedProvider::new`], named as a provider instance.
+    pub fn named(name: &str, script: Vec<Result<Accepted, ProviderError>>) -> Arc<Self> {
+        let mut script = script;
+        script.reverse();
+        Arc::new(Self {
+            name: Some(name.to_owned()),
             script: Mutex::new(script),
             ..Self::default()
         })
@@ -420,7 +433,7 @@ impl ScriptedProvider {
 #[async_trait]
 impl SmsService for ScriptedProvider {
     fn name(&self) -> &str {
-        "scripted"
+        self.name.as_deref().unwrap_or("scripted")
     }
 
     async fn send(&self, _sms: &SendSms) -> Result<Accepted, ProviderError> {
@@ -429,6 +442,7 @@ impl SmsService for ScriptedProvider {
             tokio::time::sleep(self.latency).await;
         }
         self.script.lock().unwrap().pop().unwrap_or(Ok(Accepted {
+            segments: None,
             provider_message_id: format!("id-{n}"),
         }))
     }

@@ -232,6 +232,7 @@ async fn a_command_back_from_a_delay_tier_keeps_its_retry_state() {
         attempts: 2,
         delays: 1,
         first_attempt_at_ms: Some(1_700_000_000_000),
+        pinned_provider: Some("at".into()),
     };
     message
         .handle

@@ -17,7 +17,7 @@ fn provider(server: &MockServer, extra: &[(&str, &str)]) -> GenericProvider {
     let mut env = Names::unique().env(&server.uri());
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let settings: Settings = settings(&env);
-    GenericProvider::new(&settings.provider).unwrap()
+    GenericProvider::new(&settings.instances().unwrap().0[0]).unwrap()
 }
 
 fn sms() -> SendSms {
@@ -110,7 +110,7 @@ async fn a_400_is_rejected() {
         .await
         .unwrap_err();
     match err {
-        ProviderError::Rejected { detail } => {
+        ProviderError::Rejected { detail, .. } => {
             assert!(detail.contains("400") && detail.contains("bad number"))
         }
         other => panic!("{other:?}"),
@@ -125,8 +125,8 @@ async fn a_400_is_rejected() {
 }
 
 #[tokio::test]
-async fn a_408_and_5xx_are_transient() {
-    for status in [408, 500, 502, 503, 504] {
+async fn a_408_and_503_are_not_sent_and_500_502_504_may_have_been() {
+    for status in [408, 503] {
         let err = answer(ResponseTemplate::new(status)).await.unwrap_err();
         assert!(
             matches!(
@@ -136,6 +136,13 @@ async fn a_408_and_5xx_are_transient() {
                     ..
                 }
             ),
+            "{status}: {err:?}"
+        );
+    }
+    for status in [500, 502, 504] {
+        let err = answer(ResponseTemplate::new(status)).await.unwrap_err();
+        assert!(
+            matches!(err, ProviderError::Ambiguous { .. }),
             "{status}: {err:?}"
         );
     }
@@ -167,7 +174,7 @@ async fn a_429_is_transient_with_its_retry_after() {
 }
 
 #[tokio::test]
-async fn a_timeout_is_transient() {
+async fn a_timeout_after_the_request_was_written_is_ambiguous() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(1500)))
@@ -175,7 +182,7 @@ async fn a_timeout_is_transient() {
         .await;
     let client = provider(&server, &[("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "300")]);
     match client.send(&sms()).await.unwrap_err() {
-        ProviderError::Transient { detail, .. } => {
+        ProviderError::Ambiguous { detail, .. } => {
             assert!(detail.starts_with("timeout"), "{detail}")
         }
         other => panic!("{other:?}"),
@@ -186,7 +193,7 @@ async fn a_timeout_is_transient() {
 async fn a_refused_connection_is_transient() {
     let mut env = Names::unique().env("http://127.0.0.1:1");
     env.push(("SMS__PROVIDER__CONNECT_TIMEOUT_MS".into(), "300".into()));
-    let client = GenericProvider::new(&settings(&env).provider).unwrap();
+    let client = GenericProvider::new(&settings(&env).instances().unwrap().0[0]).unwrap();
     match client.send(&sms()).await.unwrap_err() {
         ProviderError::Transient { detail, .. } => {
             assert!(detail.starts_with("connect"), "{detail}")

@@ -1,16 +1,28 @@
-//! SMS providers, one file each. Each classifies every answer into
-//! accepted, transient or rejected; the core decides what to do with it.
+//! SMS providers, one folder each, holding everything that provider
+//! knows: how a request is built, how each documented answer is classified
+//! (the table in its module doc, each row citing the provider's page), and
+//! its fake. What every HTTP provider shares is in [`http`].
+//!
+//! Adding a provider: a folder here with its `SmsService`, a
+//! [`ProviderKind`] variant with its name and public API host, and one arm
+//! in [`build`] (plus its dialect in the fake provider).
 
 pub mod generic;
+pub mod http;
 
 use std::sync::Arc;
 
-use crate::config::{ProviderKind, ProviderSettings};
+use crate::config::{Instance, ProviderKind};
 use crate::ports::SmsService;
 
-/// Builds the provider the settings name.
-pub fn build(settings: &ProviderSettings) -> Result<Arc<dyn SmsService>, String> {
-    match settings.kind {
-        ProviderKind::Generic => Ok(Arc::new(generic::GenericProvider::new(settings)?)),
+/// Builds the adapter of one configured instance.
+pub fn build(instance: &Instance) -> Result<Arc<dyn SmsService>, String> {
+    match instance.kind {
+        ProviderKind::Generic => Ok(Arc::new(generic::GenericProvider::new(instance)?)),
+        other => Err(format!(
+            "{}: kind {} has no adapter in this build",
+            instance.key("kind"),
+            other.as_str()
+        )),
     }
 }

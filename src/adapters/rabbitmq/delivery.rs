@@ -138,6 +138,9 @@ impl DeliveryStream for RabbitStream {
 const ATTEMPTS: &str = "x-sms-attempts";
 const DELAYS: &str = "x-sms-delays";
 const FIRST_ATTEMPT: &str = "x-sms-first-attempt-ms";
+const PINNED: &str = "x-sms-provider";
+/// Longest provider instance name read from a header.
+const MAX_PROVIDER_NAME: usize = 64;
 
 /// Counts read from headers stop here: far past any `retry.max_attempts`,
 /// with room left for the core to count on.
@@ -155,6 +158,11 @@ fn retry_state(headers: Option<&FieldTable>, tiers: &[RetryTier]) -> RetryState 
         attempts: count(ATTEMPTS),
         delays: count(DELAYS),
         first_attempt_at_ms: number(FIRST_ATTEMPT),
+        pinned_provider: headers
+            .inner()
+            .get(PINNED)
+            .and_then(header_text)
+            .filter(|name| !name.is_empty() && name.len() <= MAX_PROVIDER_NAME),
     }
 }
 
@@ -316,6 +324,17 @@ impl DeliveryHandle for RabbitDelivery {
         if let Some(at) = retry.first_attempt_at_ms {
             headers.insert(FIRST_ATTEMPT.into(), number(at));
         }
+        match &retry.pinned_provider {
+            Some(name) => {
+                headers.insert(PINNED.into(), AMQPValue::LongString(name.as_str().into()));
+            }
+            None if headers.contains_key(PINNED) => {
+                let mut rest = headers.inner().clone();
+                rest.remove(PINNED);
+                headers = FieldTable::from(rest);
+            }
+            None => {}
+        }
         // The tier's own TTL caps the wait; a shorter per-message expiry
         // spreads retries (jitter) within the tier.
         let expiration = delay.min(tier.delay).as_millis().max(1).to_string();
@@ -380,7 +399,8 @@ mod tests {
             RetryState {
                 attempts: 3,
                 delays: 2,
-                first_attempt_at_ms: Some(1_000)
+                first_attempt_at_ms: Some(1_000),
+                pinned_provider: None,
             }
         );
     }

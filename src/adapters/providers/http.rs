@@ -1,0 +1,177 @@
+//! What every HTTP provider adapter shares: the client, a bounded read of
+//! an answer, `Retry-After`, short masked snippets for failure details, and
+//! the classification of transport errors.
+
+use std::time::Duration;
+
+use reqwest::header::RETRY_AFTER;
+
+use crate::domain::mask_numbers;
+use crate::ports::ProviderError;
+
+/// Longest provider answer read.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
+/// Longest provider message id kept.
+pub const MAX_ID_CHARS: usize = 256;
+/// A `Retry-After` beyond this is treated as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// How one instance's client is built.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_idle_connections: usize,
+}
+
+/// A pooled HTTP/1.1 client without redirects or retries: a provider that
+/// redirects a POST is misconfigured, and retries are the service's own
+/// business (with the lease and the breaker in view).
+pub fn client(s: ClientSettings) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(s.connect_timeout)
+        .timeout(s.request_timeout)
+        .pool_max_idle_per_host(s.max_idle_connections)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .retry(reqwest::retry::never())
+        .user_agent(concat!("sms-service/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("provider client: {e}"))
+}
+
+/// The `Retry-After` of an answer, in seconds (an HTTP date or garbage is
+/// ignored), capped.
+pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Reads at most [`MAX_ANSWER_BYTES`] of an answer.
+pub async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_ANSWER_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// The start of an answer, short, on one line, phone numbers masked: for a
+/// failure's detail, which reaches logs, events and dead-letter headers.
+pub fn snippet(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .take(200)
+        .filter(|c| !c.is_control())
+        .collect();
+    mask_numbers(&text)
+}
+
+/// A provider's id, bounded.
+pub fn bounded_id(id: &str) -> String {
+    id.chars().take(MAX_ID_CHARS).collect()
+}
+
+/// A transport error, classified: a connect error (or a connect timeout)
+/// means the request never reached the provider, so the message was not
+/// sent; any other failure (a timeout while waiting for the answer, a
+/// connection reset after the request was written) may have sent it.
+pub fn transport_error(e: &reqwest::Error) -> ProviderError {
+    let detail = describe(e);
+    if e.is_connect() {
+        ProviderError::transient(detail)
+    } else {
+        ProviderError::Ambiguous {
+            detail,
+            retry_after: None,
+        }
+    }
+}
+
+/// A transport error without the URL's secrets, numbers masked.
+pub fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connect error"
+    } else if e.is_timeout() {
+        "timeout"
+    } else {
+        "request error"
+    };
+    let mut detail = kind.to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        detail = format!("{detail}: {inner}");
+        source = inner.source();
+    }
+    mask_numbers(&detail)
+}
+
+/// The generic classification of a failed HTTP status, for providers whose
+/// documentation says no more: 408, 429 and 503 not sent (transient); 500,
+/// 502 and 504 ambiguous (the provider may have sent it); any other 4xx
+/// rejected.
+pub fn classify_status(
+    status: reqwest::StatusCode,
+    detail: String,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    match status.as_u16() {
+        408 | 429 | 503 => ProviderError::Transient {
+            detail,
+            retry_after,
+        },
+        500 | 502 | 504 => ProviderError::Ambiguous {
+            detail,
+            retry_after,
+        },
+        s if s >= 500 => ProviderError::Ambiguous {
+            detail,
+            retry_after,
+        },
+        _ => ProviderError::rejected(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_fall_in_one_class_each() {
+        let class = |s: u16| {
+            classify_status(
+                reqwest::StatusCode::from_u16(s).unwrap(),
+                String::new(),
+                None,
+            )
+            .class()
+        };
+        for s in [408, 429, 503] {
+            assert_eq!(class(s), "transient", "{s}");
+        }
+        for s in [500, 502, 504, 599] {
+            assert_eq!(class(s), "ambiguous", "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            assert_eq!(class(s), "rejected", "{s}");
+        }
+    }
+
+    #[test]
+    fn a_quoted_answer_has_its_numbers_masked_and_fits_one_line() {
+        let body = b"{\"message\": \"The 'To' number +254798765432 is not a valid phone number\",\n\"to\": \"254798765432\"}";
+        let detail = snippet(body);
+        assert!(!detail.contains("254798765432"), "{detail}");
+        assert!(detail.contains("+********5432"), "{detail}");
+        assert!(!detail.contains('\n'), "{detail}");
+    }
+}

@@ -1,0 +1,276 @@
+//! Provider instances and routes (`[providers.<name>]`, `[[routes]]`):
+//! what each instance is, its credentials, its own timeouts, rate limit
+//! and breaker, and which instances serve which destinations. The single
+//! `[provider]` section of the first version stays valid: with no
+//! `[providers.*]` it is one instance, named after its kind, on a route
+//! for every number.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{check_url, ConfigError, ProviderKind, ProviderSettings};
+
+/// One `[providers.<name>]` table. Every setting but the credentials has a
+/// default: the `[provider]` section's value, or the provider's own (its
+/// public API host for `base_url`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSettings {
+    /// The provider; defaults to the instance's name when that names one
+    /// (`[providers.twilio]`).
+    #[serde(default, deserialize_with = "super::explain::optional_choice")]
+    pub kind: Option<ProviderKind>,
+    pub base_url: Option<String>,
+    pub connect_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub max_idle_connections: Option<usize>,
+    pub max_sends_per_second: Option<u32>,
+    pub breaker_threshold: Option<u32>,
+    pub breaker_cool_down_ms: Option<u64>,
+    /// generic: bearer token.
+    pub token: Option<SecretString>,
+    /// generic: HMAC secret of its delivery reports.
+    pub callback_secret: Option<SecretString>,
+    /// twilio
+    pub account_sid: Option<String>,
+    pub auth_token: Option<SecretString>,
+    pub messaging_service_sid: Option<String>,
+    /// twilio, africastalking, vonage, infobip: the sender.
+    pub from: Option<String>,
+    /// africastalking
+    pub username: Option<String>,
+    /// africastalking, vonage, infobip
+    pub api_key: Option<SecretString>,
+    /// africastalking, infobip: the secret path token of their callbacks.
+    pub callback_token: Option<SecretString>,
+    /// vonage
+    pub api_secret: Option<SecretString>,
+    pub signature_secret: Option<SecretString>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// E.164 prefixes (`+254`); `+` matches every number.
+    pub prefixes: Vec<String>,
+    /// Instance names, in order of preference.
+    pub providers: Vec<String>,
+}
+
+/// An instance with every default filled in.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_idle_connections: usize,
+    pub max_sends_per_second: u32,
+    pub breaker_threshold: u32,
+    pub breaker_cool_down: Duration,
+    pub settings: InstanceSettings,
+}
+
+impl Instance {
+    /// `providers.<name>.<key>`, for errors.
+    pub fn key(&self, key: &str) -> String {
+        format!("providers.{}.{key}", self.name)
+    }
+
+    /// A required text setting, or an error naming it.
+    pub fn required<'a>(&self, key: &str, value: &'a Option<String>) -> Result<&'a str, String> {
+        value
+            .as_deref()
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "{}: required for kind {}",
+                    self.key(key),
+                    self.kind.as_str()
+                )
+            })
+    }
+
+    /// A required secret, or an error naming it (never its value).
+    pub fn secret<'a>(
+        &self,
+        key: &str,
+        value: &'a Option<SecretString>,
+    ) -> Result<&'a str, String> {
+        value
+            .as_ref()
+            .map(|v| v.expose_secret())
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "{}: required for kind {} (a secret: set it through SMS__PROVIDERS__{}__{})",
+                    self.key(key),
+                    self.kind.as_str(),
+                    self.name.to_uppercase(),
+                    key.to_uppercase()
+                )
+            })
+    }
+}
+
+/// The instances and routes the settings describe, checked: every route
+/// names known instances, some route covers every number (`+`), every
+/// prefix is `+` and digits, and each instance has its kind's credentials.
+pub fn resolve(
+    legacy: &ProviderSettings,
+    providers: &BTreeMap<String, InstanceSettings>,
+    routes: &[RouteSettings],
+) -> Result<(Vec<Instance>, Vec<RouteSettings>), ConfigError> {
+    let bad = |key: String, why: &str| ConfigError(format!("{key}: {why}"));
+    if providers.is_empty() {
+        if legacy.kind != ProviderKind::Generic {
+            let kind = legacy.kind.as_str();
+            return Err(bad(
+                "provider.kind".into(),
+                &format!(
+                    "{kind} needs credentials: configure it as [providers.{kind}] \
+                     (for example SMS__PROVIDERS__{}__...)",
+                    kind.to_uppercase()
+                ),
+            ));
+        }
+        let settings = InstanceSettings {
+            kind: Some(legacy.kind),
+            base_url: Some(legacy.base_url.clone()),
+            token: Some(legacy.token.clone()),
+            callback_secret: Some(legacy.callback_secret.clone()),
+            ..InstanceSettings::default()
+        };
+        let instance = fill(legacy.kind.as_str(), legacy.kind, &settings, legacy);
+        let route = RouteSettings {
+            prefixes: vec!["+".into()],
+            providers: vec![instance.name.clone()],
+        };
+        if !routes.is_empty() {
+            return Err(bad(
+                "routes".into(),
+                "routes need named instances: configure [providers.<name>]",
+            ));
+        }
+        return Ok((vec![instance], vec![route]));
+    }
+    let mut instances = Vec::new();
+    for (name, settings) in providers {
+        let key = format!("providers.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(bad(
+                key,
+                "instance names are lower-case letters, digits and _",
+            ));
+        }
+        let kind = settings
+            .kind
+            .or_else(|| ProviderKind::parse(name))
+            .ok_or_else(|| {
+                bad(
+                    format!("{key}.kind"),
+                    "required (generic, twilio, africastalking, vonage or infobip)",
+                )
+            })?;
+        let instance = fill(name, kind, settings, legacy);
+        check_url(
+            &instance.key("base_url"),
+            &instance.base_url,
+            &["http", "https"],
+        )?;
+        for (field, value) in [
+            ("request_timeout_ms", instance.request_timeout.as_millis()),
+            ("connect_timeout_ms", instance.connect_timeout.as_millis()),
+            (
+                "breaker_cool_down_ms",
+                instance.breaker_cool_down.as_millis(),
+            ),
+        ] {
+            if value == 0 || value > 86_400_000 {
+                return Err(bad(instance.key(field), "must be 1 ms to 24 h"));
+            }
+        }
+        instances.push(instance);
+    }
+    let routes = if routes.is_empty() && instances.len() == 1 {
+        vec![RouteSettings {
+            prefixes: vec!["+".into()],
+            providers: vec![instances[0].name.clone()],
+        }]
+    } else {
+        routes.to_vec()
+    };
+    let mut covers_all = false;
+    for (i, route) in routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if route.prefixes.is_empty() || route.providers.is_empty() {
+            return Err(bad(key, "needs prefixes and providers"));
+        }
+        for prefix in &route.prefixes {
+            let digits = prefix.strip_prefix('+').unwrap_or("x");
+            if !digits.chars().all(|c| c.is_ascii_digit()) || digits.len() > 15 {
+                return Err(bad(
+                    format!("{key}.prefixes"),
+                    &format!("{prefix:?} is not + followed by up to 15 digits"),
+                ));
+            }
+            covers_all |= prefix == "+";
+        }
+        for name in &route.providers {
+            if !instances.iter().any(|i| &i.name == name) {
+                return Err(bad(
+                    format!("{key}.providers"),
+                    &format!("{name:?} is no configured instance ([providers.{name}])"),
+                ));
+            }
+        }
+    }
+    if !covers_all {
+        return Err(bad(
+            "routes".into(),
+            "no route covers every number: add one with prefixes = [\"+\"]",
+        ));
+    }
+    Ok((instances, routes))
+}
+
+/// An instance's settings with the defaults filled in.
+fn fill(
+    name: &str,
+    kind: ProviderKind,
+    s: &InstanceSettings,
+    legacy: &ProviderSettings,
+) -> Instance {
+    let ms = Duration::from_millis;
+    Instance {
+        name: name.to_owned(),
+        kind,
+        base_url: s.base_url.clone().unwrap_or_else(|| {
+            kind.default_base_url()
+                .unwrap_or(&legacy.base_url)
+                .to_owned()
+        }),
+        connect_timeout: ms(s.connect_timeout_ms.unwrap_or(legacy.connect_timeout_ms)),
+        request_timeout: ms(s.request_timeout_ms.unwrap_or(legacy.request_timeout_ms)),
+        max_idle_connections: s
+            .max_idle_connections
+            .unwrap_or(legacy.max_idle_connections),
+        max_sends_per_second: s
+            .max_sends_per_second
+            .unwrap_or(legacy.max_sends_per_second),
+        breaker_threshold: s.breaker_threshold.unwrap_or(legacy.breaker_threshold),
+        breaker_cool_down: ms(s
+            .breaker_cool_down_ms
+            .unwrap_or(legacy.breaker_cool_down_ms)),
+        settings: s.clone(),
+    }
+}
