@@ -1,5 +1,6 @@
-//! The generic HTTP provider of CONTRACT.md: `POST {base_url}/messages`
-//! with `{"to", "text", "from"?}`, `Idempotency-Key`, optional bearer token.
+//! The generic HTTP provider of docs/reference.md (section 6):
+//! `POST {base_url}/messages` with `{"to", "text", "from"?}`,
+//! `Idempotency-Key`, optional bearer token.
 //!
 //! | answer | classification |
 //! |---|---|
