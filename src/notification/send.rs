@@ -80,6 +80,9 @@ impl Notifier {
                 .await;
             return Some(Outcome::HandBack);
         }
+        if !self.still_owner(a).await {
+            return Some(self.fenced());
+        }
         if self.guard.breaker.state() == BreakerState::Open {
             let wait = self.guard.breaker.open_for().unwrap_or(policy.max_delay);
             debug!(?wait, "provider circuit open; delaying without a call");
@@ -94,7 +97,7 @@ impl Notifier {
 
     /// The provider took the message: say so at once (a user with no
     /// subscriber bound learns it here), then record and publish.
-    async fn accepted(&self, a: &Attempt<'_>, accepted: Accepted) -> Outcome {
+    async fn accepted(&self, a: &mut Attempt<'_>, accepted: Accepted) -> Outcome {
         self.guard.breaker.record_success();
         self.meters.accepted.increment(1);
         metrics::counter!("sms_provider_accepted_total").increment(1);
