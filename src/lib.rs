@@ -1,7 +1,7 @@
 //! sms-service turns `SendSms` commands on RabbitMQ into text messages sent
 //! through an HTTP SMS provider, at most once per idempotency key, and
 //! publishes `SmsSent` / `SmsFailed` events. The wire contract is
-//! `CONTRACT.md`; the README says how to run it.
+//! `docs/reference.md`; the README says how to run it.
 //!
 //! The crate is ports and adapters:
 //!

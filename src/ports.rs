@@ -337,7 +337,8 @@ pub enum InvalidVerdict {
     /// First word of this key: recorded as `failed`; publish its SmsFailed.
     Recorded,
     /// Recorded as an invalid command before, its SmsFailed not yet
-    /// confirmed: publish it.
+    /// confirmed: the delivery that recorded it publishes it (a returning
+    /// one does now; a fresh copy is a duplicate).
     Unpublished,
     /// The key is known otherwise (sent, in work, or its SmsFailed is out):
     /// a bad duplicate, no event.
@@ -382,10 +383,13 @@ pub trait CacheService: Send + Sync {
         owner: &Owner,
         record: &FailedRecord,
     ) -> Result<Recorded, CacheError>;
-    /// Marks the key's event as published and ends the lease (a published
-    /// key is done for every claim). Only for a key whose outcome is
-    /// recorded; idempotent.
+    /// Marks the key's event as published (a published key is done for
+    /// every claim): only by the owner that recorded the outcome or claimed
+    /// it for publishing, only for a key with an outcome; idempotent.
     async fn mark_published(&self, key: &IdempotencyKey, owner: &Owner) -> Result<(), CacheError>;
+    /// Marks the SmsFailed of an invalid command as published, only while
+    /// the key still holds that invalid command's record.
+    async fn mark_invalid_published(&self, key: &IdempotencyKey) -> Result<(), CacheError>;
     /// Releases `owner`'s lease without an outcome, writing the attempts
     /// actually made; nothing if `owner` does not hold it.
     async fn release(

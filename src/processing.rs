@@ -246,6 +246,16 @@ impl QueueProcessingService {
                     "steps still running; closing anyway"
                 );
             }
+            // A provider's answer not yet in the store is not given up:
+            // its command would be sent again. Exit only once it is
+            // written (the orchestrator's kill is the bound).
+            while self.notifier.holding() {
+                error!(
+                    "shutting down, but an outcome waits for the idempotency store: \
+                     staying until it is written"
+                );
+                let _ = tokio::time::timeout(HELD_REMINDER, tasks.wait()).await;
+            }
         }
         for mut stream in retired {
             stream.close().await;
@@ -288,6 +298,9 @@ async fn admit_any(breakers: &[Arc<CircuitBreaker>]) {
     let admits = breakers.iter().map(|b| Box::pin(b.admit()));
     futures_util::future::select_all(admits).await;
 }
+
+/// How often shutdown says it still waits for a held outcome.
+const HELD_REMINDER: Duration = Duration::from_secs(10);
 
 /// Requeues what a cancelled subscription had already delivered to us.
 async fn hand_back_prefetched(stream: &mut dyn DeliveryStream) {
@@ -391,6 +404,17 @@ mod tests {
         grace: Duration,
         guard: ProviderGuard,
     ) -> (Arc<MemoryQueue>, QueueProcessingService) {
+        let cache = MemoryCache::new(Duration::from_secs(60));
+        service_over(cache, provider, max_in_flight, grace, guard)
+    }
+
+    fn service_over(
+        cache: Arc<MemoryCache>,
+        provider: Arc<ScriptedProvider>,
+        max_in_flight: usize,
+        grace: Duration,
+        guard: ProviderGuard,
+    ) -> (Arc<MemoryQueue>, QueueProcessingService) {
         let queue = MemoryQueue::new();
         let policy = RetryPolicy {
             max_attempts: 3,
@@ -402,7 +426,7 @@ mod tests {
             requeue_delay: Duration::from_millis(50),
         };
         let notifier = Notifier::new(
-            MemoryCache::new(Duration::from_secs(60)),
+            cache,
             Providers::single(provider, guard),
             Arc::new(MemoryEvents::default()),
             NotifierSettings {
@@ -508,6 +532,39 @@ mod tests {
         shutdown.cancel();
         run.await.unwrap();
         assert_eq!(queue.settled(), [Settled::Acked]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_an_outcome_held_for_the_store_however_long() {
+        let cache = MemoryCache::new(Duration::from_secs(60));
+        cache
+            .fail_records
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (queue, svc) = service_over(
+            cache.clone(),
+            ScriptedProvider::new(vec![]),
+            8,
+            Duration::from_secs(1),
+            ProviderGuard::unlimited(),
+        );
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        queue.push(&body("k1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        // Past the grace and the hand-back limit: still there, still holding.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(
+            !run.is_finished(),
+            "exited with a provider's answer unrecorded"
+        );
+        assert!(queue.settled().is_empty());
+        cache
+            .fail_records
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        run.await.unwrap();
+        assert_eq!(queue.settled(), [Settled::Acked]);
+        assert_eq!(cache.status_of("k1"), Some(("sent".into(), true, 1)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -68,8 +68,12 @@ pub fn log_filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, Conf
     let filter = EnvFilter::builder()
         .parse(format!("{QUIET},{directives}"))
         .map_err(|e| refused(e.to_string()))?;
-    // A directive for the same target replaces the user's, so
-    // `RUST_LOG=trace` or `lapin=trace` cannot turn payload dumps back on.
+    // lapin stays off unless a directive names it; if one does, a
+    // directive for the same target replaces the user's, so `lapin=trace`
+    // cannot turn payload dumps back on.
+    if !directives.contains("lapin") {
+        return Ok(filter);
+    }
     Ok(PAYLOAD_TARGETS.iter().fold(filter, |filter, target| {
         let quiet = format!("{target}=error")
             .parse()
@@ -325,8 +329,10 @@ mod tests {
         ] {
             let logged = logged_with(rust_log);
             assert!(!logged.contains("+254798765432"), "{rust_log:?}: {logged}");
-            assert!(
+            // lapin's own errors show only when a directive names lapin.
+            assert_eq!(
                 logged.contains("connection error"),
+                rust_log.is_some_and(|r| r.contains("lapin")),
                 "{rust_log:?}: {logged}"
             );
             assert!(

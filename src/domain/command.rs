@@ -1,5 +1,5 @@
 //! The SendSms command and its parts, parsed from the wire exactly as
-//! CONTRACT.md describes it.
+//! docs/reference.md (section 2) describes it.
 //!
 //! Parsing sorts every body into one of three: a valid [`SendSms`]; an
 //! invalid command that still has a usable key (it gets an SmsFailed event

@@ -9,8 +9,8 @@ use tracing::{debug, info, warn};
 use super::publish::Event;
 use super::{Attempt, Notifier};
 use crate::concurrency::Slot;
-use crate::domain::{rfc3339, CommandError, IdempotencyKey, SendSms, SmsFailed};
-use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, Owner, RetryState};
+use crate::domain::{rfc3339, CommandError, FailureReason, SendSms, SmsFailed};
+use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, RetryState};
 
 /// A returning command that finds a live holder comes back this long
 /// after the holder is due to be free.
@@ -24,6 +24,7 @@ impl Notifier {
         };
         let began = Instant::now();
         let owner = self.next_owner();
+        let asked = tokio::time::Instant::now();
         let fingerprint = cmd.fingerprint();
         let claim = match self
             .cache
@@ -43,6 +44,7 @@ impl Notifier {
             retry: message.retry.clone(),
             calls: 0,
             route,
+            owned_at: asked,
         };
         let outcome = self.act_on(claim, &mut attempt).await;
         // Only a first call that went through measures the send phase:
@@ -78,7 +80,7 @@ impl Notifier {
 
     /// Does what the claim says.
     async fn act_on(&self, claim: Claim, attempt: &mut Attempt<'_>) -> Outcome {
-        let (key, message) = (&attempt.cmd.idempotency_key, attempt.inbound);
+        let message = attempt.inbound;
         match claim {
             Claim::Send {
                 attempts,
@@ -90,7 +92,8 @@ impl Notifier {
                     self.meters.takeovers.increment(1);
                 }
                 if takeovers > self.settings.max_takeovers {
-                    return self.poison(key, attempt.owner, attempts, takeovers).await;
+                    attempt.retry.attempts = attempt.retry.attempts.max(attempts);
+                    return self.poison(attempt, takeovers).await;
                 }
                 let retry = &mut attempt.retry;
                 retry.attempts = retry.attempts.max(attempts);
@@ -152,20 +155,16 @@ impl Notifier {
     }
 
     /// A key whose holders keep dying before an outcome: the command is
-    /// what kills them. Dead-lettered, with the lease released.
-    async fn poison(
-        &self,
-        key: &IdempotencyKey,
-        owner: &Owner,
-        attempts: u32,
-        takeovers: u32,
-    ) -> Outcome {
-        let reason = format!(
+    /// what kills them. It fails for good (`retries_exhausted`, the detail
+    /// says poison), with its SmsFailed, and is dead-lettered; an operator
+    /// can send it again on purpose (`dead-letters replay --reset`).
+    async fn poison(&self, attempt: &mut Attempt<'_>, takeovers: u32) -> Outcome {
+        let detail = format!(
             "poison: taken over {takeovers} times from holders that never reached an outcome"
         );
-        warn!(%reason, "poison message");
-        self.release(key, owner, attempts).await;
-        Outcome::DeadLetter(reason)
+        warn!(%detail, "poison message");
+        self.fail(attempt, FailureReason::RetriesExhausted, detail)
+            .await
     }
 
     /// An invalid command with a usable key. If the store already knows
@@ -205,7 +204,17 @@ impl Notifier {
                     "{reason_text} (duplicate of a known key: no event)"
                 ));
             }
-            Ok(InvalidVerdict::Recorded | InvalidVerdict::Unpublished) => {}
+            Ok(InvalidVerdict::Recorded) => {}
+            // Only the delivery that recorded it publishes it: a fresh
+            // copy is a duplicate (that delivery is still in the broker's
+            // hands and will reach its outcome).
+            Ok(InvalidVerdict::Unpublished) if returning(message) => {}
+            Ok(InvalidVerdict::Unpublished) => {
+                self.meters.duplicates.increment(1);
+                return Outcome::DeadLetter(format!(
+                    "{reason_text} (duplicate of a known key: no event)"
+                ));
+            }
             Err(e) => {
                 warn!(error = %e, "cannot record the invalid command; pausing");
                 return Outcome::StoreUnavailable;
@@ -222,9 +231,10 @@ impl Notifier {
         if let Err(e) = self.events.publish_failed(&event, message.meta).await {
             return self.unpublished(&e, message.retry);
         }
-        let marker = Owner::new(self.instance(), 0);
-        self.held_write(|| self.cache.mark_published(&key, &marker))
+        self.held_write(|| self.cache.mark_invalid_published(&key))
             .await;
+        self.unroutable_said
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("sms_failed_total", "reason" => reason.as_str()).increment(1);
         info!(reason = reason.as_str(), "invalid command");
         Outcome::Failed(reason_text)

@@ -61,7 +61,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::concurrency::AdaptiveLimit;
 use crate::domain::{CommandError, SendSms};
@@ -148,6 +148,10 @@ struct Attempt<'a> {
     retry: crate::ports::RetryState,
     /// Provider calls made under this claim.
     calls: u32,
+    /// When the store last confirmed this claim holds the key (the claim,
+    /// a record, a renewal): a step that finds it long ago (the process
+    /// paused) checks again before it acts.
+    owned_at: tokio::time::Instant,
     /// Where the next call goes.
     route: Route,
 }
@@ -224,8 +228,12 @@ impl Notifier {
                 _ = stop.cancelled() => break,
                 _ = beat.tick() => {}
             }
-            if let Err(e) = self.cache.heartbeat(&self.instance, ttl).await {
-                warn!(error = %e, "cannot write this instance's liveness record");
+            // Bounded by a beat: a slow store must not let the record lapse
+            // while the next beat waits behind this one.
+            match tokio::time::timeout(ttl / 3, self.cache.heartbeat(&self.instance, ttl)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "cannot write this instance's liveness record"),
+                Err(_) => debug!("liveness record: no answer within a beat"),
             }
         }
         if let Err(e) = self.cache.retire(&self.instance).await {

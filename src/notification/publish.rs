@@ -23,7 +23,10 @@ impl Notifier {
     /// Publishes the event of a recorded outcome, then marks it published
     /// (held until the store takes it: a key left unmarked would publish
     /// its event again on a duplicate).
-    pub(super) async fn publish_outcome(&self, a: &Attempt<'_>, event: Event<'_>) -> Outcome {
+    pub(super) async fn publish_outcome(&self, a: &mut Attempt<'_>, event: Event<'_>) -> Outcome {
+        if !self.still_owner(a).await {
+            return self.fenced();
+        }
         let (key, meta) = (&a.cmd.idempotency_key, a.inbound.meta);
         let phone_number = a.cmd.phone_number.as_str().to_owned();
         let publishing = async {

@@ -26,13 +26,20 @@ impl Drop for Held<'_> {
 
 impl Notifier {
     /// The provider accepted: record it, then publish SmsSent.
-    pub(super) async fn sent(&self, a: &Attempt<'_>, record: SentRecord) -> Outcome {
+    pub(super) async fn sent(&self, a: &mut Attempt<'_>, record: SentRecord) -> Outcome {
         let key = &a.cmd.idempotency_key;
+        let owner = a.owner;
+        // The store vouches for the claim as of when the write was sent,
+        // not when its answer came back (the process may pause between).
+        let asked = tokio::time::Instant::now();
         match self
-            .held_write(|| self.cache.record_sent(key, a.owner, &record))
+            .held_write(|| self.cache.record_sent(key, owner, &record))
             .await
         {
-            Recorded::Written => self.publish_outcome(a, Event::Sent(&record)).await,
+            Recorded::Written => {
+                a.owned_at = asked;
+                self.publish_outcome(a, Event::Sent(&record)).await
+            }
             Recorded::Fenced => self.fenced(),
         }
     }
@@ -40,7 +47,7 @@ impl Notifier {
     /// The key failed for good: record it, then publish SmsFailed.
     pub(super) async fn fail(
         &self,
-        a: &Attempt<'_>,
+        a: &mut Attempt<'_>,
         reason: FailureReason,
         detail: String,
     ) -> Outcome {
@@ -51,11 +58,16 @@ impl Notifier {
             failed_at: rfc3339(SystemTime::now()),
         };
         let key = &a.cmd.idempotency_key;
+        let owner = a.owner;
+        let asked = tokio::time::Instant::now();
         match self
-            .held_write(|| self.cache.record_failed(key, a.owner, &record))
+            .held_write(|| self.cache.record_failed(key, owner, &record))
             .await
         {
-            Recorded::Written => self.publish_outcome(a, Event::Failed(&record)).await,
+            Recorded::Written => {
+                a.owned_at = asked;
+                self.publish_outcome(a, Event::Failed(&record)).await
+            }
             Recorded::Fenced => self.fenced(),
         }
     }
@@ -63,7 +75,7 @@ impl Notifier {
     /// Another holder took the key over while this one worked (this one
     /// paused past its liveness record): the key's outcome and event are
     /// the other holder's. Acknowledged with nothing published.
-    fn fenced(&self) -> Outcome {
+    pub(super) fn fenced(&self) -> Outcome {
         self.meters.fenced.increment(1);
         warn!("lease lost to another holder: its record stands and it publishes the event; publishing nothing");
         Outcome::Duplicate
@@ -120,6 +132,29 @@ impl Notifier {
                 Ok(Recorded::Written) => debug!("lease renewed"),
                 Ok(Recorded::Fenced) => warn!("lease lost while working"),
                 Err(e) => debug!(error = %e, "could not renew the lease"),
+            }
+        }
+    }
+
+    /// Whether this claim still holds the key, asked of the store only when
+    /// it last said so more than half a liveness TTL ago: a holder that
+    /// paused that long may have been taken over, and must then neither call
+    /// the provider again nor publish. If the store cannot answer, yes (no
+    /// one can take the key over while it is away).
+    pub(super) async fn still_owner(&self, a: &mut Attempt<'_>) -> bool {
+        if a.owned_at.elapsed() < self.settings.liveness_ttl / 2 {
+            return true;
+        }
+        let asked = tokio::time::Instant::now();
+        match self.cache.renew(&a.cmd.idempotency_key, a.owner).await {
+            Ok(Recorded::Written) => {
+                a.owned_at = asked;
+                true
+            }
+            Ok(Recorded::Fenced) => false,
+            Err(e) => {
+                debug!(error = %e, "cannot check the lease; going on");
+                true
             }
         }
     }

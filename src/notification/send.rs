@@ -209,6 +209,9 @@ impl Notifier {
                 .await;
             return Some(Outcome::HandBack);
         }
+        if !self.still_owner(a).await {
+            return Some(self.fenced());
+        }
         let breaker = &self.providers.get(a.route.current).guard.breaker;
         if breaker.state() == BreakerState::Open && !self.fail_over(a) {
             let wait = breaker.open_for().unwrap_or(policy.max_delay);
@@ -228,7 +231,7 @@ impl Notifier {
 
     /// The provider took the message: say so at once (a user with no
     /// subscriber bound learns it here), then record and publish.
-    async fn accepted(&self, a: &Attempt<'_>, accepted: Accepted) -> Outcome {
+    async fn accepted(&self, a: &mut Attempt<'_>, accepted: Accepted) -> Outcome {
         let instance = self.providers.get(a.route.current);
         instance.guard.breaker.record_success();
         instance.meters.outcome("accepted");

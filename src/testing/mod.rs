@@ -32,6 +32,8 @@ struct Entry {
     fingerprint: Option<String>,
     /// Failed as an invalid command: reserves nothing.
     invalid: bool,
+    /// When a claim first found the lease's holder dead.
+    dead_since: Option<Instant>,
 }
 
 /// The idempotency store in memory: the same state machine as the Redis
@@ -43,16 +45,28 @@ pub struct MemoryCache {
     /// Liveness records: instance -> until when.
     alive: Mutex<HashMap<String, Instant>>,
     pub lease: Duration,
+    /// How long a holder must stay dead (no liveness record) before its
+    /// lease is taken over, as `redis.liveness_ttl_ms`.
+    pub liveness: Duration,
     /// Fail every call: the store is down.
     pub down: AtomicBool,
     /// Fail `record_sent` and `record_failed`.
     pub fail_records: AtomicBool,
+    /// Answer `record_sent` this long after writing it (the caller
+    /// paused after the store took the write), in ms.
+    pub record_pause_ms: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryCache {
+    /// A store with this lease and a 5 s liveness TTL.
     pub fn new(lease: Duration) -> Arc<Self> {
+        Self::with_liveness(lease, Duration::from_secs(5))
+    }
+
+    pub fn with_liveness(lease: Duration, liveness: Duration) -> Arc<Self> {
         Arc::new(Self {
             lease,
+            liveness,
             ..Self::default()
         })
     }
@@ -181,12 +195,24 @@ impl CacheService for MemoryCache {
             Some((holder, until)) => {
                 if until > now {
                     if let Some(alive) = self.alive_for(&holder.instance, now) {
+                        entry.dead_since = None;
                         return Ok(Claim::Busy {
                             lease_left: until - now,
                             holder_alive_for: alive,
                         });
                     }
+                    // Dead, or only without its record in a store outage:
+                    // taken over once dead for a whole liveness TTL.
+                    let since = *entry.dead_since.get_or_insert(now);
+                    let over = since + self.liveness;
+                    if over > now {
+                        return Ok(Claim::Busy {
+                            lease_left: until - now,
+                            holder_alive_for: over - now,
+                        });
+                    }
                 }
+                entry.dead_since = None;
                 entry.takeovers += 1;
                 took_over = true;
                 entry.lease = Some((owner.clone(), now + self.lease));
@@ -194,7 +220,7 @@ impl CacheService for MemoryCache {
             None => entry.lease = Some((owner.clone(), now + self.lease)),
         }
         Ok(match entry.status.as_str() {
-            "sent" => Claim::PublishSent(entry.sent.clone().unwrap()),
+            "sent" | "delivered" | "undelivered" => Claim::PublishSent(entry.sent.clone().unwrap()),
             "failed" => Claim::PublishFailed(entry.failed.clone().unwrap()),
             _ => {
                 entry.status = "processing".into();
@@ -231,11 +257,16 @@ impl CacheService for MemoryCache {
         owner: &Owner,
         record: &SentRecord,
     ) -> Result<Recorded, CacheError> {
-        self.record(key, owner, |entry| {
+        let written = self.record(key, owner, |entry| {
             entry.status = "sent".into();
             entry.attempts = record.attempts;
             entry.sent = Some(record.clone());
-        })
+        });
+        let pause = self.record_pause_ms.load(Ordering::SeqCst);
+        if pause > 0 {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        written
     }
 
     async fn record_failed(
@@ -251,11 +282,30 @@ impl CacheService for MemoryCache {
         })
     }
 
-    async fn mark_published(&self, key: &IdempotencyKey, _owner: &Owner) -> Result<(), CacheError> {
+    async fn mark_published(&self, key: &IdempotencyKey, owner: &Owner) -> Result<(), CacheError> {
         self.check()?;
         let mut entries = self.entries.lock().unwrap();
-        // Like Redis: a vanished key leaves a stub that says "published".
-        entries.entry(key.to_string()).or_default().published = true;
+        if let Some(entry) = entries.get_mut(key.as_str()) {
+            let owned = entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id);
+            let outcome = matches!(
+                entry.status.as_str(),
+                "sent" | "failed" | "delivered" | "undelivered"
+            );
+            if owned && outcome {
+                entry.published = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_invalid_published(&self, key: &IdempotencyKey) -> Result<(), CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(entry) = entries.get_mut(key.as_str()) {
+            if entry.invalid && entry.status == "failed" {
+                entry.published = true;
+            }
+        }
         Ok(())
     }
 
@@ -321,7 +371,7 @@ impl CacheService for MemoryCache {
         self.check()?;
         let mut entries = self.entries.lock().unwrap();
         let entry = entries.entry(key.to_string()).or_default();
-        if matches!(entry.status.as_str(), "" | "accepted") {
+        if entry.status.is_empty() {
             *entry = Entry {
                 status: "failed".into(),
                 failed: Some(record.clone()),
@@ -643,7 +693,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_memory_store_keeps_the_store_contract() {
-        let store = MemoryCache::new(Duration::from_millis(200));
-        store_contract::check(store.as_ref(), store.lease, "memory").await;
+        let store =
+            MemoryCache::with_liveness(Duration::from_millis(300), Duration::from_millis(150));
+        store_contract::check(store.as_ref(), store.lease, store.liveness, "memory").await;
     }
 }

@@ -4,8 +4,9 @@
 //! argument rests on these transitions, so the model the core's unit tests
 //! use must keep them exactly as production does.
 //!
-//! Each case runs against a store whose lease is `lease` long (short: the
-//! cases wait it out in real time), on keys unique to `unique`.
+//! Each case runs against a store whose lease is `lease` long and whose
+//! liveness TTL is `liveness` (short: the cases wait them out in real
+//! time), on keys unique to `unique`.
 
 use std::time::Duration;
 
@@ -15,10 +16,11 @@ use crate::ports::{
 };
 
 /// Runs every case; panics naming the first that fails.
-pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
+pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration, unique: &str) {
     let c = Case {
         store,
         lease,
+        liveness,
         unique,
     };
     c.a_new_key_is_granted_for_sending().await;
@@ -27,7 +29,9 @@ pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
     c.a_live_holders_lease_is_busy_for_everyone_else().await;
     c.an_expired_lease_of_a_live_holder_is_taken_over_and_counted()
         .await;
-    c.a_dead_holders_lease_is_taken_over_at_once().await;
+    c.a_dead_holders_lease_is_taken_over_once_dead_for_a_liveness_ttl()
+        .await;
+    c.a_holder_that_comes_back_to_life_keeps_its_lease().await;
     c.a_retired_instance_is_dead().await;
     c.only_the_holder_records_and_a_late_holder_is_fenced()
         .await;
@@ -45,11 +49,13 @@ pub async fn check(store: &dyn CacheService, lease: Duration, unique: &str) {
         .await;
     c.an_invalid_command_is_failed_but_reserves_nothing().await;
     c.an_invalid_copy_of_a_known_key_is_a_duplicate().await;
+    c.only_the_owner_of_an_outcome_marks_it_published().await;
 }
 
 struct Case<'a> {
     store: &'a dyn CacheService,
     lease: Duration,
+    liveness: Duration,
     unique: &'a str,
 }
 
@@ -166,19 +172,73 @@ impl Case<'_> {
         }
     }
 
-    async fn a_dead_holders_lease_is_taken_over_at_once(&self) {
+    /// Waits out what a claim found: a dead holder's remaining grace.
+    async fn outlive(&self, claim: &Claim) {
+        if let Claim::Busy {
+            holder_alive_for, ..
+        } = claim
+        {
+            tokio::time::sleep(*holder_alive_for + Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn a_dead_holders_lease_is_taken_over_once_dead_for_a_liveness_ttl(&self) {
         let key = self.key("dead");
         let a = self.dead("a", 1);
         let b = self.live("b", 1).await;
         self.claim(&key, &a).await;
+        // Its record may only be lost in a store outage: not yet.
+        let first = self.claim(&key, &b).await;
+        match first {
+            Claim::Busy {
+                holder_alive_for, ..
+            } => assert!(
+                holder_alive_for <= self.liveness && holder_alive_for > self.liveness / 2,
+                "dead holder: waits a liveness TTL, {holder_alive_for:?}"
+            ),
+            other => panic!("dead holder, first look: {other:?}"),
+        }
+        self.outlive(&first).await;
         match self.claim(&key, &b).await {
             Claim::Send {
                 attempts: 1,
                 takeovers: 1,
+                took_over: true,
                 ..
             } => {}
             other => panic!("dead holder: {other:?}"),
         }
+    }
+
+    async fn a_holder_that_comes_back_to_life_keeps_its_lease(&self) {
+        let key = self.key("revived");
+        let a = self.dead("r", 1);
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        let first = self.claim(&key, &b).await;
+        assert!(matches!(first, Claim::Busy { .. }), "revived: {first:?}");
+        // Its heartbeat comes back (the store outage is over).
+        self.store.heartbeat(&a.instance, ALIVE).await.unwrap();
+        self.outlive(&first).await;
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
+            "revived: taken over from a live holder"
+        );
+        // Dead again later: the grace starts afresh.
+        self.store.retire(&a.instance).await.unwrap();
+        let again = self.claim(&key, &b).await;
+        assert!(
+            matches!(again, Claim::Busy { .. }),
+            "revived, dead again: {again:?}"
+        );
+        self.outlive(&again).await;
+        assert!(matches!(
+            self.claim(&key, &b).await,
+            Claim::Send {
+                took_over: true,
+                ..
+            }
+        ));
     }
 
     async fn a_retired_instance_is_dead(&self) {
@@ -187,6 +247,8 @@ impl Case<'_> {
         let b = self.live("b", 1).await;
         self.claim(&key, &a).await;
         self.store.retire(&a.instance).await.unwrap();
+        let first = self.claim(&key, &b).await;
+        self.outlive(&first).await;
         assert!(
             matches!(self.claim(&key, &b).await, Claim::Send { takeovers: 1, .. }),
             "retired holder"
@@ -198,6 +260,8 @@ impl Case<'_> {
         let a = self.dead("a", 1);
         let b = self.live("b", 1).await;
         self.claim(&key, &a).await;
+        let first = self.claim(&key, &b).await;
+        self.outlive(&first).await;
         self.claim(&key, &b).await;
         let store = self.store;
         assert_eq!(
@@ -309,7 +373,11 @@ impl Case<'_> {
         let b = self.dead("b", 1);
         let c = self.live("c", 1).await;
         self.claim(&key, &a).await;
+        let first = self.claim(&key, &b).await;
+        self.outlive(&first).await;
         self.claim(&key, &b).await;
+        let second = self.claim(&key, &c).await;
+        self.outlive(&second).await;
         match self.claim(&key, &c).await {
             Claim::Send {
                 attempts: 2,
@@ -456,10 +524,7 @@ impl Case<'_> {
             store.record_invalid(&key, &bad).await.unwrap(),
             InvalidVerdict::Unpublished
         );
-        store
-            .mark_published(&key, &self.dead("x", 1))
-            .await
-            .unwrap();
+        store.mark_invalid_published(&key).await.unwrap();
         assert_eq!(
             store.record_invalid(&key, &bad).await.unwrap(),
             InvalidVerdict::Known
@@ -493,6 +558,33 @@ impl Case<'_> {
             InvalidVerdict::Known,
             "sent"
         );
+        assert_eq!(self.claim(&key, &a).await, Claim::AlreadySent);
+    }
+
+    async fn only_the_owner_of_an_outcome_marks_it_published(&self) {
+        let key = self.key("marked");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        // Admitted, then an invalid copy: the admitted one is known.
+        self.store.admit(&key, "fp-1").await.unwrap();
+        assert_eq!(
+            self.store.record_invalid(&key, &failed()).await.unwrap(),
+            InvalidVerdict::Known,
+            "marked: an admitted key is known"
+        );
+        self.claim(&key, &a).await;
+        // Nothing to mark yet, and not by a stranger, nor as invalid.
+        self.store.mark_published(&key, &a).await.unwrap();
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        self.store.mark_published(&key, &b).await.unwrap();
+        self.store.mark_invalid_published(&key).await.unwrap();
+        self.store.release(&key, &a, 1).await.unwrap();
+        assert_eq!(
+            self.claim(&key, &b).await,
+            Claim::PublishSent(sent(1)),
+            "marked: only its owner marks an outcome published"
+        );
+        self.store.mark_published(&key, &b).await.unwrap();
         assert_eq!(self.claim(&key, &a).await, Claim::AlreadySent);
     }
 }

@@ -10,7 +10,7 @@ use sms_service::testing::store_contract;
 
 use crate::helpers::{delete_redis_keys, redis_connection, settings, Names};
 
-const LEASE_MS: u64 = 400;
+const LEASE_MS: u64 = 700;
 
 fn store(names: &Names) -> RedisStore {
     let mut env = names.env("http://127.0.0.1:9");
@@ -28,7 +28,13 @@ fn store(names: &Names) -> RedisStore {
 async fn the_redis_store_keeps_the_store_contract() {
     let names = Names::unique();
     let store = store(&names);
-    store_contract::check(&store, Duration::from_millis(LEASE_MS), "redis").await;
+    store_contract::check(
+        &store,
+        Duration::from_millis(LEASE_MS),
+        Duration::from_millis(300),
+        "redis",
+    )
+    .await;
     delete_redis_keys(&names.key_prefix).await;
 }
 

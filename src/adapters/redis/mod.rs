@@ -40,6 +40,8 @@ struct Scripts {
     admit: Script,
     withdraw: Script,
     record_invalid: Script,
+    mark_published: Script,
+    mark_invalid_published: Script,
     renew: Script,
     record_sent: Script,
     record_failed: Script,
@@ -56,6 +58,7 @@ pub struct RedisStore {
     prefix: String,
     ttl_secs: u64,
     lease_ms: u64,
+    liveness_ttl_ms: u64,
     scripts: Scripts,
 }
 
@@ -79,11 +82,14 @@ impl RedisStore {
             prefix: settings.key_prefix.clone(),
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
+            liveness_ttl_ms: settings.liveness_ttl_ms,
             scripts: Scripts {
                 claim: Script::new(scripts::CLAIM),
                 admit: Script::new(scripts::ADMIT),
                 withdraw: Script::new(scripts::WITHDRAW),
                 record_invalid: Script::new(scripts::RECORD_INVALID),
+                mark_published: Script::new(scripts::MARK_PUBLISHED),
+                mark_invalid_published: Script::new(scripts::MARK_INVALID_PUBLISHED),
                 renew: Script::new(scripts::RENEW),
                 record_sent: Script::new(&scripts::record_sent()),
                 record_failed: Script::new(&scripts::record_failed()),
@@ -246,6 +252,7 @@ impl CacheService for RedisStore {
         let msg = self.msg_key(key.as_str());
         let (lease, ttl, now) = (self.lease_ms.to_string(), self.ttl_secs.to_string(), now());
         let alive = self.alive_key("");
+        let liveness = self.liveness_ttl_ms.to_string();
         let args = [
             owner.id.as_str(),
             &owner.instance,
@@ -254,6 +261,7 @@ impl CacheService for RedisStore {
             &now,
             &alive,
             fingerprint,
+            &liveness,
         ];
         let reply: Vec<Value> = self.run(&self.scripts.claim, &[&msg], &args).await?;
         let verdict = reply.first().and_then(text).unwrap_or_default();
@@ -320,6 +328,7 @@ impl CacheService for RedisStore {
             &r.sent_at,
             &ttl,
             key.as_str(),
+            &owner.instance,
         ];
         self.run::<i64>(&self.scripts.record_sent, &[&msg, &pid], &args)
             .await
@@ -343,25 +352,27 @@ impl CacheService for RedisStore {
             &attempts,
             &r.failed_at,
             &ttl,
+            &owner.instance,
         ];
         self.run::<i64>(&self.scripts.record_failed, &[&msg], &args)
             .await
             .map(recorded)
     }
 
-    async fn mark_published(&self, key: &IdempotencyKey, _owner: &Owner) -> Result<(), CacheError> {
-        // Two plain commands in one round trip, no script and no MULTI:
-        // once `published` is 1 a claim answers "done" before it looks at
-        // the lease, so the lease fields may stay; both commands are
-        // idempotent, and the EXPIRE keeps a hash that expired meanwhile
-        // from living on without a TTL.
+    async fn mark_published(&self, key: &IdempotencyKey, owner: &Owner) -> Result<(), CacheError> {
         let msg = self.msg_key(key.as_str());
-        let mut pipe = redis::pipe();
-        pipe.hset(&msg, "published", "1")
-            .ignore()
-            .expire(&msg, self.ttl_secs as i64)
-            .ignore();
-        self.retried(&pipe).await
+        let ttl = self.ttl_secs.to_string();
+        self.run::<i64>(&self.scripts.mark_published, &[&msg], &[&owner.id, &ttl])
+            .await
+            .map(drop)
+    }
+
+    async fn mark_invalid_published(&self, key: &IdempotencyKey) -> Result<(), CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let ttl = self.ttl_secs.to_string();
+        self.run::<i64>(&self.scripts.mark_invalid_published, &[&msg], &[&ttl])
+            .await
+            .map(drop)
     }
 
     async fn release(

@@ -3,7 +3,7 @@
 //! Times come from the Redis clock (`TIME`), never from an instance's.
 
 /// `claim(key; owner, instance, lease_ms, ttl_secs, now, alive_prefix,
-/// fingerprint)`.
+/// fingerprint, liveness_ttl_ms)`.
 ///
 /// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
 /// takeovers, took_over}`, `{'claimed', fields...}` (an outcome to publish),
@@ -11,9 +11,10 @@
 /// `{'busy', lease_left_ms, holder_alive_ms}`.
 ///
 /// A lease held by another claim is respected while it lasts and its
-/// instance's liveness record exists; otherwise it is taken over, and the
-/// takeover counted (`takeovers`): a delivery that never reached an
-/// outcome. A claim that may send counts the call about to be made in
+/// instance's liveness record exists; once that record is gone, for a
+/// whole liveness TTL after a claim first found it gone (`dead_since`),
+/// or once the lease ran out, the lease is taken over, and the takeover
+/// counted (`takeovers`): a delivery that never reached an outcome. A claim that may send counts the call about to be made in
 /// `attempts` and keeps `first_attempt_ms`, so that a crash during the call
 /// still counts. Every granted claim refreshes the key's TTL.
 pub const CLAIM: &str = r#"
@@ -21,7 +22,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = tostring(now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
-  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint')
+  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since')
 local status = h[1]
 -- Admitted at a front door, or failed as an invalid command: nothing was
 -- sent, so the key is new to a valid command.
@@ -64,12 +65,26 @@ if h[4] then
     local alive = redis.call('PTTL', ARGV[6] .. (h[5] or ''))
     if alive == -1 then alive = left end
     if alive > 0 then
+      if h[11] then redis.call('HDEL', KEYS[1], 'dead_since') end
       return {'busy', tostring(left), tostring(alive)}
+    end
+    -- The holder looks dead. It may only have lost its record in a store
+    -- outage: it is taken over only once it has stayed dead for a whole
+    -- liveness TTL (a live holder writes its record again well before).
+    local since = tonumber(h[11] or '')
+    if not since then
+      redis.call('HSET', KEYS[1], 'dead_since', tostring(now))
+      since = now
+    end
+    local wait = since + tonumber(ARGV[8]) - now
+    if wait > 0 then
+      return {'busy', tostring(left), tostring(wait)}
     end
   end
   takeovers = takeovers + 1
   takeover = 1
 end
+redis.call('HDEL', KEYS[1], 'dead_since')
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2], 'lease_until', lease_until,
   'takeovers', tostring(takeovers), 'updated_at', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -107,12 +122,12 @@ redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
 "#;
 
 /// `record_sent(key, pid_key; owner, lease_ms, provider, provider_message_id,
-/// segments, attempts, sent_at, ttl_secs, idempotency_key)`: 1 written,
-/// 0 fenced.
+/// segments, attempts, sent_at, ttl_secs, idempotency_key, instance)`: 1
+/// written, 0 fenced.
 pub fn record_sent() -> String {
     format!(
         r#"{FENCE}
-redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1], 'holder', ARGV[10],
   'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
   'sent_at', ARGV[7], 'updated_at', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
@@ -125,11 +140,11 @@ return 1
 }
 
 /// `record_failed(key; owner, lease_ms, reason, detail, attempts, failed_at,
-/// ttl_secs)`: 1 written, 0 fenced.
+/// ttl_secs, instance)`: 1 written, 0 fenced.
 pub fn record_failed() -> String {
     format!(
         r#"{FENCE}
-redis.call('HSET', KEYS[1], 'status', 'failed', 'published', '0', 'owner', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', 'failed', 'published', '0', 'owner', ARGV[1], 'holder', ARGV[8],
   'reason', ARGV[3], 'detail', ARGV[4], 'attempts', ARGV[5], 'failed_at', ARGV[6],
   'updated_at', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
@@ -190,7 +205,7 @@ return 1
 /// `known`.
 pub const RECORD_INVALID: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'status', 'invalid', 'published')
-if not h[1] or h[1] == 'accepted' then
+if not h[1] then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'invalid', '1', 'published', '0',
     'reason', ARGV[1], 'detail', ARGV[2], 'attempts', '0', 'failed_at', ARGV[3],
     'updated_at', ARGV[3])
@@ -199,4 +214,28 @@ if not h[1] or h[1] == 'accepted' then
 end
 if h[1] == 'failed' and h[2] == '1' and h[3] ~= '1' then return 'unpublished' end
 return 'known'
+"#;
+
+/// `mark_published(key; owner, ttl_secs)`: the event of the outcome that
+/// `owner` recorded (or claimed to publish) is confirmed. Nothing for any
+/// other owner, nor for a key without an outcome.
+pub const MARK_PUBLISHED: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if h[2] ~= ARGV[1] then return 0 end
+if h[1] ~= 'sent' and h[1] ~= 'failed' and h[1] ~= 'delivered' and h[1] ~= 'undelivered' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'published', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// `mark_invalid_published(key; ttl_secs)`: the SmsFailed of an invalid
+/// command recorded as such is confirmed (nothing if the key moved on).
+pub const MARK_INVALID_PUBLISHED: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'invalid')
+if h[1] ~= 'failed' or h[2] ~= '1' then return 0 end
+redis.call('HSET', KEYS[1], 'published', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 "#;
