@@ -68,9 +68,10 @@ pub struct RedisSettings {
 }
 
 /// Which provider adapter sends the messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
+    #[default]
     Generic,
     Twilio,
     AfricasTalking,
@@ -480,7 +481,10 @@ impl Settings {
         check_header_secret("provider.token", self.provider.token.expose_secret())?;
         crate::telemetry::check_filter(&self.log.level)
             .map_err(|why| ConfigError(format!("log.level: {why}")))?;
-        self.instances()?;
+        // Each instance's adapter checks its kind's credentials.
+        for instance in self.instances()?.0 {
+            crate::adapters::providers::build(&instance).map_err(ConfigError)?;
+        }
         Ok(())
     }
 

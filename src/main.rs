@@ -105,11 +105,20 @@ enum Command {
         /// The idempotency key.
         key: String,
     },
-    /// Serve a fake of the generic provider's API.
+    /// Serve a fake of a provider's API, in its dialect.
     FakeProvider {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9000")]
         bind: String,
+        /// The provider whose API it speaks: generic, twilio,
+        /// africastalking, vonage or infobip.
+        #[arg(long, default_value = "generic", value_parser = parse_kind)]
+        kind: sms_service::config::ProviderKind,
+        /// A credential the fake expects, as NAME=VALUE (account_sid,
+        /// auth_token, api_key, api_secret, username, token); repeatable.
+        /// Without one it accepts any well-formed value.
+        #[arg(long = "credential", value_parser = parse_credential)]
+        credentials: Vec<(String, String)>,
         /// Latency added to every answer, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
@@ -217,12 +226,16 @@ fn main() -> ExitCode {
             Command::Forget { key } => forget(settings, key).await,
             Command::FakeProvider {
                 bind,
+                kind,
+                credentials,
                 latency_ms,
                 fail_rate,
                 reject_rate,
                 throttle_rate,
             } => {
                 let settings = sms_service::fake_provider::FakeSettings {
+                    kind,
+                    credentials: credentials.into_iter().collect(),
                     latency: Duration::from_millis(latency_ms),
                     fail_rate,
                     reject_rate,
@@ -347,4 +360,16 @@ async fn fake_provider(
     });
     sms_service::fake_provider::serve(listener, settings, shutdown).await?;
     Ok(())
+}
+
+fn parse_kind(name: &str) -> Result<sms_service::config::ProviderKind, String> {
+    sms_service::config::ProviderKind::parse(name)
+        .ok_or_else(|| "expected generic, twilio, africastalking, vonage or infobip".to_owned())
+}
+
+fn parse_credential(pair: &str) -> Result<(String, String), String> {
+    pair.split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| "expected NAME=VALUE".to_owned())
 }

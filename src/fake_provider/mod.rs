@@ -1,0 +1,194 @@
+//! A fake SMS provider in each provider's dialect (`--kind`), for
+//! docker-compose, demos, benchmarks and end-to-end tests. Each dialect
+//! (one module each) checks a request as the real API does (auth,
+//! encoding, required fields; a wrong request gets the provider's own
+//! error answer) and answers as it does, after a set latency; for set
+//! shares of calls it answers the dialect's transient failure, rejection
+//! or throttling instead. `GET /stats` counts each, and how many keys it
+//! saw more than once. Ids carry a `<run>` random per fake, so they stay
+//! unique across restarts, as a real provider's do (delivery reports are
+//! matched on them).
+
+mod generic;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Json;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::ProviderKind;
+use crate::domain::mask_phone;
+
+/// How the fake behaves. The three shares are of all calls, drawn once per
+/// call, so together they are at most 1.
+#[derive(Debug, Clone, Default)]
+pub struct FakeSettings {
+    /// The provider whose API it speaks.
+    pub kind: ProviderKind,
+    /// Credentials the dialect expects (`account_sid`, `auth_token`,
+    /// `api_key`, ...); a dialect that needs one and is given none accepts
+    /// any well-formed value.
+    pub credentials: std::collections::BTreeMap<String, String>,
+    /// Added to every answer.
+    pub latency: Duration,
+    /// Share of calls (0 to 1) answered 503.
+    pub fail_rate: f64,
+    /// Share of calls (0 to 1) answered 400.
+    pub reject_rate: f64,
+    /// Share of calls (0 to 1) answered 429 with `Retry-After: 1`.
+    pub throttle_rate: f64,
+}
+
+impl FakeSettings {
+    /// Each share is in [0, 1], and so is their sum.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (flag, share) in [
+            ("--fail-rate", self.fail_rate),
+            ("--reject-rate", self.reject_rate),
+            ("--throttle-rate", self.throttle_rate),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&share),
+                "{flag} must be between 0 and 1"
+            );
+        }
+        anyhow::ensure!(
+            self.fail_rate + self.reject_rate + self.throttle_rate <= 1.0,
+            "--fail-rate, --reject-rate and --throttle-rate add up to more than 1"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    rejected: AtomicU64,
+    throttled: AtomicU64,
+    duplicates: AtomicU64,
+    keys: Mutex<HashSet<String>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct FakeState {
+    pub(crate) settings: FakeSettings,
+    /// Random per fake: the `<run>` of its ids.
+    run: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+/// What a call draws: the dialect answers it in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Simulated {
+    /// A transient failure (the generic fake's 503).
+    Failure,
+    /// A rejection of the message (the generic fake's 400).
+    Rejection,
+    /// Throttling (the generic fake's 429 with `Retry-After: 1`).
+    Throttling,
+}
+
+impl FakeState {
+    /// Waits the set latency, then draws what this call gets: `None` to
+    /// accept it, else the failure to answer (counted).
+    pub(crate) async fn draw(&self) -> Option<Simulated> {
+        if !self.settings.latency.is_zero() {
+            tokio::time::sleep(self.settings.latency).await;
+        }
+        let s = &self.settings;
+        if s.fail_rate + s.reject_rate + s.throttle_rate <= 0.0 {
+            return None;
+        }
+        let c = &self.counters;
+        let draw = rand::random::<f64>();
+        if draw < s.fail_rate {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            Some(Simulated::Failure)
+        } else if draw < s.fail_rate + s.reject_rate {
+            c.rejected.fetch_add(1, Ordering::Relaxed);
+            Some(Simulated::Rejection)
+        } else if draw < s.fail_rate + s.reject_rate + s.throttle_rate {
+            c.throttled.fetch_add(1, Ordering::Relaxed);
+            Some(Simulated::Throttling)
+        } else {
+            None
+        }
+    }
+
+    /// Counts an accepted message (and whether its key was seen before;
+    /// `key` may be empty where the dialect carries none) and gives its id.
+    pub(crate) fn accept(&self, to: &str, key: &str) -> String {
+        let counters = &self.counters;
+        let n = counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        if !key.is_empty() {
+            let first = counters
+                .keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_owned());
+            if !first {
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let id = format!("fake-{}-{n}", self.run);
+        info!(kind = self.settings.kind.as_str(), to = %mask_phone(to), key = %key, id = %id, "fake provider accepted a message");
+        id
+    }
+
+    /// The credential `name` the fake was told to expect, if any.
+    pub(crate) fn credential(&self, name: &str) -> Option<&str> {
+        self.settings.credentials.get(name).map(String::as_str)
+    }
+}
+
+/// Serves the fake until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    settings: FakeSettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].into();
+    let state = FakeState {
+        settings,
+        run,
+        counters: Arc::default(),
+    };
+    let dialect = match state.settings.kind {
+        ProviderKind::Generic => generic::routes(),
+        other => {
+            return Err(std::io::Error::other(format!(
+                "the fake provider does not speak {} yet",
+                other.as_str()
+            )))
+        }
+    };
+    let router = dialect
+        .route("/stats", get(stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
+    let c = &state.counters;
+    let distinct = c.keys.lock().unwrap_or_else(|e| e.into_inner()).len();
+    Json(json!({
+        "accepted": c.accepted.load(Ordering::Relaxed),
+        "failed": c.failed.load(Ordering::Relaxed),
+        "rejected": c.rejected.load(Ordering::Relaxed),
+        "throttled": c.throttled.load(Ordering::Relaxed),
+        "duplicates": c.duplicates.load(Ordering::Relaxed),
+        "distinctKeys": distinct,
+    }))
+}
