@@ -88,6 +88,11 @@ impl CircuitBreaker {
     }
 
     /// How long the breaker stays open yet, if it is open or probing.
+    /// Whether it stops a call now: open, with its cool-down not over.
+    pub fn blocks(&self) -> bool {
+        matches!(*self.lock(), State::Open { until } if until > Instant::now())
+    }
+
     pub fn open_for(&self) -> Option<Duration> {
         match *self.lock() {
             State::Open { until } => Some(until.saturating_duration_since(Instant::now())),

@@ -16,7 +16,6 @@ use tracing::{debug, info, warn};
 
 use super::claim::one_more_delay;
 use super::{now_ms, Attempt, Notifier, Route};
-use crate::breaker::BreakerState;
 use crate::domain::{count_segments, rfc3339, FailureReason, SendSms};
 use crate::ports::{Accepted, Outcome, ProviderError, RetryState, SentRecord};
 
@@ -35,7 +34,7 @@ impl Notifier {
                 candidates
                     .iter()
                     .copied()
-                    .find(|i| self.providers.get(*i).guard.breaker.state() != BreakerState::Open)
+                    .find(|i| !self.providers.get(*i).guard.breaker.blocks())
             })
             .or(candidates.first().copied())
             .unwrap_or(0);
@@ -167,8 +166,7 @@ impl Notifier {
         let from = a.route.current;
         a.route.left.push(from);
         let next = a.route.candidates.iter().copied().find(|i| {
-            !a.route.left.contains(i)
-                && self.providers.get(*i).guard.breaker.state() != BreakerState::Open
+            !a.route.left.contains(i) && !self.providers.get(*i).guard.breaker.blocks()
         });
         let Some(to) = next else {
             return false;
@@ -213,7 +211,7 @@ impl Notifier {
             return Some(self.fenced());
         }
         let breaker = &self.providers.get(a.route.current).guard.breaker;
-        if breaker.state() == BreakerState::Open && !self.fail_over(a) {
+        if breaker.blocks() && !self.fail_over(a) {
             let wait = breaker.open_for().unwrap_or(policy.max_delay);
             debug!(
                 ?wait,

@@ -7,7 +7,7 @@ use super::*;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::concurrency::AdaptiveLimit;
 use crate::domain::IdempotencyKey;
-use crate::ports::{Accepted, Claim, EventMeta, ProviderError, RetryState};
+use crate::ports::{Accepted, Claim, EventMeta, ProviderError, RetryState, SmsService};
 use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -1056,4 +1056,178 @@ async fn an_invalid_copy_never_marks_a_valid_commands_unpublished_sms_sent_as_pu
     );
     assert_eq!(h.events.sent().len(), 1, "SmsSent lost");
     assert_eq!(h.provider.calls(), 1);
+}
+
+/// Two instances, `a` then `b`, on one route for every number.
+fn two_providers(
+    a: Arc<ScriptedProvider>,
+    b: Arc<ScriptedProvider>,
+    policy: RetryPolicy,
+) -> (Notifier, Arc<MemoryCache>, Arc<MemoryEvents>) {
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let guard = || ProviderGuard::new(Arc::new(CircuitBreaker::new(3, Duration::from_secs(30))), 0);
+    let providers = Providers::new(
+        vec![
+            (a as Arc<dyn SmsService>, guard()),
+            (b as Arc<dyn SmsService>, guard()),
+        ],
+        &[(vec!["+".into()], vec!["a".into(), "b".into()])],
+    )
+    .unwrap();
+    let notifier = Notifier::new(
+        cache.clone(),
+        providers,
+        events.clone(),
+        NotifierSettings {
+            retry: policy,
+            max_body_bytes: 1024,
+            max_takeovers: 3,
+            lease: LEASE,
+            liveness_ttl: LIVENESS,
+        },
+    );
+    cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
+    (notifier, cache, events)
+}
+
+fn refused() -> Result<Accepted, ProviderError> {
+    Err(ProviderError::transient(
+        "connect error: connection refused",
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_is_down_fails_over_to_the_next_after_its_in_process_attempts() {
+    let a = ScriptedProvider::named("a", vec![refused(), refused(), refused()]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        ..policy()
+    };
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy);
+    let none = RetryState::default();
+    assert_eq!(
+        handle_on(&n, &body("k1"), false, &none).await,
+        Outcome::Sent
+    );
+    assert_eq!((a.calls(), b.calls()), (3, 1));
+    let sent = events.sent();
+    assert_eq!((sent.len(), sent[0].provider.as_str()), (1, "b"));
+    assert_eq!(sent[0].attempts, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_refused_moves_to_the_next_provider_at_once() {
+    let route = Err(ProviderError::RouteRefused {
+        detail: "21408: permission to send to this region".into(),
+    });
+    let a = ScriptedProvider::named("a", vec![route]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy());
+    let none = RetryState::default();
+    assert_eq!(
+        handle_on(&n, &body("k1"), false, &none).await,
+        Outcome::Sent
+    );
+    assert_eq!((a.calls(), b.calls()), (1, 1));
+    assert_eq!(events.sent()[0].provider, "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_no_provider_takes_is_provider_rejected() {
+    let route = || {
+        Err(ProviderError::RouteRefused {
+            detail: "not this destination".into(),
+        })
+    };
+    let a = ScriptedProvider::named("a", vec![route()]);
+    let b = ScriptedProvider::named("b", vec![route()]);
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy());
+    let none = RetryState::default();
+    match handle_on(&n, &body("k1"), false, &none).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("provider_rejected"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(events.failed()[0].reason, "provider_rejected");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_answer_is_retried_at_the_same_provider_only_even_after_a_delay_tier() {
+    let ambiguous = || {
+        Err(ProviderError::Ambiguous {
+            detail: "timeout".into(),
+            retry_after: None,
+        })
+    };
+    let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), ambiguous()]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        ..policy()
+    };
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy);
+    let none = RetryState::default();
+    let (_, retry) = delayed(handle_on(&n, &body("k1"), false, &none).await);
+    assert_eq!(b.calls(), 0, "failed over after an ambiguous answer");
+    assert_eq!(
+        retry.pinned_provider.as_deref(),
+        Some("a"),
+        "the pin travels"
+    );
+    // Back from the tier: still a only (its breaker is open by now? it
+    // took 3 failures: the command waits for it rather than go to b).
+    assert_eq!(a.calls(), 3);
+    let outcome = handle_on(&n, &body("k1"), false, &retry).await;
+    assert_eq!(
+        b.calls(),
+        0,
+        "failed over after an ambiguous answer: {outcome:?}"
+    );
+    assert!(events.sent().iter().all(|e| e.provider == "a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_provider_of_the_route_open_the_command_waits_in_a_tier_without_a_call() {
+    let a = ScriptedProvider::named("a", vec![refused(), refused(), refused()]);
+    let b = ScriptedProvider::named("b", vec![refused(), refused(), refused()]);
+    let policy = RetryPolicy {
+        max_attempts: 20,
+        ..policy()
+    };
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy);
+    let none = RetryState::default();
+    let (_, retry) = delayed(handle_on(&n, &body("k1"), false, &none).await);
+    assert_eq!((a.calls(), b.calls()), (3, 3));
+    assert_eq!(retry.pinned_provider, None, "not-sent failures pin nothing");
+    // Both breakers are open (3 failures each): no call at all now.
+    let (_, _) = delayed(handle_on(&n, &body("k2"), false, &none).await);
+    assert_eq!((a.calls(), b.calls()), (3, 3));
+    // Once a's cool-down is over, the command goes out there, once.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(
+        handle_on(&n, &body("k1"), false, &retry).await,
+        Outcome::Sent
+    );
+    assert_eq!(events.sent().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_accepted_by_one_provider_is_never_sent_by_another_on_redelivery() {
+    let a = ScriptedProvider::named("a", vec![]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy());
+    events.down.store(true, SeqCst);
+    let none = RetryState::default();
+    // Accepted by a, recorded, but its SmsSent not confirmed.
+    assert!(matches!(
+        handle_on(&n, &body("k1"), false, &none).await,
+        Outcome::RetryAfter(_)
+    ));
+    events.down.store(false, SeqCst);
+    // a's breaker now open for the route's next command does not matter:
+    // the redelivery publishes a's record.
+    assert_eq!(handle_on(&n, &body("k1"), true, &none).await, Outcome::Sent);
+    assert_eq!((a.calls(), b.calls()), (1, 0));
+    assert_eq!(events.sent()[0].provider, "a");
 }
