@@ -271,7 +271,11 @@ impl Command {
 /// wrong is one `error:` line, so only warnings show, and none of the AMQP
 /// client's (its errors are in that line); `RUST_LOG` still applies.
 fn init_one_shot_logs() {
-    let filter = EnvFilter::try_from_default_env()
+    // Warnings only, unless RUST_LOG says otherwise; either way through the
+    // service's filter, which keeps lapin off unless named and its
+    // payload-printing targets at error even then.
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = sms_service::telemetry::log_filter("warn", rust_log.as_deref())
         .unwrap_or_else(|_| EnvFilter::new("warn,lapin=off,amq_protocol=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -71,7 +71,10 @@ pub fn log_filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, Conf
     // lapin stays off unless a directive names it; if one does, a
     // directive for the same target replaces the user's, so `lapin=trace`
     // cannot turn payload dumps back on.
-    if !directives.contains("lapin") {
+    let names_lapin = directives
+        .split(',')
+        .any(|d| d.trim().split(['=', '[', ':']).next() == Some("lapin"));
+    if !names_lapin {
         return Ok(filter);
     }
     Ok(PAYLOAD_TARGETS.iter().fold(filter, |filter, target| {
@@ -172,7 +175,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_amqp_acks_sent_total", Counter, "basic.ack frames sent for commands; one may settle many."),
         ("sms_amqp_stale_deliveries_dropped_total", Counter, "Deliveries read after their channel had died, dropped unprocessed (the broker redelivers them)."),
         ("sms_lease_takeovers_total", Counter, "Claims that took a key over from a holder that died or ran out of lease before an outcome."),
-        ("sms_records_fenced_total", Counter, "Outcomes not recorded because another holder had taken the key over; that holder's outcome stands."),
+        ("sms_records_fenced_total", Counter, "Outcomes not recorded, or events not published, because another holder had taken the key over (found by the record or by a lease check after a pause); that holder's outcome stands."),
         ("sms_store_write_failures_total", Counter, "Failed tries of a held Redis write after a provider call (record, mark published); it is tried until Redis takes it."),
         ("sms_delivery_reports_total", Counter, "Delivery reports recorded and published, by status."),
         ("sms_circuit_state", Gauge, "Circuit breaker of each provider instance: 0 closed, 1 open, 2 half-open."),

@@ -217,7 +217,7 @@ impl Notifier {
 
     /// Writes this instance's liveness record every third of its TTL until
     /// `stop`, then deletes it, so that whatever the instance leaves
-    /// leased is taken over at once. Run it once per instance, and fire
+    /// leased is taken over a liveness TTL later (not after the lease). Run it once per instance, and fire
     /// `stop` only after processing has stopped.
     pub async fn keep_alive(&self, stop: CancellationToken) {
         let ttl = self.settings.liveness_ttl;
