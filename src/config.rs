@@ -443,8 +443,14 @@ impl Settings {
         // Saturating: a sum past u64::MAX is longer than any lease, and is
         // refused as such.
         let calls = self.retry.in_process_attempts;
+        // The slowest instance's timeout (an instance's own or the default).
+        let request_timeout_ms = self
+            .providers
+            .values()
+            .filter_map(|i| i.request_timeout_ms)
+            .fold(self.provider.request_timeout_ms, u64::max);
         let attempt_ms = u64::from(calls)
-            .saturating_mul(self.provider.request_timeout_ms)
+            .saturating_mul(request_timeout_ms)
             .saturating_add(
                 u64::from(calls.saturating_sub(1)).saturating_mul(self.retry.max_delay_ms),
             )

@@ -165,9 +165,10 @@ impl Notifier {
         }
         let from = a.route.current;
         a.route.left.push(from);
-        let next = a.route.candidates.iter().copied().find(|i| {
-            !a.route.left.contains(i) && !self.providers.get(*i).guard.breaker.blocks()
-        });
+        let next =
+            a.route.candidates.iter().copied().find(|i| {
+                !a.route.left.contains(i) && !self.providers.get(*i).guard.breaker.blocks()
+            });
         let Some(to) = next else {
             return false;
         };

@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod docs;
 mod e2e;
+mod failover;
 mod helpers;
 mod ops;
 mod pipeline;
