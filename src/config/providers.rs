@@ -274,3 +274,136 @@ fn fill(
         settings: s.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{environment, Settings};
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, String> {
+        let map = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let path = file.map(|text| {
+            let path = std::env::temp_dir().join(format!(
+                "sms-providers-{}.toml",
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let loaded = Settings::load_from(path.as_deref(), environment().source(Some(map)))
+            .map_err(|e| e.to_string());
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+        loaded
+    }
+
+    #[test]
+    fn the_single_provider_section_is_one_instance_named_after_its_kind_on_every_number() {
+        let s = load(None, &[]).unwrap();
+        let (instances, routes) = s.instances().unwrap();
+        assert_eq!(instances.len(), 1);
+        assert_eq!(instances[0].name, "generic");
+        assert_eq!(instances[0].base_url, "http://127.0.0.1:9000");
+        assert_eq!(routes[0].prefixes, ["+"]);
+        assert_eq!(routes[0].providers, ["generic"]);
+    }
+
+    #[test]
+    fn the_compose_stack_settings_load_with_two_instances_and_a_failover_route() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/compose.toml"))
+                .unwrap();
+        let s = load(Some(&text), &[]).unwrap();
+        let (instances, routes) = s.instances().unwrap();
+        let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["backup", "primary"]);
+        assert_eq!(routes[0].providers, ["primary", "backup"]);
+    }
+
+    #[test]
+    fn instances_take_their_secrets_from_the_environment_and_defaults_from_the_provider_section() {
+        let s = load(
+            None,
+            &[
+                ("SMS__PROVIDERS__BACKUP__KIND", "generic"),
+                ("SMS__PROVIDERS__BACKUP__BASE_URL", "http://b:9000"),
+                ("SMS__PROVIDERS__BACKUP__TOKEN", "007"),
+                ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1234"),
+            ],
+        )
+        .unwrap();
+        let (instances, routes) = s.instances().unwrap();
+        assert_eq!(instances[0].name, "backup");
+        assert_eq!(instances[0].request_timeout.as_millis(), 1234);
+        use secrecy::ExposeSecret;
+        let token = instances[0].settings.token.as_ref().unwrap();
+        assert_eq!(token.expose_secret(), "007", "a secret is never reparsed");
+        assert_eq!(
+            routes[0].providers,
+            ["backup"],
+            "one instance: every number"
+        );
+    }
+
+    #[test]
+    fn bad_provider_or_route_settings_exit_2_naming_the_key() {
+        let two = r#"
+[providers.a]
+kind = "generic"
+base_url = "http://a:9000"
+[providers.b]
+kind = "generic"
+base_url = "http://b:9000"
+"#;
+        for (file, env, key) in [
+            (Some(two), vec![], "routes"),
+            (
+                Some(&*format!(
+                    "{two}\n[[routes]]\nprefixes = [\"+\"]\nproviders = [\"a\", \"c\"]\n"
+                )),
+                vec![],
+                "routes[0].providers",
+            ),
+            (
+                Some(&*format!(
+                    "{two}\n[[routes]]\nprefixes = [\"+254\"]\nproviders = [\"a\"]\n"
+                )),
+                vec![],
+                "routes",
+            ),
+            (
+                Some(&*format!(
+                    "{two}\n[[routes]]\nprefixes = [\"254\"]\nproviders = [\"a\"]\n"
+                )),
+                vec![],
+                "routes[0].prefixes",
+            ),
+            (
+                None,
+                vec![("SMS__PROVIDERS__X__BASE_URL", "http://x")],
+                "providers.x.kind",
+            ),
+            (
+                None,
+                vec![
+                    ("SMS__PROVIDERS__A__KIND", "generic"),
+                    ("SMS__PROVIDERS__A__BASE_URL", "ftp://a"),
+                ],
+                "providers.a.base_url",
+            ),
+            (
+                None,
+                vec![("SMS__PROVIDER__KIND", "twilio")],
+                "provider.kind",
+            ),
+        ] {
+            let err = load(file, &env)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {key}"));
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+}
