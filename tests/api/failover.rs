@@ -118,7 +118,7 @@ async fn with_the_first_provider_down_every_command_is_sent_once_by_the_second()
 async fn an_ambiguous_timeout_is_retried_at_the_same_provider_never_the_next() {
     init_logs();
     let names = Names::unique();
-    let mut broker = TestBroker::connect(&names).await;
+    let broker = TestBroker::connect(&names).await;
     // a answers after the request timeout: it may have sent the message.
     let a = MockServer::start().await;
     Mock::given(method("POST"))
