@@ -226,10 +226,16 @@ fn default_settings() -> BTreeSet<String> {
         .expect("config/default.toml is a table of sections");
     let mut keys = BTreeSet::new();
     for (section, value) in sections {
-        let table = value
-            .into_table()
-            .unwrap_or_else(|e| panic!("[{section}] is a table: {e}"));
-        keys.extend(table.into_keys().map(|key| format!("{section}.{key}")));
+        // A top-level value (`routes = []`) or an empty table that takes
+        // named entries (`[providers]`) is one setting of its own name.
+        match value.into_table() {
+            Ok(table) if !table.is_empty() => {
+                keys.extend(table.into_keys().map(|key| format!("{section}.{key}")))
+            }
+            _ => {
+                keys.insert(section);
+            }
+        }
     }
     keys
 }
@@ -254,7 +260,7 @@ fn reference_settings() -> (BTreeSet<String>, Vec<String>) {
             continue;
         }
         match cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
-            Some(key) if key.contains('.') && !key.contains(['`', ' ']) => {
+            Some(key) if !key.is_empty() && !key.contains(['`', ' ']) => {
                 keys.insert(key.to_owned());
             }
             _ => odd.push(line.to_string()),
