@@ -9,6 +9,7 @@
 //! unique across restarts, as a real provider's do (delivery reports are
 //! matched on them).
 
+mod africastalking;
 mod generic;
 
 use std::collections::HashSet;
@@ -164,6 +165,7 @@ pub async fn serve(
     };
     let dialect = match state.settings.kind {
         ProviderKind::Generic => generic::routes(),
+        ProviderKind::AfricasTalking => africastalking::routes(),
         other => {
             return Err(std::io::Error::other(format!(
                 "the fake provider does not speak {} yet",
