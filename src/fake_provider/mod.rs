@@ -9,6 +9,7 @@
 //! unique across restarts, as a real provider's do (delivery reports are
 //! matched on them).
 
+mod africastalking;
 mod generic;
 mod vonage;
 
@@ -165,6 +166,7 @@ pub async fn serve(
     };
     let dialect = match state.settings.kind {
         ProviderKind::Generic => generic::routes(),
+        ProviderKind::AfricasTalking => africastalking::routes(),
         ProviderKind::Vonage => vonage::routes(),
         other => {
             return Err(std::io::Error::other(format!(

@@ -12,6 +12,7 @@ mod ops;
 mod pipeline;
 mod privacy;
 mod provider;
+mod providers_africastalking;
 mod providers_vonage;
 mod proxy;
 mod resilience;

@@ -7,6 +7,7 @@
 //! [`ProviderKind`] variant with its name and public API host, and one arm
 //! in [`build`] (plus its dialect in the fake provider).
 
+pub mod africastalking;
 pub mod generic;
 pub mod http;
 pub mod vonage;
@@ -20,6 +21,9 @@ use crate::ports::SmsService;
 pub fn build(instance: &Instance) -> Result<Arc<dyn SmsService>, String> {
     match instance.kind {
         ProviderKind::Generic => Ok(Arc::new(generic::GenericProvider::new(instance)?)),
+        ProviderKind::AfricasTalking => Ok(Arc::new(africastalking::AfricasTalkingProvider::new(
+            instance,
+        )?)),
         ProviderKind::Vonage => Ok(Arc::new(vonage::VonageProvider::new(instance)?)),
         other => Err(format!(
             "{}: kind {} has no adapter in this build",
