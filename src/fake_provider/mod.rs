@@ -11,6 +11,7 @@
 
 mod africastalking;
 mod generic;
+mod infobip;
 mod vonage;
 
 use std::collections::HashSet;
@@ -168,6 +169,7 @@ pub async fn serve(
         ProviderKind::Generic => generic::routes(),
         ProviderKind::AfricasTalking => africastalking::routes(),
         ProviderKind::Vonage => vonage::routes(),
+        ProviderKind::Infobip => infobip::routes(),
         other => {
             return Err(std::io::Error::other(format!(
                 "the fake provider does not speak {} yet",

@@ -13,6 +13,7 @@ mod pipeline;
 mod privacy;
 mod provider;
 mod providers_africastalking;
+mod providers_infobip;
 mod providers_vonage;
 mod proxy;
 mod resilience;

@@ -10,6 +10,7 @@
 pub mod africastalking;
 pub mod generic;
 pub mod http;
+pub mod infobip;
 pub mod vonage;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub fn build(instance: &Instance) -> Result<Arc<dyn SmsService>, String> {
             instance,
         )?)),
         ProviderKind::Vonage => Ok(Arc::new(vonage::VonageProvider::new(instance)?)),
+        ProviderKind::Infobip => Ok(Arc::new(infobip::InfobipProvider::new(instance)?)),
         other => Err(format!(
             "{}: kind {} has no adapter in this build",
             instance.key("kind"),
