@@ -10,6 +10,7 @@
 //! matched on them).
 
 mod generic;
+mod twilio;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,6 +165,7 @@ pub async fn serve(
     };
     let dialect = match state.settings.kind {
         ProviderKind::Generic => generic::routes(),
+        ProviderKind::Twilio => twilio::routes(),
         other => {
             return Err(std::io::Error::other(format!(
                 "the fake provider does not speak {} yet",

@@ -11,6 +11,7 @@ mod ops;
 mod pipeline;
 mod privacy;
 mod provider;
+mod providers_twilio;
 mod proxy;
 mod resilience;
 mod startup;

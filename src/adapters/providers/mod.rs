@@ -9,6 +9,7 @@
 
 pub mod generic;
 pub mod http;
+pub mod twilio;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::ports::SmsService;
 pub fn build(instance: &Instance) -> Result<Arc<dyn SmsService>, String> {
     match instance.kind {
         ProviderKind::Generic => Ok(Arc::new(generic::GenericProvider::new(instance)?)),
+        ProviderKind::Twilio => Ok(Arc::new(twilio::TwilioProvider::new(instance)?)),
         other => Err(format!(
             "{}: kind {} has no adapter in this build",
             instance.key("kind"),
