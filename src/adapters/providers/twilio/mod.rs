@@ -11,7 +11,7 @@
 //! the service's pool). A command's `senderId` is sent as `From` in place of
 //! `from`.
 //!
-//! What is sent and how every answer is classified: [`send`]. Twilio takes
+//! What is sent and how every answer is classified: `send.rs`. Twilio takes
 //! no idempotency key and does not deduplicate: a request retried after an
 //! ambiguous answer (a timeout, a 5xx) may send the message twice; the core
 //! retries such a command at Twilio only, never at another provider.

@@ -57,6 +57,7 @@
 //! | 21705 the Messaging Service SID is invalid | account | <https://www.twilio.com/docs/api/errors/21705> |
 //! | 63038 account over its daily message limit | account: waits for the next day, breaker open | <https://www.twilio.com/docs/api/errors/63038> |
 //! | HTTP 429 or 503 without a code named above | transient | <https://www.twilio.com/docs/api/errors/20429>, <https://www.twilio.com/docs/api/errors/20503> |
+//! | HTTP 408 without a code named above | transient: the request was not taken | not documented by Twilio: HTTP's meaning (RFC 9110, 15.5.9) |
 //! | HTTP 401 or 403 without a code named above | account | <https://www.twilio.com/docs/api/errors/20003>, <https://www.twilio.com/docs/api/errors/403> |
 //! | HTTP 404 without a code named above | account | <https://www.twilio.com/docs/api/errors/20404> |
 //! | HTTP 500, 502, 504 or another 5xx; a timeout after the request was written | ambiguous: Twilio's pages do not say whether the message was created | not documented: conservative |
@@ -405,6 +406,7 @@ mod tests {
     fn a_status_decides_where_no_documented_code_does() {
         let cases = [
             ((429, ""), "transient"),
+            ((408, ""), "transient"),
             ((503, "<html>busy</html>"), "transient"),
             ((401, ""), "account"),
             ((403, ""), "account"),
