@@ -18,7 +18,8 @@
 //! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
 //! - [`cli_tools`], [`dead_letters`]: the operator's one-shot commands
 //!   (`send`, `events`; list, replay and reset dead letters, `forget`).
-//! - [`fake_provider`]: a fake of the generic provider for demos and tests.
+//! - [`fake_provider`]: a fake SMS provider in each provider's dialect, for
+//!   demos and tests.
 //! - `testing` (tests, or the `test-support` feature): in-memory adapters
 //!   and the idempotency store's contract.
 //!

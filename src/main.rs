@@ -122,13 +122,16 @@ enum Command {
         /// Latency added to every answer, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
-        /// Share of calls (0 to 1) answered 503.
+        /// Share of calls (0 to 1) answered with the dialect's transient
+        /// failure (generic: 503; see docs/providers.md for the others).
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
-        /// Share of calls (0 to 1) answered 400 (a permanent rejection).
+        /// Share of calls (0 to 1) answered with the dialect's rejection of
+        /// the message (generic: 400).
         #[arg(long, default_value_t = 0.0)]
         reject_rate: f64,
-        /// Share of calls (0 to 1) answered 429 with `Retry-After: 1`.
+        /// Share of calls (0 to 1) answered with the dialect's throttling
+        /// (generic: 429 with `Retry-After: 1`).
         #[arg(long, default_value_t = 0.0)]
         throttle_rate: f64,
     },
@@ -355,7 +358,17 @@ async fn fake_provider(
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .with_context(|| format!("cannot listen on {bind} (--bind)"))?;
-    tracing::info!(address = %listener.local_addr()?, ?settings, "fake provider listening");
+    // Not the settings themselves: --credential values are secrets.
+    tracing::info!(
+        address = %listener.local_addr()?,
+        kind = settings.kind.as_str(),
+        latency_ms = settings.latency.as_millis() as u64,
+        fail_rate = settings.fail_rate,
+        reject_rate = settings.reject_rate,
+        throttle_rate = settings.throttle_rate,
+        credentials = ?settings.credentials.keys().collect::<Vec<_>>(),
+        "fake provider listening"
+    );
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {

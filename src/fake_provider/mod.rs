@@ -12,6 +12,7 @@
 mod africastalking;
 mod generic;
 mod infobip;
+mod twilio;
 mod vonage;
 
 use std::collections::HashSet;
@@ -170,12 +171,7 @@ pub async fn serve(
         ProviderKind::AfricasTalking => africastalking::routes(),
         ProviderKind::Vonage => vonage::routes(),
         ProviderKind::Infobip => infobip::routes(),
-        other => {
-            return Err(std::io::Error::other(format!(
-                "the fake provider does not speak {} yet",
-                other.as_str()
-            )))
-        }
+        ProviderKind::Twilio => twilio::routes(),
     };
     let router = dialect
         .route("/stats", get(stats))

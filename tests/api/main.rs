@@ -14,6 +14,7 @@ mod privacy;
 mod provider;
 mod providers_africastalking;
 mod providers_infobip;
+mod providers_twilio;
 mod providers_vonage;
 mod proxy;
 mod resilience;

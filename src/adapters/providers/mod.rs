@@ -11,6 +11,7 @@ pub mod africastalking;
 pub mod generic;
 pub mod http;
 pub mod infobip;
+pub mod twilio;
 pub mod vonage;
 
 use std::sync::Arc;
@@ -27,10 +28,6 @@ pub fn build(instance: &Instance) -> Result<Arc<dyn SmsService>, String> {
         )?)),
         ProviderKind::Vonage => Ok(Arc::new(vonage::VonageProvider::new(instance)?)),
         ProviderKind::Infobip => Ok(Arc::new(infobip::InfobipProvider::new(instance)?)),
-        other => Err(format!(
-            "{}: kind {} has no adapter in this build",
-            instance.key("kind"),
-            other.as_str()
-        )),
+        ProviderKind::Twilio => Ok(Arc::new(twilio::TwilioProvider::new(instance)?)),
     }
 }

@@ -1,0 +1,318 @@
+//! The Twilio dialect: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`,
+//! form-encoded, HTTP Basic authentication with the Account SID and Auth
+//! Token (see `adapters::providers::twilio::send` for the pages cited).
+//!
+//! A wrong request gets Twilio's own error answer (`{"code", "message",
+//! "more_info", "status"}`): 401 with 20003 for missing or wrong
+//! credentials (or a path Account SID other than the one authenticated),
+//! 400 with 21604 for a missing `To` or a body that is not form-encoded,
+//! 21602 for a missing `Body`, 21603 for neither `From` nor
+//! `MessagingServiceSid`, 21705 for a malformed Messaging Service SID, 21211
+//! for a `To` that is no E.164 number, 21617 for a body over 1600
+//! characters. With `--credential account_sid=...` and `auth_token=...` it
+//! checks them exactly; without, any `AC` SID and any token pass.
+//!
+//! When the call draws a failure it answers 503 with 20503 (Service
+//! unavailable), a rejection 400 with 21610 (unsubscribed recipient),
+//! throttling 429 with 20429 (Too Many Requests) and `Retry-After: 1`.
+//! Otherwise 201 with the Message resource: `sid` is the fake's id, status
+//! `queued` with `num_segments` counted from the body, or through a
+//! Messaging Service `accepted` with `num_segments` "0" (Twilio has not
+//! picked the sender yet). Twilio carries no idempotency key, so the fake
+//! cannot count duplicate keys in this dialect.
+
+use std::time::SystemTime;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{FakeState, Simulated};
+use crate::adapters::providers::twilio::is_sid;
+use crate::domain::count_segments;
+
+pub(super) fn routes() -> Router<FakeState> {
+    Router::new().route(
+        "/2010-04-01/Accounts/{account_sid}/Messages.json",
+        post(create_message),
+    )
+}
+
+/// Twilio's error answer for `code`.
+fn error(status: StatusCode, code: u32, message: &str) -> Response {
+    let body = Json(json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status.as_u16(),
+    }));
+    (status, body).into_response()
+}
+
+/// The form fields the fake reads.
+#[derive(Default)]
+struct Form {
+    to: Option<String>,
+    from: Option<String>,
+    messaging_service_sid: Option<String>,
+    body: Option<String>,
+}
+
+impl Form {
+    fn parse(raw: &[u8]) -> Self {
+        let mut form = Self::default();
+        for (key, value) in url::form_urlencoded::parse(raw) {
+            let slot = match key.as_ref() {
+                "To" => &mut form.to,
+                "From" => &mut form.from,
+                "MessagingServiceSid" => &mut form.messaging_service_sid,
+                "Body" => &mut form.body,
+                _ => continue,
+            };
+            *slot = Some(value.into_owned()).filter(|v| !v.is_empty());
+        }
+        form
+    }
+}
+
+async fn create_message(
+    State(state): State<FakeState>,
+    Path(account_sid): Path<String>,
+    headers: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Response {
+    if !authenticated(&state, &headers, &account_sid) {
+        return error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
+    }
+    let form_encoded = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let form = if form_encoded {
+        Form::parse(&raw)
+    } else {
+        Form::default()
+    };
+    let bad = StatusCode::BAD_REQUEST;
+    let Some(to) = form.to else {
+        return error(
+            bad,
+            21604,
+            "'To' phone number is required to send a Message",
+        );
+    };
+    let Some(body) = form.body else {
+        return error(bad, 21602, "Message body is required");
+    };
+    if form.from.is_none() && form.messaging_service_sid.is_none() {
+        return error(
+            bad,
+            21603,
+            "A 'From' or 'MessagingServiceSid' parameter is required to send a message",
+        );
+    }
+    if let Some(sid) = &form.messaging_service_sid {
+        if !is_sid("MG", sid) {
+            return error(bad, 21705, "The Messaging Service is invalid");
+        }
+    }
+    let digits = to.strip_prefix('+').unwrap_or_default();
+    if !(2..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let message = format!("The 'To' number {to} is not a valid phone number.");
+        return error(bad, 21211, &message);
+    }
+    if body.chars().count() > 1600 {
+        return error(
+            bad,
+            21617,
+            "The concatenated message body exceeds the 1600 character limit",
+        );
+    }
+    match state.draw().await {
+        Some(Simulated::Failure) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                20503,
+                "Service unavailable",
+            )
+        }
+        Some(Simulated::Rejection) => {
+            let message = format!("Attempt to send to unsubscribed recipient {to}");
+            return error(bad, 21610, &message);
+        }
+        Some(Simulated::Throttling) => {
+            let mut answer = error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests");
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return answer;
+        }
+        None => {}
+    }
+    let sid = state.accept(&to, "");
+    let pooled = form.from.is_none();
+    let (status, segments) = if pooled {
+        ("accepted", 0)
+    } else {
+        ("queued", count_segments(&body).1)
+    };
+    let now = rfc2822(SystemTime::now());
+    let message = json!({
+        "account_sid": account_sid,
+        "api_version": "2010-04-01",
+        "body": body,
+        "date_created": now,
+        "date_sent": null,
+        "date_updated": now,
+        "direction": "outbound-api",
+        "error_code": null,
+        "error_message": null,
+        "from": form.from,
+        "messaging_service_sid": form.messaging_service_sid,
+        "num_media": "0",
+        "num_segments": segments.to_string(),
+        "price": null,
+        "price_unit": null,
+        "sid": sid,
+        "status": status,
+        "subresource_uris": {
+            "media": format!("/2010-04-01/Accounts/{account_sid}/Messages/{sid}/Media.json"),
+        },
+        "to": to,
+        "uri": format!("/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json"),
+    });
+    (StatusCode::CREATED, Json(message)).into_response()
+}
+
+/// HTTP Basic with the Account SID of the path as user: the expected
+/// credentials where the fake was given them, else any `AC` SID and any
+/// token.
+fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> bool {
+    let Some((user, token)) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|encoded| decode_base64(encoded.trim()))
+        .and_then(|decoded| String::from_utf8(decoded).ok())
+        .and_then(|pair| {
+            pair.split_once(':')
+                .map(|(u, t)| (u.to_owned(), t.to_owned()))
+        })
+    else {
+        return false;
+    };
+    let user_ok = match state.credential("account_sid") {
+        Some(expected) => user == expected,
+        None => is_sid("AC", &user),
+    };
+    let token_ok = match state.credential("auth_token") {
+        Some(expected) => token == expected,
+        None => !token.is_empty(),
+    };
+    user_ok && token_ok && user == account_sid
+}
+
+/// Standard base64 with padding (RFC 4648), as HTTP Basic carries it.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let last = i + 1 == bytes.len() / 4;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = n << 6 | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    Some(out)
+}
+
+/// A time as Twilio writes its dates (RFC 2822, UTC):
+/// `Thu, 24 Aug 2023 05:01:45 +0000`.
+fn rfc2822(at: SystemTime) -> String {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn basic_credentials_decode_as_rfc_4648_says() {
+        // RFC 4648, section 10, and RFC 7617's example.
+        for (encoded, plain) in [
+            ("", ""),
+            ("Zg==", "f"),
+            ("Zm8=", "fo"),
+            ("Zm9v", "foo"),
+            ("Zm9vYg==", "foob"),
+            ("Zm9vYmE=", "fooba"),
+            ("Zm9vYmFy", "foobar"),
+            ("QWxhZGRpbjpvcGVuIHNlc2FtZQ==", "Aladdin:open sesame"),
+        ] {
+            assert_eq!(decode_base64(encoded).as_deref(), Some(plain.as_bytes()));
+        }
+        for garbage in ["Zg=", "Z===", "Zg==Zg==", "Zm9v!A==", "QWxh ZGRp"] {
+            assert_eq!(decode_base64(garbage), None, "{garbage}");
+        }
+    }
+
+    #[test]
+    fn dates_are_written_as_twilio_writes_them() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_692_853_305);
+        assert_eq!(rfc2822(at), "Thu, 24 Aug 2023 05:01:45 +0000");
+        assert_eq!(
+            rfc2822(SystemTime::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 +0000"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc2822(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+}
