@@ -71,17 +71,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         .collect();
     let providers = Providers::new(built, &routes).map_err(anyhow::Error::msg)?;
     // Generic delivery reports (POST /v1/delivery-reports) name the first
-    // generic instance's ids, with its callback secret.
-    let reporting = instances
-        .iter()
-        .find(|i| i.kind == ProviderKind::Generic)
-        .or(instances.first())
-        .expect("settings keep at least one provider instance");
-    let provider_name = reporting.name.clone();
+    // generic instance's ids, with its callback secret; without a generic
+    // instance that route answers 404.
+    let reporting = instances.iter().find(|i| i.kind == ProviderKind::Generic);
+    let provider_name = reporting.map(|i| i.name.clone());
     let callback_secret = reporting
-        .settings
-        .callback_secret
-        .as_ref()
+        .and_then(|i| i.settings.callback_secret.as_ref())
         .filter(|s| !s.expose_secret().is_empty())
         .cloned();
     let notifier = Notifier::new(

@@ -80,22 +80,36 @@ pub struct BenchReport {
 /// URL is looked at (no name is resolved): a loopback address, or
 /// `localhost`.
 pub fn check_provider_is_local(settings: &Settings, allow_remote: bool) -> anyhow::Result<()> {
-    let url = url::Url::parse(&settings.provider.base_url).ok();
-    let host = url.as_ref().and_then(|u| u.host());
-    let local = match &host {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        None => false,
-    };
-    // The host only: a URL may carry credentials.
-    let host = host.map(|h| h.to_string()).unwrap_or_default();
-    anyhow::ensure!(
-        local || allow_remote,
-        "provider.base_url is not on loopback (host {host:?}): the service would send every \
-         bench command as a real SMS through that provider. Point it at a fake provider \
-         (sms-service fake-provider) on 127.0.0.1, or pass --i-mean-it"
-    );
+    // Every instance the service may send through, not only [provider].
+    let mut urls = vec![(
+        "provider.base_url".to_owned(),
+        settings.provider.base_url.clone(),
+    )];
+    if let Ok((instances, _)) = settings.instances() {
+        urls.extend(
+            instances
+                .into_iter()
+                .map(|i| (i.key("base_url"), i.base_url)),
+        );
+    }
+    for (key, base_url) in urls {
+        let url = url::Url::parse(&base_url).ok();
+        let host = url.as_ref().and_then(|u| u.host());
+        let local = match &host {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        // The host only: a URL may carry credentials.
+        let host = host.map(|h| h.to_string()).unwrap_or_default();
+        anyhow::ensure!(
+            local || allow_remote,
+            "{key} is not on loopback (host {host:?}): the service would send every \
+             bench command as a real SMS through that provider. Point it at a fake provider \
+             (sms-service fake-provider) on 127.0.0.1, or pass --i-mean-it"
+        );
+    }
     Ok(())
 }
 
@@ -518,5 +532,21 @@ mod tests {
         let with_password = with_provider("https://user:hunter2@api.example.com");
         let err = check_provider_is_local(&with_password, false).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+        // A named instance counts too, not only [provider].
+        let env = [
+            ("SMS__PROVIDERS__REAL__KIND", "generic"),
+            ("SMS__PROVIDERS__REAL__BASE_URL", "https://sms.example.com"),
+        ];
+        let map = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let settings = crate::config::Settings::load_from(
+            None,
+            crate::config::environment().source(Some(map)),
+        )
+        .unwrap();
+        let err = check_provider_is_local(&settings, false).unwrap_err();
+        assert!(err.to_string().contains("providers.real.base_url"), "{err}");
     }
 }

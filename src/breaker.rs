@@ -141,7 +141,10 @@ impl CircuitBreaker {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
             },
-            State::Open { until } => State::Open { until },
+            // Still cooling down: stays open as it was. Past its cool-down
+            // (a call went through without the half-open step, as happens
+            // to an instance the processing loop did not probe): open again.
+            State::Open { until } if until > Instant::now() => State::Open { until },
             _ => State::Open {
                 until: Instant::now() + self.cool_down,
             },
@@ -155,7 +158,7 @@ impl CircuitBreaker {
     /// every call would fail the same way). Logged at error when it opens.
     pub fn trip(&self, detail: &str) {
         let mut state = self.lock();
-        if matches!(*state, State::Open { .. }) {
+        if matches!(*state, State::Open { until } if until > Instant::now()) {
             return;
         }
         tracing::error!(provider = self.name.as_str(), %detail, "provider account problem: its circuit opens");
@@ -191,6 +194,23 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_the_cool_down_opens_it_again_even_without_a_probe() {
+        let breaker = CircuitBreaker::new(2, Duration::from_secs(10));
+        breaker.record_failure();
+        breaker.record_failure();
+        assert!(breaker.blocks());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!breaker.blocks(), "past its cool-down a call goes through");
+        // That call fails: open again for a whole cool-down, not for ever
+        // letting calls through.
+        breaker.record_failure();
+        assert!(breaker.blocks(), "the failed probe did not reopen it");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        breaker.trip("no credit");
+        assert!(breaker.blocks(), "an account problem after the cool-down");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_probes_after_the_cool_down() {

@@ -55,11 +55,12 @@ pub struct DeadLetter {
 pub const DEAD_LETTERED_AT: &str = "x-sms-dead-lettered-at";
 
 /// Headers the service adds, dropped on replay.
-const SERVICE_HEADERS: [&str; 5] = [
+const SERVICE_HEADERS: [&str; 6] = [
     "x-sms-error",
     "x-sms-attempts",
     "x-sms-delays",
     "x-sms-first-attempt-ms",
+    "x-sms-provider",
     DEAD_LETTERED_AT,
 ];
 

@@ -276,6 +276,9 @@ pub enum Claim {
         takeovers: u32,
         /// This claim is one of them.
         took_over: bool,
+        /// The provider instance an ambiguous answer came from in an
+        /// earlier attempt: the key may be out there, so it goes there only.
+        pinned: Option<String>,
     },
     /// Sent before but its SmsSent not confirmed: the caller holds the lease
     /// and must publish it, without calling the provider.
@@ -363,6 +366,15 @@ pub trait CacheService: Send + Sync {
         owner: &Owner,
         fingerprint: &str,
     ) -> Result<Claim, CacheError>;
+    /// Remembers, while `owner` holds the key, that `provider` gave an
+    /// ambiguous answer for it: every later claim that may send is pinned
+    /// to that provider.
+    async fn pin(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        provider: &str,
+    ) -> Result<(), CacheError>;
     /// Extends `owner`'s lease by the full lease time; [`Recorded::Fenced`]
     /// if the owner no longer holds it.
     async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError>;

@@ -87,7 +87,11 @@ impl Notifier {
                 first_attempt_ms,
                 takeovers,
                 took_over,
+                pinned,
             } => {
+                if let Some(name) = pinned {
+                    self.pin_route(attempt, &name);
+                }
                 if took_over {
                     self.meters.takeovers.increment(1);
                 }

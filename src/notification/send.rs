@@ -47,6 +47,19 @@ impl Notifier {
         }
     }
 
+    /// Pins the command to the instance `name` (the store says an earlier
+    /// attempt had an ambiguous answer there), if its route has it.
+    pub(super) fn pin_route(&self, a: &mut Attempt<'_>, name: &str) {
+        if let Some(index) = self
+            .providers
+            .index_of(name)
+            .filter(|i| a.route.candidates.contains(i))
+        {
+            a.route.current = index;
+            a.route.pinned = true;
+        }
+    }
+
     /// Sends under the claim in `a`, counting its calls there.
     pub(super) async fn send(&self, a: &mut Attempt<'_>) -> Outcome {
         let first_attempt_ms = a.retry.first_attempt_at_ms.unwrap_or_else(now_ms);
@@ -101,8 +114,19 @@ impl Notifier {
                 } => {
                     breaker.record_failure();
                     instance.meters.ambiguous_answers.increment(1);
-                    // It may be out: from now on only this instance.
-                    a.route.pinned = true;
+                    // It may be out: from now on only this instance, for
+                    // this delivery and (through the store) every later
+                    // one, a duplicate's or a redelivery's too.
+                    if !a.route.pinned {
+                        a.route.pinned = true;
+                        if let Err(e) = self
+                            .cache
+                            .pin(&a.cmd.idempotency_key, a.owner, instance.sms.name())
+                            .await
+                        {
+                            warn!(error = %e, "cannot record the pin; the delay tier's header carries it");
+                        }
+                    }
                     (detail, retry_after)
                 }
                 ProviderError::Transient {

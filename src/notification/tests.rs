@@ -1231,3 +1231,33 @@ async fn a_key_accepted_by_one_provider_is_never_sent_by_another_on_redelivery()
     assert_eq!((a.calls(), b.calls()), (1, 0));
     assert_eq!(events.sent()[0].provider, "a");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_without_the_tiers_header_still_keeps_to_the_provider_that_answered_ambiguously(
+) {
+    let ambiguous = || {
+        Err(ProviderError::Ambiguous {
+            detail: "timeout".into(),
+            retry_after: None,
+        })
+    };
+    // a answers ambiguously twice, then is simply down (not sent).
+    let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), refused(), refused()]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        in_process_attempts: 2,
+        ..policy()
+    };
+    let (n, _, events) = two_providers(a.clone(), b.clone(), policy);
+    let none = RetryState::default();
+    // Two ambiguous answers at a: the command goes to a delay tier.
+    delayed(handle_on(&n, &body("k1"), false, &none).await);
+    // A copy of it arrives fresh (a producer's retry, or a redelivery that
+    // lost its headers). a fails without sending now, which would fail
+    // over to b: but a may have sent it, so it waits for a instead.
+    let (_, retry) = delayed(handle_on(&n, &body("k1"), false, &none).await);
+    assert_eq!(b.calls(), 0, "a second provider got a key that may be out");
+    assert_eq!(retry.pinned_provider.as_deref(), Some("a"));
+    assert!(events.sent().is_empty());
+}

@@ -34,6 +34,8 @@ struct Entry {
     invalid: bool,
     /// When a claim first found the lease's holder dead.
     dead_since: Option<Instant>,
+    /// The provider an ambiguous answer came from.
+    pinned: Option<String>,
 }
 
 /// The idempotency store in memory: the same state machine as the Redis
@@ -169,6 +171,7 @@ impl CacheService for MemoryCache {
                 first_attempt_ms: entry.first_attempt_ms,
                 takeovers: 0,
                 took_over: false,
+                pinned: None,
             });
         }
         let terminal = !matches!(entry.status.as_str(), "processing" | "retrying");
@@ -188,6 +191,7 @@ impl CacheService for MemoryCache {
                         first_attempt_ms: entry.first_attempt_ms,
                         takeovers: entry.takeovers,
                         took_over: false,
+                        pinned: entry.pinned.clone(),
                     });
                 }
                 let _ = until;
@@ -234,9 +238,26 @@ impl CacheService for MemoryCache {
                     first_attempt_ms: entry.first_attempt_ms,
                     takeovers: entry.takeovers,
                     took_over,
+                    pinned: entry.pinned.clone(),
                 }
             }
         })
+    }
+
+    async fn pin(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        provider: &str,
+    ) -> Result<(), CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(entry) = entries.get_mut(key.as_str()) {
+            if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
+                entry.pinned = Some(provider.to_owned());
+            }
+        }
+        Ok(())
     }
 
     async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError> {

@@ -50,6 +50,7 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.an_invalid_command_is_failed_but_reserves_nothing().await;
     c.an_invalid_copy_of_a_known_key_is_a_duplicate().await;
     c.only_the_owner_of_an_outcome_marks_it_published().await;
+    c.a_pin_outlives_the_claim_that_set_it().await;
 }
 
 struct Case<'a> {
@@ -117,6 +118,7 @@ impl Case<'_> {
                 takeovers: 0,
                 took_over: false,
                 first_attempt_ms,
+                pinned: None,
             } => assert!(first_attempt_ms > 0, "new: first attempt time kept"),
             other => panic!("new: {other:?}"),
         }
@@ -586,5 +588,22 @@ impl Case<'_> {
         );
         self.store.mark_published(&key, &b).await.unwrap();
         assert_eq!(self.claim(&key, &a).await, Claim::AlreadySent);
+    }
+
+    async fn a_pin_outlives_the_claim_that_set_it(&self) {
+        let key = self.key("pinned");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        self.claim(&key, &a).await;
+        // Only the holder pins.
+        self.store.pin(&key, &b, "elsewhere").await.unwrap();
+        self.store.pin(&key, &a, "twilio").await.unwrap();
+        self.store.release(&key, &a, 1).await.unwrap();
+        match self.claim(&key, &b).await {
+            Claim::Send { pinned, .. } => {
+                assert_eq!(pinned.as_deref(), Some("twilio"), "pinned")
+            }
+            other => panic!("pinned: {other:?}"),
+        }
     }
 }

@@ -189,3 +189,25 @@ async fn with_both_providers_down_commands_wait_in_the_tiers_and_go_out_once_whe
     assert_eq!(accepted, 1, "sent once");
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn without_a_generic_instance_the_generic_report_route_takes_nothing_unsigned() {
+    let app = crate::helpers::spawn_app_with(&[
+        ("SMS__PROVIDERS__V__KIND", "vonage"),
+        ("SMS__PROVIDERS__V__API_KEY", "abcd1234"),
+        ("SMS__PROVIDERS__V__API_SECRET", "s3cr3tS3cr3t"),
+        ("SMS__PROVIDERS__V__FROM", "MKOPA"),
+    ])
+    .await;
+    let response = app
+        .http
+        .post(format!("{}/v1/delivery-reports", app.base_url))
+        .json(&json!({"id": "fake-1", "status": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "no_generic_provider");
+    app.cleanup().await;
+}

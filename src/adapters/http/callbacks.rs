@@ -81,6 +81,13 @@ pub async fn delivery_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Some(provider) = state.provider.as_deref() else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "no_generic_provider",
+            "no generic provider instance is configured",
+        );
+    };
     if let Some(secret) = &state.callback_secret {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         if let Err(e) = verify_signature(
@@ -109,7 +116,7 @@ pub async fn delivery_report(
     let recorded = state
         .cache
         .record_delivery(
-            &state.provider,
+            provider,
             &callback.id,
             callback.status,
             error_code.as_deref(),

@@ -40,7 +40,10 @@ pub struct HttpState {
     /// When set, delivery reports must carry a valid HMAC of their body.
     pub callback_secret: Option<SecretString>,
     /// The provider whose ids delivery reports name.
-    pub provider: String,
+    /// The generic instance whose ids the generic reports name; `None`
+    /// when no generic instance is configured (the route then answers 404:
+    /// other kinds report through their own callbacks).
+    pub provider: Option<String>,
     pub max_body_bytes: usize,
     /// Who may use the message routes (`http.api_keys`, `http.bind`).
     pub api_access: ApiAccess,

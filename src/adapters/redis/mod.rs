@@ -41,6 +41,7 @@ struct Scripts {
     withdraw: Script,
     record_invalid: Script,
     mark_published: Script,
+    pin: Script,
     mark_invalid_published: Script,
     renew: Script,
     record_sent: Script,
@@ -89,6 +90,7 @@ impl RedisStore {
                 withdraw: Script::new(scripts::WITHDRAW),
                 record_invalid: Script::new(scripts::RECORD_INVALID),
                 mark_published: Script::new(scripts::MARK_PUBLISHED),
+                pin: Script::new(scripts::PIN),
                 mark_invalid_published: Script::new(scripts::MARK_INVALID_PUBLISHED),
                 renew: Script::new(scripts::RENEW),
                 record_sent: Script::new(&scripts::record_sent()),
@@ -279,12 +281,14 @@ impl CacheService for RedisStore {
                 first_attempt_ms: first_attempt_ms(1),
                 takeovers: 0,
                 took_over: false,
+                pinned: None,
             },
             ("send", _) => Claim::Send {
                 attempts: count(reply.get(1)),
                 first_attempt_ms: first_attempt_ms(2),
                 takeovers: count(reply.get(3)),
                 took_over: count(reply.get(4)) == 1,
+                pinned: reply.get(5).and_then(text).filter(|p| !p.is_empty()),
             },
             ("busy", _) => Claim::Busy {
                 lease_left: millis(reply.get(1), self.lease_ms),
@@ -298,6 +302,18 @@ impl CacheService for RedisStore {
             ("claimed", "failed") => Claim::PublishFailed(failed_record(&f)),
             _ => return Err(CacheError(format!("unexpected claim reply {verdict:?}"))),
         })
+    }
+
+    async fn pin(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        provider: &str,
+    ) -> Result<(), CacheError> {
+        let msg = self.msg_key(key.as_str());
+        self.run::<i64>(&self.scripts.pin, &[&msg], &[&owner.id, provider])
+            .await
+            .map(drop)
     }
 
     async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError> {

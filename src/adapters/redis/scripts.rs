@@ -6,7 +6,7 @@
 /// fingerprint, liveness_ttl_ms)`.
 ///
 /// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
-/// takeovers, took_over}`, `{'claimed', fields...}` (an outcome to publish),
+/// takeovers, took_over, pinned_provider}`, `{'claimed', fields...}` (an outcome to publish),
 /// `{'done'}` / `{'done', fields...}` (failed), or
 /// `{'busy', lease_left_ms, holder_alive_ms}`.
 ///
@@ -22,7 +22,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = tostring(now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
-  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since')
+  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since', 'pinned')
 local status = h[1]
 -- Admitted at a front door, or failed as an invalid command: nothing was
 -- sent, so the key is new to a valid command.
@@ -55,7 +55,8 @@ if h[4] == ARGV[1] then
   redis.call('HSET', KEYS[1], 'lease_until', lease_until)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   if status == 'processing' then
-    return {'send', tostring(math.max(attempts - 1, 0)), first, tostring(takeovers)}
+    return {'send', tostring(math.max(attempts - 1, 0)), first, tostring(takeovers), '0',
+      h[12] or ''}
   end
   return {'claimed', redis.call('HGETALL', KEYS[1])}
 end
@@ -91,7 +92,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 if status == 'processing' or status == 'retrying' then
   redis.call('HSET', KEYS[1], 'status', 'processing', 'attempts', tostring(attempts + 1),
     'first_attempt_ms', first)
-  return {'send', tostring(attempts), first, tostring(takeovers), tostring(takeover)}
+  return {'send', tostring(attempts), first, tostring(takeovers), tostring(takeover),
+    h[12] or ''}
 end
 return {'claimed', redis.call('HGETALL', KEYS[1])}
 "#;
@@ -237,5 +239,13 @@ local h = redis.call('HMGET', KEYS[1], 'status', 'invalid')
 if h[1] ~= 'failed' or h[2] ~= '1' then return 0 end
 redis.call('HSET', KEYS[1], 'published', '1')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// `pin(key; owner, provider)`: while `owner` holds the key, the provider
+/// an ambiguous answer came from, for every later claim.
+pub const PIN: &str = r#"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'pinned', ARGV[2])
 return 1
 "#;
