@@ -70,15 +70,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         .map(|r| (r.prefixes, r.providers))
         .collect();
     let providers = Providers::new(built, &routes).map_err(anyhow::Error::msg)?;
-    // Generic delivery reports (POST /v1/delivery-reports) name the first
-    // generic instance's ids, with its callback secret; without a generic
-    // instance that route answers 404.
-    let reporting = instances.iter().find(|i| i.kind == ProviderKind::Generic);
-    let provider_name = reporting.map(|i| i.name.clone());
-    let callback_secret = reporting
-        .and_then(|i| i.settings.callback_secret.as_ref())
-        .filter(|s| !s.expose_secret().is_empty())
-        .cloned();
+    // Generic delivery reports (POST /v1/delivery-reports) name the ids of
+    // a generic instance, each checked with that instance's callback
+    // secret; without a generic instance that route answers 404.
+    let generic_reporters: Vec<(String, Option<secrecy::SecretString>)> = instances
+        .iter()
+        .filter(|i| i.kind == ProviderKind::Generic)
+        .map(|i| {
+            let secret = i
+                .settings
+                .callback_secret
+                .as_ref()
+                .filter(|s| !s.expose_secret().is_empty())
+                .cloned();
+            (i.name.clone(), secret)
+        })
+        .collect();
     let notifier = Notifier::new(
         store.clone(),
         providers,
@@ -119,8 +126,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         events: Arc::new(broker),
         consuming: processing.consuming(),
         metrics,
-        callback_secret,
-        provider: provider_name,
+        generic_reporters,
         max_body_bytes: settings.http.max_body_bytes,
         api_access: ApiAccess::new(&settings.http.api_keys, &settings.http.bind),
     };

@@ -444,11 +444,22 @@ impl Settings {
         // refused as such.
         let calls = self.retry.in_process_attempts;
         // The slowest instance's timeout (an instance's own or the default).
-        let request_timeout_ms = self
+        let (timeout_key, request_timeout_ms) = self
             .providers
-            .values()
-            .filter_map(|i| i.request_timeout_ms)
-            .fold(self.provider.request_timeout_ms, u64::max);
+            .iter()
+            .filter_map(|(name, i)| {
+                Some((
+                    format!("providers.{name}.request_timeout_ms"),
+                    i.request_timeout_ms?,
+                ))
+            })
+            .fold(
+                (
+                    "provider.request_timeout_ms".to_owned(),
+                    self.provider.request_timeout_ms,
+                ),
+                |slowest, next| if next.1 > slowest.1 { next } else { slowest },
+            );
         let attempt_ms = u64::from(calls)
             .saturating_mul(request_timeout_ms)
             .saturating_add(
@@ -459,7 +470,7 @@ impl Settings {
             return bad(
                 "redis.lease_ms",
                 &format!(
-                    "must exceed retry.in_process_attempts x provider.request_timeout_ms + backoff + amqp.confirm_timeout_ms ({attempt_ms} ms), \
+                    "must exceed retry.in_process_attempts x {timeout_key} + backoff + amqp.confirm_timeout_ms ({attempt_ms} ms), \
                      or a second instance could send a key still in flight"
                 ),
             );

@@ -50,13 +50,20 @@ impl Notifier {
     /// Pins the command to the instance `name` (the store says an earlier
     /// attempt had an ambiguous answer there), if its route has it.
     pub(super) fn pin_route(&self, a: &mut Attempt<'_>, name: &str) {
-        if let Some(index) = self
+        match self
             .providers
             .index_of(name)
             .filter(|i| a.route.candidates.contains(i))
         {
-            a.route.current = index;
-            a.route.pinned = true;
+            Some(index) => {
+                a.route.current = index;
+                a.route.pinned = true;
+            }
+            None => warn!(
+                provider = name,
+                "the key is pinned to a provider its route no longer has (settings changed): \
+                 sending through the route, which may send it a second time"
+            ),
         }
     }
 

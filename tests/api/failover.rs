@@ -16,6 +16,7 @@ use crate::helpers::{command, init_logs, Names, TestBroker};
 struct TwoProviders {
     _svc: Proc,
     _file: tempfile_path::TempFile,
+    base_url: String,
 }
 
 mod tempfile_path {
@@ -59,10 +60,12 @@ base_url = "{b_url}"
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let path = file.0.to_string_lossy().into_owned();
     let svc = Proc(service(&env, &["--config", &path, "run"]).spawn().unwrap());
-    wait_http(&format!("http://127.0.0.1:{http_port}/readyz")).await;
+    let base_url = format!("http://127.0.0.1:{http_port}");
+    wait_http(&format!("{base_url}/readyz")).await;
     TwoProviders {
         _svc: svc,
         _file: file,
+        base_url,
     }
 }
 
@@ -94,7 +97,7 @@ async fn with_the_first_provider_down_every_command_is_sent_once_by_the_second()
     let names = Names::unique();
     let mut broker = TestBroker::connect(&names).await;
     let b = accepting("from-b").await;
-    let _svc = start(&names, &nobody(), &b.uri(), &[]).await;
+    let svc = start(&names, &nobody(), &b.uri(), &[]).await;
     for i in 0..5 {
         broker
             .publish_command(
@@ -111,6 +114,16 @@ async fn with_the_first_provider_down_every_command_is_sent_once_by_the_second()
         5,
         "each key once at b"
     );
+    // A delivery report for b's id finds its message, though a is the
+    // first generic instance.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/delivery-reports", svc.base_url))
+        .json(&json!({"id": "from-b", "status": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(broker.deliveries(1, Duration::from_secs(5)).await.len(), 1);
     broker.cleanup().await;
 }
 

@@ -81,25 +81,12 @@ pub async fn delivery_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(provider) = state.provider.as_deref() else {
+    if state.generic_reporters.is_empty() {
         return problem(
             StatusCode::NOT_FOUND,
             "no_generic_provider",
             "no generic provider instance is configured",
         );
-    };
-    if let Some(secret) = &state.callback_secret {
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Err(e) = verify_signature(
-            secret.expose_secret().as_bytes(),
-            header("x-timestamp"),
-            &body,
-            header("x-signature"),
-            SystemTime::now(),
-        ) {
-            warn!(reason = %e, "delivery report refused");
-            return problem(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string());
-        }
     }
     let callback: Callback = match serde_json::from_slice(&body) {
         Ok(c) => c,
@@ -113,31 +100,59 @@ pub async fn delivery_report(
         );
     }
     let error_code: Option<String> = callback.error_code.map(|c| c.chars().take(64).collect());
-    let recorded = state
-        .cache
-        .record_delivery(
-            provider,
-            &callback.id,
-            callback.status,
-            error_code.as_deref(),
-        )
-        .await;
-    let key = match recorded {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "unknown_id",
-                "no message with this provider id",
-            )
+    // The report does not say which generic instance sent the message: it
+    // is looked up under each whose secret (if it has one) signed it.
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut refused = None;
+    let mut key = None;
+    for (provider, secret) in &state.generic_reporters {
+        if let Some(secret) = secret {
+            if let Err(e) = verify_signature(
+                secret.expose_secret().as_bytes(),
+                header("x-timestamp"),
+                &body,
+                header("x-signature"),
+                SystemTime::now(),
+            ) {
+                refused = Some(e);
+                continue;
+            }
         }
-        Err(e) => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                e.to_string(),
+        refused = None;
+        match state
+            .cache
+            .record_delivery(
+                provider,
+                &callback.id,
+                callback.status,
+                error_code.as_deref(),
             )
+            .await
+        {
+            Ok(Some(found)) => {
+                key = Some(found);
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    e.to_string(),
+                )
+            }
         }
+    }
+    let Some(key) = key else {
+        if let Some(e) = refused {
+            warn!(reason = %e, "delivery report refused");
+            return problem(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string());
+        }
+        return problem(
+            StatusCode::NOT_FOUND,
+            "unknown_id",
+            "no message with this provider id",
+        );
     };
     let report = DeliveryReport {
         idempotency_key: key,

@@ -37,13 +37,11 @@ pub struct HttpState {
     pub events: Arc<dyn EventBus>,
     pub consuming: Arc<Consuming>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// When set, delivery reports must carry a valid HMAC of their body.
-    pub callback_secret: Option<SecretString>,
-    /// The provider whose ids delivery reports name.
-    /// The generic instance whose ids the generic reports name; `None`
-    /// when no generic instance is configured (the route then answers 404:
-    /// other kinds report through their own callbacks).
-    pub provider: Option<String>,
+    /// The generic instances whose ids generic delivery reports name, in
+    /// order, each with its callback secret (a report to an instance with
+    /// a secret must be signed with it). Empty: the route answers 404
+    /// (other kinds report through their own callbacks).
+    pub generic_reporters: Vec<(String, Option<SecretString>)>,
     pub max_body_bytes: usize,
     /// Who may use the message routes (`http.api_keys`, `http.bind`).
     pub api_access: ApiAccess,

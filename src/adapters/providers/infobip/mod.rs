@@ -32,15 +32,14 @@
 //! `messageId` is answered like the first. Its status code
 //! `REJECTED_DUPLICATE_MESSAGE_ID` (23) rejects "a duplicate message ID
 //! specified in the submit request, while message ID-s should be a unique
-//! value" ([status codes][codes]): a second send of a key is refused, never
-//! sent twice. The docs do not say whether the earlier message was sent (a
-//! message Infobip rejected keeps its id too), nor for how long ids are
-//! remembered. So a duplicate is classified **route refused**: after an
-//! ambiguous answer the command is pinned here and ends in SmsFailed
-//! (`provider_rejected`, the detail saying an earlier attempt may have been
-//! sent) without a second send anywhere; after a definite refusal here
-//! (a `REJECTED` status) it fails over to the route's next provider, which
-//! can send it.
+//! value" ([status codes][codes]); its idempotent sending has to be enabled
+//! for the account, and works within a grace period. The docs do not say
+//! whether the earlier message was sent (a message Infobip rejected keeps
+//! its id too). So a duplicate is classified **rejected**: it never fails
+//! over (Infobip saw the key, so it may be out), and ends in SmsFailed
+//! (`provider_rejected`, the detail saying an earlier attempt may have
+//! been sent). Without deduplication enabled, a retry after an ambiguous
+//! answer may send twice.
 //!
 //! # Classification
 //!
@@ -54,7 +53,7 @@
 //! | 2xx without a readable `messages[0].status` (malformed, empty) | accepted with the `messageId` sent: Infobip took the request, and a resend could only be refused as a duplicate | [send] (the 200 answer always carries `messages`) |
 //! | 2xx, `REJECTED` 12 `REJECTED_NOT_ENOUGH_CREDITS`, 17 `REJECTED_PREPAID_PACKAGE_EXPIRED` | account | [codes] `#rejected-general-status-codes` |
 //! | 2xx, `REJECTED` 6 `REJECTED_NETWORK` (network not covered or not set up on the account), 11 `REJECTED_SOURCE` (sender not registered), 13 `REJECTED_SENDER` (sender blacklisted), 18 `REJECTED_DESTINATION_NOT_REGISTERED` (test account: one number only), 19 `REJECTED_ROUTE_NOT_AVAILABLE` (no route on the account) | route refused | [codes] `#rejected-general-status-codes` |
-//! | 2xx, `REJECTED` 23 `REJECTED_DUPLICATE_MESSAGE_ID` | route refused (see Deduplication) | [codes] `#rejected-general-status-codes` |
+//! | 2xx, `REJECTED` 23 `REJECTED_DUPLICATE_MESSAGE_ID` | rejected, never failed over (see Deduplication) | [codes] `#rejected-general-status-codes` |
 //! | 2xx, `REJECTED` 20 `REJECTED_FLOODING_FILTER` (per-number hourly limit), 21 `REJECTED_SYSTEM_ERROR` ("please retry submission") | transient | [codes] `#rejected-general-status-codes` |
 //! | 2xx, `REJECTED` 8 `REJECTED_PREFIX_MISSING`, 52 `REJECTED_INVALID_DESTINATION / REJECTED_DESTINATION` (number prefix or length not valid) | rejected, invalid number | [codes] `#rejected-general-status-codes` |
 //! | 2xx, `REJECTED` 10 `REJECTED_DND`, 14 `REJECTED_DESTINATION / REJECTED_DESTINATION_BLOCKLISTED`, 24 `REJECTED_INVALID_UDH`, 25 `REJECTED_MESSAGE_TOO_LONG`, 51 `MISSING_TO`, any other `REJECTED` id | rejected | [codes] `#rejected-general-status-codes` |

@@ -240,13 +240,12 @@ fn rejected(id: Option<i64>, detail: String) -> ProviderError {
         // REJECTED_NETWORK, REJECTED_SOURCE, REJECTED_SENDER,
         // REJECTED_DESTINATION_NOT_REGISTERED, REJECTED_ROUTE_NOT_AVAILABLE
         Some(6 | 11 | 13 | 18 | 19) => ProviderError::RouteRefused { detail },
-        // REJECTED_DUPLICATE_MESSAGE_ID
-        Some(23) => ProviderError::RouteRefused {
-            detail: format!(
-                "{detail} (Infobip already has a message with this key as its messageId: \
-                 an earlier attempt may have been sent)"
-            ),
-        },
+        // REJECTED_DUPLICATE_MESSAGE_ID: Infobip saw this key before, so an
+        // earlier attempt may be out: never another provider.
+        Some(23) => ProviderError::rejected(format!(
+            "{detail} (Infobip already has a message with this key as its messageId: \
+             an earlier attempt may have been sent)"
+        )),
         // REJECTED_FLOODING_FILTER, REJECTED_SYSTEM_ERROR
         Some(20 | 21) => ProviderError::transient(detail),
         // REJECTED_PREFIX_MISSING, REJECTED_INVALID_DESTINATION
@@ -409,7 +408,7 @@ mod tests {
                 "REJECTED",
                 23,
                 "REJECTED_DUPLICATE_MESSAGE_ID",
-                "route_refused",
+                "rejected",
             ),
             (5, "REJECTED", 24, "REJECTED_INVALID_UDH", "rejected"),
             (5, "REJECTED", 25, "REJECTED_MESSAGE_TOO_LONG", "rejected"),
@@ -597,8 +596,8 @@ mod tests {
             "REJECTED_DUPLICATE_MESSAGE_ID",
             "Duplicate message id",
         );
-        let Err(ProviderError::RouteRefused { detail }) = answer(200, &body) else {
-            panic!("not route refused");
+        let Err(ProviderError::Rejected { detail, .. }) = answer(200, &body) else {
+            panic!("not rejected");
         };
         assert!(detail.contains("may have been sent"), "{detail}");
     }
