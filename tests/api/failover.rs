@@ -224,3 +224,88 @@ async fn without_a_generic_instance_the_generic_report_route_takes_nothing_unsig
     assert_eq!(body["error"], "no_generic_provider");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_provider_that_refuses_the_route_hands_the_command_to_the_next_at_once() {
+    init_logs();
+    let names = Names::unique();
+    let mut broker = TestBroker::connect(&names).await;
+    // a is a Twilio instance that cannot reach the destination (21408:
+    // https://www.twilio.com/docs/api/errors/21408).
+    let a = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "code": 21408,
+            "message": "Permission to send an SMS has not been enabled for the region",
+            "more_info": "https://www.twilio.com/docs/errors/21408",
+            "status": 400
+        })))
+        .mount(&a)
+        .await;
+    let b = accepting("from-b").await;
+    let _svc = start(
+        &names,
+        &a.uri(),
+        &b.uri(),
+        &[
+            ("SMS__PROVIDERS__A__KIND", "twilio"),
+            (
+                "SMS__PROVIDERS__A__ACCOUNT_SID",
+                "AC0123456789abcdef0123456789abcdef",
+            ),
+            ("SMS__PROVIDERS__A__AUTH_TOKEN", "s3cr3t"),
+            ("SMS__PROVIDERS__A__FROM", "+15005550006"),
+        ],
+    )
+    .await;
+    broker
+        .publish_command(
+            &command("route-refused", "+254712345678", "hi"),
+            Default::default(),
+        )
+        .await;
+    let sent = broker.sent(1, Duration::from_secs(10)).await;
+    assert_eq!(providers_of(&sent), ["b"]);
+    assert_eq!(sent[0].json()["attempts"], 2, "one call at each");
+    assert_eq!(
+        a.received_requests().await.unwrap().len(),
+        1,
+        "no retry at a"
+    );
+    assert_eq!(b.received_requests().await.unwrap().len(), 1);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_key_the_first_provider_accepted_never_reaches_the_second_however_often_it_comes() {
+    init_logs();
+    let names = Names::unique();
+    let mut broker = TestBroker::connect(&names).await;
+    let a = accepting("from-a").await;
+    let b = accepting("from-b").await;
+    let _svc = start(&names, &a.uri(), &b.uri(), &[]).await;
+    let body = command("accepted-by-a", "+254712345678", "hi");
+    broker.publish_command(&body, Default::default()).await;
+    assert_eq!(
+        providers_of(&broker.sent(1, Duration::from_secs(10)).await),
+        ["a"]
+    );
+    // a is down now; the same command comes again (a producer's retry).
+    a.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&a)
+        .await;
+    for _ in 0..2 {
+        broker.publish_command(&body, Default::default()).await;
+    }
+    assert!(
+        broker.sent(1, Duration::from_secs(2)).await.is_empty(),
+        "a second SmsSent"
+    );
+    assert!(
+        b.received_requests().await.unwrap().is_empty(),
+        "sent by b too"
+    );
+    broker.cleanup().await;
+}
