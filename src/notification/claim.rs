@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use super::publish::Event;
 use super::{Attempt, Notifier};
 use crate::concurrency::Slot;
-use crate::domain::{rfc3339, CommandError, FailureReason, SendSms, SmsFailed};
+use crate::domain::{rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed};
 use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, RetryState};
 
 /// A returning command that finds a live holder comes back this long
@@ -89,24 +89,13 @@ impl Notifier {
                 took_over,
                 pinned,
             } => {
-                if let Some(name) = pinned {
-                    self.pin_route(attempt, &name);
-                }
-                if took_over {
-                    self.meters.takeovers.increment(1);
-                }
-                if takeovers > self.settings.max_takeovers {
-                    attempt.retry.attempts = attempt.retry.attempts.max(attempts);
-                    return self.poison(attempt, takeovers).await;
-                }
-                let retry = &mut attempt.retry;
-                retry.attempts = retry.attempts.max(attempts);
-                retry.first_attempt_at_ms = Some(
-                    retry
-                        .first_attempt_at_ms
-                        .map_or(first_attempt_ms, |header| header.min(first_attempt_ms)),
-                );
-                self.send(attempt).await
+                let counts = Counts {
+                    attempts,
+                    first_attempt_ms,
+                    takeovers,
+                    took_over,
+                };
+                self.start_sending(attempt, counts, pinned).await
             }
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
@@ -156,6 +145,35 @@ impl Notifier {
                 Outcome::Duplicate
             }
         }
+    }
+
+    /// A claim that may send: pinned if the store says so, poison if its
+    /// holders kept dying, else on to the provider with the counts the
+    /// store kept.
+    async fn start_sending(
+        &self,
+        attempt: &mut Attempt<'_>,
+        counts: Counts,
+        pinned: Option<String>,
+    ) -> Outcome {
+        if let Some(name) = pinned {
+            self.pin_route(attempt, &name);
+        }
+        if counts.took_over {
+            self.meters.takeovers.increment(1);
+        }
+        let retry = &mut attempt.retry;
+        retry.attempts = retry.attempts.max(counts.attempts);
+        if counts.takeovers > self.settings.max_takeovers {
+            return self.poison(attempt, counts.takeovers).await;
+        }
+        let first = counts.first_attempt_ms;
+        retry.first_attempt_at_ms = Some(
+            retry
+                .first_attempt_at_ms
+                .map_or(first, |header| header.min(first)),
+        );
+        self.send(attempt).await
     }
 
     /// A key whose holders keep dying before an outcome: the command is
@@ -224,18 +242,32 @@ impl Notifier {
                 return Outcome::StoreUnavailable;
             }
         }
+        self.publish_invalid(&key, phone_number, &record, reason_text, message)
+            .await
+    }
+
+    /// Publishes an invalid command's SmsFailed and marks it published.
+    async fn publish_invalid(
+        &self,
+        key: &IdempotencyKey,
+        phone_number: String,
+        record: &FailedRecord,
+        reason_text: String,
+        message: &Inbound<'_>,
+    ) -> Outcome {
+        let reason = record.reason;
         let event = SmsFailed {
             idempotency_key: key.to_string(),
             phone_number,
             reason: reason.as_str().to_owned(),
-            detail: record.detail,
+            detail: record.detail.clone(),
             attempts: 0,
-            failed_at: record.failed_at,
+            failed_at: record.failed_at.clone(),
         };
         if let Err(e) = self.events.publish_failed(&event, message.meta).await {
             return self.unpublished(&e, message.retry);
         }
-        self.held_write(|| self.cache.mark_invalid_published(&key))
+        self.held_write(|| self.cache.mark_invalid_published(key))
             .await;
         self.unroutable_said
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -243,6 +275,14 @@ impl Notifier {
         info!(reason = reason.as_str(), "invalid command");
         Outcome::Failed(reason_text)
     }
+}
+
+/// What a claim that may send says of the key so far.
+struct Counts {
+    attempts: u32,
+    first_attempt_ms: u64,
+    takeovers: u32,
+    took_over: bool,
 }
 
 /// A delivery that may be a crashed holder's own: redelivered by the

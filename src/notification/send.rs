@@ -19,6 +19,16 @@ use super::{now_ms, Attempt, Notifier, Route};
 use crate::domain::{count_segments, rfc3339, FailureReason, SendSms};
 use crate::ports::{Accepted, Outcome, ProviderError, RetryState, SentRecord};
 
+/// What to do after a failed call.
+enum Next {
+    /// The command has its outcome.
+    Done(Outcome),
+    /// Call the route's next provider now.
+    FailOver,
+    /// Try again, here or later, after this failure.
+    Retry(String, Option<Duration>),
+}
+
 impl Notifier {
     /// Where a command starts: the instance its retry state is pinned to,
     /// or the first of its route whose breaker is not open.
@@ -89,72 +99,88 @@ impl Notifier {
                 Ok(accepted) => return self.accepted(a, accepted).await,
                 Err(error) => error,
             };
-            instance.meters.outcome(error.class());
-            let breaker = &instance.guard.breaker;
-            let (detail, retry_after) = match error {
-                ProviderError::Rejected {
-                    detail,
-                    invalid_number,
-                } => {
-                    breaker.record_success();
-                    warn!(provider = instance.sms.name(), %detail, attempts = a.retry.attempts, "provider rejected the message");
-                    let reason = if invalid_number {
-                        FailureReason::InvalidPhoneNumber
-                    } else {
-                        FailureReason::ProviderRejected
-                    };
-                    return self.fail(a, reason, detail).await;
-                }
-                ProviderError::RouteRefused { detail } => {
-                    breaker.record_success();
-                    warn!(provider = instance.sms.name(), %detail, "provider cannot take this route");
-                    if self.fail_over(a) {
-                        continue;
+            match self.on_error(a, error).await {
+                Next::Done(outcome) => return outcome,
+                Next::FailOver => continue,
+                Next::Retry(detail, retry_after) => {
+                    if let Some(outcome) = self.after_failure(a, detail, retry_after).await {
+                        return outcome;
                     }
-                    let detail =
-                        format!("no provider of the route takes this destination; last: {detail}");
-                    return self.fail(a, FailureReason::ProviderRejected, detail).await;
                 }
-                ProviderError::Ambiguous {
-                    detail,
-                    retry_after,
-                } => {
-                    breaker.record_failure();
-                    instance.meters.ambiguous_answers.increment(1);
-                    // It may be out: from now on only this instance, for
-                    // this delivery and (through the store) every later
-                    // one, a duplicate's or a redelivery's too.
-                    if !a.route.pinned {
-                        a.route.pinned = true;
-                        if let Err(e) = self
-                            .cache
-                            .pin(&a.cmd.idempotency_key, a.owner, instance.sms.name())
-                            .await
-                        {
-                            warn!(error = %e, "cannot record the pin; the delay tier's header carries it");
-                        }
-                    }
-                    (detail, retry_after)
-                }
-                ProviderError::Transient {
-                    detail,
-                    retry_after,
-                } => {
-                    breaker.record_failure();
-                    (detail, retry_after)
-                }
-                ProviderError::Account { detail } => {
-                    breaker.trip(&detail);
-                    if self.fail_over(a) {
-                        continue;
-                    }
-                    (detail, None)
-                }
-            };
-            warn!(provider = instance.sms.name(), %detail, attempts = a.retry.attempts, "provider call failed; will retry");
-            if let Some(outcome) = self.after_failure(a, detail, retry_after).await {
-                return outcome;
             }
+        }
+    }
+
+    /// What a failed call means for the command, by its class (the
+    /// breaker and the metrics learn of it here).
+    async fn on_error(&self, a: &mut Attempt<'_>, error: ProviderError) -> Next {
+        let instance = self.providers.get(a.route.current);
+        let (name, breaker) = (instance.sms.name(), &instance.guard.breaker);
+        instance.meters.outcome(error.class());
+        let (detail, retry_after) = match error {
+            ProviderError::Rejected {
+                detail,
+                invalid_number,
+            } => {
+                breaker.record_success();
+                warn!(provider = name, %detail, attempts = a.retry.attempts, "provider rejected the message");
+                let reason = if invalid_number {
+                    FailureReason::InvalidPhoneNumber
+                } else {
+                    FailureReason::ProviderRejected
+                };
+                return Next::Done(self.fail(a, reason, detail).await);
+            }
+            ProviderError::RouteRefused { detail } => {
+                breaker.record_success();
+                warn!(provider = name, %detail, "provider cannot take this route");
+                if self.fail_over(a) {
+                    return Next::FailOver;
+                }
+                let detail =
+                    format!("no provider of the route takes this destination; last: {detail}");
+                return Next::Done(self.fail(a, FailureReason::ProviderRejected, detail).await);
+            }
+            ProviderError::Ambiguous {
+                detail,
+                retry_after,
+            } => {
+                breaker.record_failure();
+                instance.meters.ambiguous_answers.increment(1);
+                self.pin_here(a).await;
+                (detail, retry_after)
+            }
+            ProviderError::Transient {
+                detail,
+                retry_after,
+            } => {
+                breaker.record_failure();
+                (detail, retry_after)
+            }
+            ProviderError::Account { detail } => {
+                breaker.trip(&detail);
+                if self.fail_over(a) {
+                    return Next::FailOver;
+                }
+                (detail, None)
+            }
+        };
+        warn!(provider = name, %detail, attempts = a.retry.attempts, "provider call failed; will retry");
+        Next::Retry(detail, retry_after)
+    }
+
+    /// The current instance's answer was ambiguous: the message may be out
+    /// there, so from now on only this instance, for this delivery and
+    /// (through the store) every later one, a duplicate's or a
+    /// redelivery's too.
+    async fn pin_here(&self, a: &mut Attempt<'_>) {
+        if a.route.pinned {
+            return;
+        }
+        a.route.pinned = true;
+        let name = self.providers.get(a.route.current).sms.name();
+        if let Err(e) = self.cache.pin(&a.cmd.idempotency_key, a.owner, name).await {
+            warn!(error = %e, "cannot record the pin; the delay tier's header carries it");
         }
     }
 
