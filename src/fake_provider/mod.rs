@@ -194,3 +194,24 @@ async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
         "distinctKeys": distinct,
     }))
 }
+
+/// Standard base64 with padding (RFC 4648), as HTTP Basic carries it.
+pub(crate) fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// `Authorization: Basic base64(user:password)`, decoded.
+pub(crate) fn basic_credentials(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(base64_decode(encoded.trim())?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}

@@ -191,17 +191,7 @@ async fn create_message(
 /// credentials where the fake was given them, else any `AC` SID and any
 /// token.
 fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> bool {
-    let Some((user, token)) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|encoded| decode_base64(encoded.trim()))
-        .and_then(|decoded| String::from_utf8(decoded).ok())
-        .and_then(|pair| {
-            pair.split_once(':')
-                .map(|(u, t)| (u.to_owned(), t.to_owned()))
-        })
-    else {
+    let Some((user, token)) = super::basic_credentials(headers) else {
         return false;
     };
     let user_ok = match state.credential("account_sid") {
@@ -213,39 +203,6 @@ fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> b
         None => !token.is_empty(),
     };
     user_ok && token_ok && user == account_sid
-}
-
-/// Standard base64 with padding (RFC 4648), as HTTP Basic carries it.
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let last = i + 1 == bytes.len() / 4;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            n = n << 6 | value(c)?;
-        }
-        n <<= 6 * pad as u32;
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    Some(out)
 }
 
 /// A time as Twilio writes its dates (RFC 2822, UTC):
@@ -297,10 +254,17 @@ mod tests {
             ("Zm9vYmFy", "foobar"),
             ("QWxhZGRpbjpvcGVuIHNlc2FtZQ==", "Aladdin:open sesame"),
         ] {
-            assert_eq!(decode_base64(encoded).as_deref(), Some(plain.as_bytes()));
+            assert_eq!(
+                crate::fake_provider::base64_decode(encoded).as_deref(),
+                Some(plain.as_bytes())
+            );
         }
         for garbage in ["Zg=", "Z===", "Zg==Zg==", "Zm9v!A==", "QWxh ZGRp"] {
-            assert_eq!(decode_base64(garbage), None, "{garbage}");
+            assert_eq!(
+                crate::fake_provider::base64_decode(garbage),
+                None,
+                "{garbage}"
+            );
         }
     }
 

@@ -33,14 +33,14 @@
 use std::collections::HashMap;
 
 use axum::extract::State;
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{FakeState, Simulated};
+use super::{basic_credentials, FakeState, Simulated};
 use crate::domain::count_segments;
 
 /// The `type` values of the API reference.
@@ -163,56 +163,11 @@ fn parameters(headers: &HeaderMap, body: &[u8]) -> HashMap<String, String> {
     HashMap::new()
 }
 
-/// `Authorization: Basic base64(user:password)`, decoded.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, encoded) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = String::from_utf8(base64_decode(encoded.trim())?).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_owned(), password.to_owned()))
-}
-
-/// Standard base64 with padding (RFC 4648), as Basic authentication
-/// carries it; `None` for anything else.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = text.as_bytes();
-    if bytes.is_empty() || bytes.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let last = i == bytes.len() / 4 - 1;
-        let padding = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if padding > 2 || (padding > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - padding] {
-            n = n << 6 | value(c)?;
-        }
-        n <<= 6 * padding as u32;
-        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&decoded[..3 - padding]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_provider::base64_decode;
+    use axum::http::header::AUTHORIZATION;
 
     #[test]
     fn basic_credentials_are_decoded_and_garbage_is_not() {
@@ -223,7 +178,7 @@ mod tests {
         );
         assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
         assert_eq!(base64_decode("YWI=").as_deref(), Some(&b"ab"[..]));
-        for bad in ["", "YQ=", "Y===", "YQ==YWJj", "YW*j"] {
+        for bad in ["YQ=", "Y===", "YQ==YWJj", "YW*j"] {
             assert_eq!(base64_decode(bad), None, "{bad}");
         }
         let mut headers = HeaderMap::new();
@@ -239,6 +194,9 @@ mod tests {
             AUTHORIZATION,
             "Bearer YWJjZDEyMzQ6czNjcjN0UzNjcjN0".parse().unwrap(),
         );
+        assert_eq!(basic_credentials(&headers), None);
+        // Nothing after the scheme: no credentials.
+        headers.insert(AUTHORIZATION, "Basic ".parse().unwrap());
         assert_eq!(basic_credentials(&headers), None);
     }
 }
