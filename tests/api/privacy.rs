@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+use crate::e2e::{free_port, wait_http};
 use crate::helpers::{command, init_logs, Names, TestBroker};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sms-service");
@@ -98,26 +99,6 @@ impl Drop for Service {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_ready(url: &str) {
-    for _ in 0..150 {
-        if let Ok(r) = reqwest::get(url).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} never answered 200");
-}
-
 /// Fails if `text` holds either number, as text or as the byte list a
 /// `{:?}` of a body prints (lapin's dump of a returned message does that).
 fn assert_no_number(place: &str, text: &str) {
@@ -170,7 +151,7 @@ async fn no_full_phone_number_reaches_logs_events_dead_letters_or_the_status_api
     // What someone debugging would set; it must not bring dumps back.
     env.push(("RUST_LOG".into(), "debug".into()));
     let service = Service::start(&env);
-    wait_ready(&format!("http://{http}/readyz")).await;
+    wait_http(&format!("http://{http}/readyz")).await;
 
     let returned = command("privacy-returned", &format!("+{RETURNED_TO}"), "hi");
     let rejected = command("privacy-rejected", &format!("+{REJECTED_TO}"), "hi");

@@ -137,15 +137,6 @@ impl Drop for Running {
     }
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn with(mut env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
@@ -203,7 +194,8 @@ fn a_level_that_hides_every_log_or_a_misworded_setting_exits_2_naming_what_the_u
 async fn a_redis_that_does_not_answer_is_named_at_start_and_readyz_says_503_naming_it() {
     let names = Names::unique();
     let _leftovers = Leftovers(names.clone());
-    let port = closed_port();
+    // A port nothing listens on.
+    let port = crate::e2e::free_port();
     let redis = format!("127.0.0.1:{port}");
     let env = with(
         names.env("http://127.0.0.1:9"),
