@@ -16,7 +16,7 @@ use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_du
 use crate::breaker::CircuitBreaker;
 use crate::config::{ProviderKind, Settings};
 use crate::notification::{Notifier, ProviderGuard, Providers};
-use crate::ports::CacheService;
+use crate::ports::{CacheService, SmsService};
 use crate::processing::QueueProcessingService;
 
 /// How often the depths of the command and dead-letter queues are read
@@ -65,6 +65,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
             ProviderGuard::new(breaker, instance.max_sends_per_second),
         ));
     }
+    let callback_providers: std::collections::HashMap<String, Arc<dyn SmsService>> = built
+        .iter()
+        .map(|(sms, _)| {
+            crate::telemetry::register_report_counters(sms.name());
+            (sms.name().to_owned(), sms.clone())
+        })
+        .collect();
     let routes: Vec<(Vec<String>, Vec<String>)> = routes
         .into_iter()
         .map(|r| (r.prefixes, r.providers))
@@ -127,6 +134,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         consuming: processing.consuming(),
         metrics,
         generic_reporters,
+        providers: Arc::new(callback_providers),
+        public_url: settings.http.public_url.clone(),
+        park_ttl: Duration::from_secs(settings.http.report_park_ttl_secs),
         max_body_bytes: settings.http.max_body_bytes,
         api_access: ApiAccess::new(&settings.http.api_keys, &settings.http.bind),
     };

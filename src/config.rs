@@ -164,6 +164,15 @@ pub struct ProcessingConfig {
 pub struct HttpSettings {
     pub bind: String,
     pub max_body_bytes: usize,
+    /// The service's address as providers reach it (`https://sms.example.com`):
+    /// the base of the callback URLs sent with each message, and of the
+    /// URL Twilio signs. Empty: no callback URL is sent (configure it at
+    /// the provider's console) and signatures are checked against the
+    /// URL the service received.
+    pub public_url: String,
+    /// How long a delivery report for a provider id not yet recorded is
+    /// kept, to be applied when the send is recorded.
+    pub report_park_ttl_secs: u64,
     /// Bearer keys that open the message routes; empty leaves them open
     /// on a loopback bind only (see `adapters::http::auth`).
     #[serde(deserialize_with = "secret_list")]
@@ -288,6 +297,16 @@ impl Settings {
             &self.provider.base_url,
             &["http", "https"],
         )?;
+        if !self.http.public_url.is_empty() {
+            check_url("http.public_url", &self.http.public_url, &["http", "https"])?;
+            let url = url::Url::parse(&self.http.public_url).expect("checked above");
+            if url.query().is_some() || url.fragment().is_some() {
+                return bad("http.public_url", "must have no query or fragment");
+            }
+        }
+        if self.http.report_park_ttl_secs == 0 {
+            return bad("http.report_park_ttl_secs", "must be at least 1");
+        }
         if self.http.bind.parse::<SocketAddr>().is_err() {
             return bad("http.bind", "must be an address like 127.0.0.1:8080");
         }
@@ -506,8 +525,17 @@ impl Settings {
     }
 
     /// The provider instances and routes, defaults filled in and checked.
+    /// The provider instances (each with its callback URL when
+    /// `http.public_url` is set) and the routes.
     pub fn instances(&self) -> Result<(Vec<Instance>, Vec<RouteSettings>), ConfigError> {
-        providers::resolve(&self.provider, &self.providers, &self.routes)
+        let (mut instances, routes) =
+            providers::resolve(&self.provider, &self.providers, &self.routes)?;
+        if !self.http.public_url.is_empty() {
+            for instance in &mut instances {
+                instance.callback_url = Some(instance.callback_url_under(&self.http.public_url));
+            }
+        }
+        Ok((instances, routes))
     }
 
     pub fn notifier_settings(&self) -> crate::notification::NotifierSettings {
@@ -749,6 +777,7 @@ mod tests {
             ("processing.max_redeliveries", &u32_max),
             ("processing.shutdown_grace_ms", &u64_max),
             ("http.max_body_bytes", &usize_max),
+            ("http.report_park_ttl_secs", &u64_max),
         ];
         let use_all = |s: &Settings| {
             let _ = (s.retry_policy(), s.retry_tiers(), s.processing_settings());

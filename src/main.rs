@@ -134,7 +134,32 @@ enum Command {
         /// (generic: 429 with `Retry-After: 1`).
         #[arg(long, default_value_t = 0.0)]
         throttle_rate: f64,
+        #[command(flatten)]
+        reports: ReportArgs,
     },
+}
+
+/// The fake's delivery reports.
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Post each accepted message's delivery reports here, in the
+    /// dialect's own callback format and signed as the provider signs them
+    /// (e.g. http://127.0.0.1:8080/v1/callbacks/twilio). Without it the
+    /// fake reports nothing.
+    #[arg(long)]
+    dlr_url: Option<String>,
+    /// Wait before the reports of a message, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    dlr_delay_ms: u64,
+    /// Share of messages (0 to 1) reported as not delivered.
+    #[arg(long, default_value_t = 0.0)]
+    dlr_fail_rate: f64,
+    /// Send each message's final report twice.
+    #[arg(long)]
+    dlr_duplicates: bool,
+    /// Send the final report before the intermediate one.
+    #[arg(long)]
+    dlr_out_of_order: bool,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +260,7 @@ fn main() -> ExitCode {
                 fail_rate,
                 reject_rate,
                 throttle_rate,
+                reports,
             } => {
                 let settings = sms_service::fake_provider::FakeSettings {
                     kind,
@@ -243,6 +269,15 @@ fn main() -> ExitCode {
                     fail_rate,
                     reject_rate,
                     throttle_rate,
+                    reports: reports.dlr_url.map(|url| {
+                        sms_service::fake_provider::ReportSettings {
+                            url,
+                            delay: Duration::from_millis(reports.dlr_delay_ms),
+                            fail_rate: reports.dlr_fail_rate,
+                            duplicates: reports.dlr_duplicates,
+                            out_of_order: reports.dlr_out_of_order,
+                        }
+                    }),
                 };
                 fake_provider(bind, settings).await
             }

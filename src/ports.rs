@@ -3,7 +3,7 @@
 //! implement them in memory. Every error says whether trying again can help,
 //! so retry code reads a classification, never a message string.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -125,6 +125,10 @@ pub struct Accepted {
     /// Parts the provider counted, where its answer says (else the service
     /// counts them itself).
     pub segments: Option<u32>,
+    /// The ids of the other parts, where the provider gives each part an
+    /// id of its own and reports on each (Vonage): the message is
+    /// delivered only once every part is.
+    pub other_part_ids: Vec<String>,
 }
 
 /// A provider call that did not end in acceptance, classified from the
@@ -207,6 +211,83 @@ pub trait SmsService: Send + Sync {
     /// Sends one message, passing its idempotency key to the provider where
     /// the provider takes one.
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError>;
+    /// Authenticates a delivery-report callback the provider's own way and
+    /// reads the reports it carries (several, for a provider that batches
+    /// them), each normalized. Pure: no I/O. The default takes none.
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        let _ = request;
+        Err(CallbackError::NotHere(format!(
+            "provider instance {} takes no callbacks",
+            self.name()
+        )))
+    }
+}
+
+// ---------------------------------------------------------------- callbacks
+
+/// A provider's callback as it reached the service, for the provider's
+/// adapter to authenticate and read.
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackRequest<'a> {
+    /// `GET` or `POST`.
+    pub method: &'a str,
+    /// The URL as the provider called it: `http.public_url` joined with the
+    /// path and query the service received (signatures cover it).
+    pub url: &'a str,
+    /// The path token of `/v1/callbacks/{instance}/{token}`, if the
+    /// provider called that form.
+    pub token: Option<&'a str>,
+    /// The raw query string, empty when there is none.
+    pub query: &'a str,
+    /// The request's headers, names in lower case.
+    pub headers: &'a [(String, String)],
+    /// The raw body (bounded by `http.max_body_bytes`).
+    pub body: &'a [u8],
+    pub now: SystemTime,
+}
+
+impl CallbackRequest<'_> {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One report of a callback, read by the provider's adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderReport {
+    /// The id the provider gave the message (or the part) on acceptance.
+    pub provider_message_id: String,
+    /// The provider's status, normalized.
+    pub status: DeliveryStatus,
+    /// The provider's own word for it, as it sent it.
+    pub provider_status: String,
+    pub error_code: Option<String>,
+    /// The provider says a new attempt cannot help.
+    pub permanent: bool,
+}
+
+/// Why a callback was refused, each with its HTTP answer.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum CallbackError {
+    /// 401: its signature is missing, wrong or stale.
+    #[error("callback not authenticated: {0}")]
+    Unauthenticated(String),
+    /// 403: the path token is missing or wrong.
+    #[error("wrong callback token")]
+    WrongToken,
+    /// 400: not this provider's callback format.
+    #[error("malformed callback: {0}")]
+    Malformed(String),
+    /// 404: this instance takes no callbacks (in this form).
+    #[error("{0}")]
+    NotHere(String),
 }
 
 // ---------------------------------------------------------------- cache
@@ -222,6 +303,10 @@ pub struct CacheError(pub String);
 pub struct SentRecord {
     pub provider: String,
     pub provider_message_id: String,
+    /// Ids of the message's other parts (see [`Accepted::other_part_ids`]).
+    pub other_part_ids: Vec<String>,
+    /// The destination, for the message's delivery reports.
+    pub phone_number: String,
     pub segments: u32,
     pub attempts: u32,
     pub sent_at: String,
@@ -302,6 +387,10 @@ pub enum Claim {
 pub enum Recorded {
     /// Written: the caller still held the lease.
     Written,
+    /// Written, and delivery reports that came before it (parked) moved
+    /// the message to a final status: its SmsDeliveryReport is to be
+    /// published after SmsSent (see [`CacheService::pending_report`]).
+    WrittenReported,
     /// Refused and nothing changed: another owner holds the key now, or
     /// recorded an outcome first. That owner publishes the key's event;
     /// the caller publishes nothing.
@@ -311,7 +400,8 @@ pub enum Recorded {
 /// A key's state as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageStatus {
-    /// `processing`, `sent`, `delivered`, `undelivered` or `failed`.
+    /// `processing`, `sent`, `failed`, or the final delivery status
+    /// (`delivered`, `undelivered`, `rejected`, `expired`, `unknown`).
     pub status: String,
     pub provider_message_id: Option<String>,
     pub attempts: u32,
@@ -319,6 +409,40 @@ pub struct MessageStatus {
     /// For `failed`: the SmsFailed reason and detail.
     pub reason: Option<String>,
     pub detail: Option<String>,
+    /// The provider instance that accepted it.
+    pub provider: Option<String>,
+    /// The last status a delivery report moved it to.
+    pub delivery_status: Option<DeliveryStatus>,
+    /// Every distinct report received, oldest first (capped).
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One delivery report as the status API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub status: DeliveryStatus,
+    pub provider_status: String,
+    pub error_code: Option<String>,
+    pub at: String,
+}
+
+/// What recording a delivery report did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// It moved the message to a final status whose SmsDeliveryReport is
+    /// not confirmed yet (this report, or a repeat of the one that did):
+    /// publish it, then [`CacheService::mark_report_published`].
+    Publish(DeliveryReport),
+    /// A repeat, a step back, a change to a final status, or a step that
+    /// ends nothing (`sent`): kept in the history where new, no event.
+    Unchanged,
+    /// No message is recorded under this provider id yet: the report is
+    /// kept and applied when the send is recorded.
+    Parked,
+    /// No message is recorded under this provider id, and the report was
+    /// not kept (no park TTL given, or the message expired).
+    Unmatched,
 }
 
 /// What the store says when a command is submitted at a front door.
@@ -380,7 +504,9 @@ pub trait CacheService: Send + Sync {
     async fn renew(&self, key: &IdempotencyKey, owner: &Owner) -> Result<Recorded, CacheError>;
     /// Records that the provider accepted `key`, only if `owner` still
     /// holds the lease and no outcome is recorded by another (keeps the
-    /// lease; the event is not published yet).
+    /// lease; the event is not published yet). Delivery reports parked
+    /// for its provider ids are applied with it
+    /// ([`Recorded::WrittenReported`] when they end its lifecycle).
     async fn record_sent(
         &self,
         key: &IdempotencyKey,
@@ -428,15 +554,26 @@ pub trait CacheService: Send + Sync {
     ) -> Result<InvalidVerdict, CacheError>;
     /// The status of a key, if known.
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError>;
-    /// Records a delivery report for a provider message id; returns the
-    /// idempotency key it belongs to, or `None` if the id is unknown.
-    async fn record_delivery(
+    /// Records one delivery report of `provider` for the message (or part)
+    /// it names, moving the message's status forward only, atomically;
+    /// see [`ReportOutcome`]. A report for an id not recorded yet is kept
+    /// for `park_ttl` (not at all with `None`).
+    async fn record_report(
         &self,
         provider: &str,
-        provider_message_id: &str,
+        report: &ProviderReport,
+        reported_at: &str,
+        park_ttl: Option<Duration>,
+    ) -> Result<ReportOutcome, CacheError>;
+    /// The SmsDeliveryReport of `key` recorded but not yet confirmed, if
+    /// any (parked reports applied by [`CacheService::record_sent`]).
+    async fn pending_report(&self, key: &str) -> Result<Option<DeliveryReport>, CacheError>;
+    /// The SmsDeliveryReport of `key` with final `status` is confirmed.
+    async fn mark_report_published(
+        &self,
+        key: &str,
         status: DeliveryStatus,
-        error_code: Option<&str>,
-    ) -> Result<Option<String>, CacheError>;
+    ) -> Result<(), CacheError>;
     /// Writes `instance`'s liveness record for `ttl`: while it exists, the
     /// instance's leases are respected until they run out.
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError>;

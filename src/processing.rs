@@ -468,6 +468,7 @@ mod tests {
                 Ok(Accepted {
                     provider_message_id: "a".into(),
                     segments: None,
+                    other_part_ids: Vec::new(),
                 }),
                 rejected,
             ]),

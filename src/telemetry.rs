@@ -177,7 +177,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_lease_takeovers_total", Counter, "Claims that took a key over from a holder that died or ran out of lease before an outcome."),
         ("sms_records_fenced_total", Counter, "Outcomes not recorded, or events not published, because another holder had taken the key over (found by the record or by a lease check after a pause); that holder's outcome stands."),
         ("sms_store_write_failures_total", Counter, "Failed tries of a held Redis write after a provider call (record, mark published); it is tried until Redis takes it."),
-        ("sms_delivery_reports_total", Counter, "Delivery reports recorded and published, by status."),
+        ("sms_delivery_reports_total", Counter, "Delivery reports by provider instance and the status they set (an SmsDeliveryReport published), or unmatched (no message with that provider id yet: kept until its send is recorded, or refused)."),
+        ("sms_callbacks_refused_total", Counter, "Provider callbacks refused, by provider instance and reason (bad_signature, wrong_token, invalid_report, no_callbacks); nothing was changed."),
         ("sms_circuit_state", Gauge, "Circuit breaker of each provider instance: 0 closed, 1 open, 2 half-open."),
         ("sms_in_flight", Gauge, "Commands being processed now, including those waiting for the rate limit or a send slot."),
         ("sms_send_concurrency_limit", Gauge, "The adaptive limit on commands in their send phase at once."),
@@ -190,12 +191,25 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
 /// Counters labelled by provider instance: each instance registers its
 /// series at 0 when it is built (`notification::Providers`); the failovers
 /// appear at their first.
-const PER_PROVIDER: [&str; 4] = [
+const PER_PROVIDER: [&str; 6] = [
+    "sms_delivery_reports_total",
+    "sms_callbacks_refused_total",
     "sms_provider_requests_total",
     "sms_provider_accepted_total",
     "sms_provider_ambiguous_total",
     "sms_provider_failovers_total",
 ];
+
+/// Exports `instance`'s delivery-report counters at 0, one series per
+/// status and `unmatched`, so that a dashboard sees them before the first
+/// report.
+pub fn register_report_counters(instance: &str) {
+    let statuses = DeliveryStatus::ALL.iter().map(|s| s.as_str());
+    for status in statuses.chain(["unmatched"]) {
+        metrics::counter!("sms_delivery_reports_total", "provider" => instance.to_owned(), "status" => status)
+            .increment(0);
+    }
+}
 
 /// The label and its values for each counter that has one: each pair is
 /// exported at 0 from the start.
@@ -204,10 +218,6 @@ fn label_values(counter: &str) -> Option<(&'static str, Vec<&'static str>)> {
         "sms_failed_total" => Some((
             "reason",
             FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
-        )),
-        "sms_delivery_reports_total" => Some((
-            "status",
-            DeliveryStatus::ALL.iter().map(|s| s.as_str()).collect(),
         )),
         _ => None,
     }
@@ -572,7 +582,6 @@ mod tests {
             let series = format!("sms_failed_total{{reason=\"{}\"}}", reason.as_str());
             assert!(text.contains(&series), "{series} missing");
         }
-        assert!(text.contains("sms_delivery_reports_total{status=\"undelivered\"}"));
         assert!(text.contains(&format!(
             "sms_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")

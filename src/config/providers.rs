@@ -74,9 +74,35 @@ pub struct Instance {
     pub breaker_threshold: u32,
     pub breaker_cool_down: Duration,
     pub settings: InstanceSettings,
+    /// Where the provider is to post this instance's delivery reports,
+    /// for the adapters that pass a callback URL with each message: under
+    /// `http.public_url`, with the path token where the instance has one.
+    /// A secret when it holds the token: never logged. `None` without
+    /// `http.public_url`.
+    pub callback_url: Option<String>,
 }
 
 impl Instance {
+    /// `{public_url}/v1/callbacks/{name}`, plus `/{callback_token}` when set.
+    pub fn callback_url_under(&self, public_url: &str) -> String {
+        let mut url = format!(
+            "{}/v1/callbacks/{}",
+            public_url.trim_end_matches('/'),
+            self.name
+        );
+        if let Some(token) = self
+            .settings
+            .callback_token
+            .as_ref()
+            .map(|t| t.expose_secret())
+            .filter(|t| !t.is_empty())
+        {
+            url.push('/');
+            url.push_str(token);
+        }
+        url
+    }
+
     /// `providers.<name>.<key>`, for errors.
     pub fn key(&self, key: &str) -> String {
         format!("providers.{}.{key}", self.name)
@@ -199,6 +225,16 @@ pub fn resolve(
                 return Err(bad(instance.key(field), "must be 1 ms to 24 h"));
             }
         }
+        if let Some(token) = settings.callback_token.as_ref().map(|t| t.expose_secret()) {
+            // A path segment, and a secret a guess must not find.
+            let safe = |c: char| c.is_ascii_alphanumeric() || "-_.~".contains(c);
+            if !token.is_empty() && (token.len() < 16 || !token.chars().all(safe)) {
+                return Err(bad(
+                    instance.key("callback_token"),
+                    "must be 16 or more letters, digits, -, _, . or ~",
+                ));
+            }
+        }
         instances.push(instance);
     }
     let routes = if routes.is_empty() && instances.len() == 1 {
@@ -267,6 +303,7 @@ fn fill(
         max_sends_per_second: s
             .max_sends_per_second
             .unwrap_or(legacy.max_sends_per_second),
+        callback_url: None,
         breaker_threshold: s.breaker_threshold.unwrap_or(legacy.breaker_threshold),
         breaker_cool_down: ms(s
             .breaker_cool_down_ms

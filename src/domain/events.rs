@@ -29,35 +29,97 @@ pub struct SmsFailed {
     pub failed_at: String,
 }
 
-/// What the handset's network said about a sent message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A message's status after the provider took it, normalized from each
+/// provider's own vocabulary (reference, "Normalized status"). `sent` is
+/// where every accepted message starts; the others are final: once a
+/// message has one, no report changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryStatus {
+    /// With the provider or the network, not yet on the handset.
+    Sent,
     Delivered,
+    /// The network could not deliver it (absent subscriber, failed).
     Undelivered,
+    /// The provider or network refused it after accepting it.
+    Rejected,
+    /// Its validity period ran out before it could be delivered.
+    Expired,
+    /// The provider gave up knowing (a final report with no outcome).
+    Unknown,
 }
 
 impl DeliveryStatus {
     /// Every status, as the `sms_delivery_reports_total{status}` series list them.
-    pub const ALL: [Self; 2] = [Self::Delivered, Self::Undelivered];
+    pub const ALL: [Self; 6] = [
+        Self::Sent,
+        Self::Delivered,
+        Self::Undelivered,
+        Self::Rejected,
+        Self::Expired,
+        Self::Unknown,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Sent => "sent",
             Self::Delivered => "delivered",
             Self::Undelivered => "undelivered",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Every status but `sent` ends the message's lifecycle.
+    pub fn is_final(self) -> bool {
+        self != Self::Sent
+    }
+
+    /// A final status that says the message did not arrive.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Undelivered | Self::Rejected | Self::Expired)
+    }
+
+    /// The status of a message sent in parts, each reported on its own
+    /// (Vonage): the failure of any part is the message's (a later success
+    /// of another part never hides it); `delivered` only when every part
+    /// is; `unknown` when all are final but some unknown; else `sent`.
+    pub fn of_parts(parts: &[Self]) -> Self {
+        if let Some(failure) = parts.iter().copied().find(|s| s.is_failure()) {
+            return failure;
+        }
+        if parts.is_empty() || parts.iter().any(|s| !s.is_final()) {
+            return Self::Sent;
+        }
+        if parts.iter().all(|s| *s == Self::Delivered) {
+            Self::Delivered
+        } else {
+            Self::Unknown
         }
     }
 }
 
-/// Published on `sms.delivery` when a provider reports delivery.
+/// Published on `sms.delivery` once per status change a provider reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryReport {
     pub idempotency_key: String,
+    pub phone_number: String,
+    /// The provider instance that accepted the message.
+    pub provider: String,
     pub provider_message_id: String,
     pub status: DeliveryStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The provider's own word for it (`undelivered`, `Failed`, `DELIVERED`).
+    pub provider_status: String,
     pub error_code: Option<String>,
+    /// The provider says trying again cannot help (an unknown number, a
+    /// block); false where it says nothing.
+    pub permanent: bool,
     pub reported_at: String,
 }
 
@@ -112,6 +174,47 @@ mod tests {
                 "phoneNumber",
                 "reason"
             ]
+        );
+    }
+
+    #[test]
+    fn a_failed_part_is_the_messages_status_and_delivered_needs_every_part() {
+        use DeliveryStatus::*;
+        assert_eq!(DeliveryStatus::of_parts(&[Delivered, Sent]), Sent);
+        assert_eq!(DeliveryStatus::of_parts(&[Delivered, Delivered]), Delivered);
+        assert_eq!(
+            DeliveryStatus::of_parts(&[Undelivered, Delivered]),
+            Undelivered
+        );
+        assert_eq!(DeliveryStatus::of_parts(&[Sent, Expired]), Expired);
+        assert_eq!(DeliveryStatus::of_parts(&[Delivered, Unknown]), Unknown);
+        assert_eq!(DeliveryStatus::of_parts(&[]), Sent);
+        for s in DeliveryStatus::ALL {
+            assert_eq!(DeliveryStatus::parse(s.as_str()), Some(s));
+            assert_eq!(DeliveryStatus::of_parts(&[s]), s);
+        }
+    }
+
+    #[test]
+    fn a_delivery_report_serialises_as_the_contract_example() {
+        let event = DeliveryReport {
+            idempotency_key: "pay-8812-reminder".into(),
+            phone_number: "+254712345678".into(),
+            provider: "at".into(),
+            provider_message_id: "ATXid_1f2e".into(),
+            status: DeliveryStatus::Undelivered,
+            provider_status: "Failed".into(),
+            error_code: Some("UserDoesNotExist".into()),
+            permanent: true,
+            reported_at: "2026-12-01T10:00:03Z".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            serde_json::json!({"idempotencyKey": "pay-8812-reminder",
+                "phoneNumber": "+254712345678", "provider": "at",
+                "providerMessageId": "ATXid_1f2e", "status": "undelivered",
+                "providerStatus": "Failed", "errorCode": "UserDoesNotExist",
+                "permanent": true, "reportedAt": "2026-12-01T10:00:03Z"})
         );
     }
 }

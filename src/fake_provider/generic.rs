@@ -2,6 +2,12 @@
 //! `{"to", "text", "from"?}` and `Idempotency-Key`, answering
 //! `{"id": "fake-<run>-N"}`; 503, 400 or 429 with `Retry-After: 1` when the
 //! call draws a failure, a rejection or throttling.
+//!
+//! Its delivery reports (with `--dlr-url`): JSON `{"id", "status",
+//! "errorCode"?}` with `status` `delivered`, or `undelivered` and error
+//! code `EC_ABSENT`; signed as the reference's "Delivery reports" says
+//! (`X-Timestamp`, `X-Signature: sha256=<hex HMAC-SHA256 of
+//! "<timestamp>.<body>">`) when given `--credential callback_secret=...`.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -11,7 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{FakeState, Simulated};
+use super::{Callback, FakeState, Fate, Simulated};
 
 #[derive(Deserialize)]
 struct Message {
@@ -76,5 +82,34 @@ async fn accept(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let id = state.accept(&message.to, key);
+    if let Some((fate, reports)) = state.fate() {
+        let report = match fate {
+            Fate::Delivered => json!({"id": id, "status": "delivered"}),
+            Fate::Failed => json!({"id": id, "status": "undelivered", "errorCode": "EC_ABSENT"}),
+        };
+        let mut callback = Callback::json(&reports.url, &report);
+        if let Some(secret) = state.credential("callback_secret") {
+            sign(&mut callback, secret);
+        }
+        state.report(Vec::new(), vec![callback]);
+    }
     (StatusCode::OK, Json(json!({"id": id}))).into_response()
+}
+
+/// Signs a report as a generic provider with a callback secret does.
+fn sign(callback: &mut Callback, secret: &str) {
+    use hmac::{Hmac, Mac};
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .to_string();
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(&callback.body);
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    callback.headers.push(("x-timestamp", timestamp));
+    callback.headers.push(("x-signature", signature));
 }

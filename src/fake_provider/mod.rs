@@ -8,6 +8,15 @@
 //! saw more than once. Ids carry a `<run>` random per fake, so they stay
 //! unique across restarts, as a real provider's do (delivery reports are
 //! matched on them).
+//!
+//! With `--dlr-url` it also calls back: after `--dlr-delay-ms`, each
+//! accepted message's delivery reports in the dialect's own callback
+//! format, signed as the provider signs them (an intermediate report where
+//! the provider sends one, then the final one: not delivered for a
+//! `--dlr-fail-rate` share of messages). `--dlr-duplicates` sends the
+//! final report twice, `--dlr-out-of-order` sends it first. A report not
+//! answered 2xx is sent again, up to five times, a second apart, as the
+//! providers retry.
 
 mod africastalking;
 mod generic;
@@ -49,6 +58,67 @@ pub struct FakeSettings {
     pub reject_rate: f64,
     /// Share of calls (0 to 1) answered 429 with `Retry-After: 1`.
     pub throttle_rate: f64,
+    /// Delivery reports, if the fake calls back.
+    pub reports: Option<ReportSettings>,
+}
+
+/// How the fake calls back with delivery reports.
+#[derive(Debug, Clone, Default)]
+pub struct ReportSettings {
+    /// Where: the service's callback URL for this instance (with its path
+    /// token, for the dialects that use one).
+    pub url: String,
+    /// How long after acceptance.
+    pub delay: Duration,
+    /// Share of messages (0 to 1) reported as not delivered.
+    pub fail_rate: f64,
+    /// The final report twice.
+    pub duplicates: bool,
+    /// The final report before the intermediate one.
+    pub out_of_order: bool,
+}
+
+/// How a message ends, drawn once per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    Delivered,
+    Failed,
+}
+
+/// One callback, as the dialect makes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Callback {
+    pub(crate) method: reqwest::Method,
+    /// The whole URL (a GET carries its fields in the query).
+    pub(crate) url: String,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Callback {
+    /// A form-encoded POST of `fields` to `url`.
+    #[allow(dead_code)] // until the form dialects call back
+    pub(crate) fn form(url: &str, fields: &[(&str, &str)]) -> Self {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        Self {
+            method: reqwest::Method::POST,
+            url: url.to_owned(),
+            headers: vec![("content-type", "application/x-www-form-urlencoded".into())],
+            body: body.into_bytes(),
+        }
+    }
+
+    /// A JSON POST of `body` to `url`.
+    pub(crate) fn json(url: &str, body: &serde_json::Value) -> Self {
+        Self {
+            method: reqwest::Method::POST,
+            url: url.to_owned(),
+            headers: vec![("content-type", "application/json".into())],
+            body: body.to_string().into_bytes(),
+        }
+    }
 }
 
 impl FakeSettings {
@@ -62,6 +132,17 @@ impl FakeSettings {
             anyhow::ensure!(
                 (0.0..=1.0).contains(&share),
                 "{flag} must be between 0 and 1"
+            );
+        }
+        if let Some(reports) = &self.reports {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&reports.fail_rate),
+                "--dlr-fail-rate must be between 0 and 1"
+            );
+            let url = url::Url::parse(&reports.url);
+            anyhow::ensure!(
+                url.is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+                "--dlr-url must be an http or https URL"
             );
         }
         anyhow::ensure!(
@@ -80,6 +161,9 @@ pub(crate) struct Counters {
     throttled: AtomicU64,
     duplicates: AtomicU64,
     keys: Mutex<HashSet<String>>,
+    /// Callbacks answered 2xx, and given up after five tries.
+    reports_sent: AtomicU64,
+    reports_lost: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -88,6 +172,8 @@ pub(crate) struct FakeState {
     /// Random per fake: the `<run>` of its ids.
     run: Arc<str>,
     counters: Arc<Counters>,
+    /// Makes the callbacks.
+    client: reqwest::Client,
 }
 
 /// What a call draws: the dialect answers it in its own words.
@@ -148,6 +234,48 @@ impl FakeState {
         id
     }
 
+    /// Whether the fake calls back, and how the message ends if it does.
+    pub(crate) fn fate(&self) -> Option<(Fate, &ReportSettings)> {
+        let reports = self.settings.reports.as_ref()?;
+        let fate = if rand::random::<f64>() < reports.fail_rate {
+            Fate::Failed
+        } else {
+            Fate::Delivered
+        };
+        Some((fate, reports))
+    }
+
+    /// Sends a message's reports in the background after the set delay:
+    /// `progress` (intermediate reports) then `last` (the final ones),
+    /// each until answered 2xx (five tries).
+    pub(crate) fn report(&self, progress: Vec<Callback>, last: Vec<Callback>) {
+        let Some(settings) = self.settings.reports.clone() else {
+            return;
+        };
+        let mut calls = progress;
+        if settings.out_of_order {
+            calls.splice(0..0, last.iter().cloned());
+        } else {
+            calls.extend(last.iter().cloned());
+        }
+        if settings.duplicates {
+            calls.extend(last);
+        }
+        let (client, counters) = (self.client.clone(), self.counters.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(settings.delay).await;
+            for call in calls {
+                let sent = deliver(&client, &call).await;
+                let counter = if sent {
+                    &counters.reports_sent
+                } else {
+                    &counters.reports_lost
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
     /// The credential `name` the fake was told to expect, if any.
     pub(crate) fn credential(&self, name: &str) -> Option<&str> {
         self.settings.credentials.get(name).map(String::as_str)
@@ -161,10 +289,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].into();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(std::io::Error::other)?;
     let state = FakeState {
         settings,
         run,
         counters: Arc::default(),
+        client,
     };
     let dialect = match state.settings.kind {
         ProviderKind::Generic => generic::routes(),
@@ -192,7 +325,32 @@ async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
         "throttled": c.throttled.load(Ordering::Relaxed),
         "duplicates": c.duplicates.load(Ordering::Relaxed),
         "distinctKeys": distinct,
+        "reportsSent": c.reports_sent.load(Ordering::Relaxed),
+        "reportsLost": c.reports_lost.load(Ordering::Relaxed),
     }))
+}
+
+/// Makes one callback until it is answered 2xx, five tries a second apart.
+async fn deliver(client: &reqwest::Client, call: &Callback) -> bool {
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut request = client
+            .request(call.method.clone(), &call.url)
+            .body(call.body.clone());
+        for (name, value) in &call.headers {
+            request = request.header(*name, value);
+        }
+        match request.send().await {
+            Ok(answer) if answer.status().is_success() => return true,
+            Ok(answer) => {
+                tracing::warn!(status = %answer.status(), "fake provider: callback refused")
+            }
+            Err(e) => tracing::warn!(error = %e, "fake provider: callback failed"),
+        }
+    }
+    false
 }
 
 /// Standard base64 with padding (RFC 4648), as HTTP Basic carries it.

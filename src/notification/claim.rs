@@ -99,7 +99,9 @@ impl Notifier {
             }
             Claim::PublishSent(record) => {
                 info!("resuming: provider already accepted, publishing SmsSent");
-                self.publish_outcome(attempt, Event::Sent(&record)).await
+                // Reports parked before the crash may have ended it.
+                self.publish_outcome(attempt, Event::Sent(&record, true))
+                    .await
             }
             Claim::PublishFailed(record) => {
                 info!("resuming: failure already recorded, publishing SmsFailed");

@@ -10,12 +10,14 @@ use tracing::{info, warn};
 use super::claim::one_more_delay;
 use super::{now_ms, Attempt, Notifier};
 use crate::domain::{SmsFailed, SmsSent};
-use crate::ports::{FailedRecord, Outcome, QueueError, RetryState, SentRecord};
+use crate::ports::{CacheError, FailedRecord, Outcome, QueueError, RetryState, SentRecord};
 
 /// A recorded outcome whose event is to be published.
 #[derive(Clone, Copy)]
 pub(super) enum Event<'r> {
-    Sent(&'r SentRecord),
+    /// SmsSent; with `true`, delivery reports that came before the send
+    /// was recorded may have ended it: its SmsDeliveryReport follows.
+    Sent(&'r SentRecord, bool),
     Failed(&'r FailedRecord),
 }
 
@@ -31,7 +33,7 @@ impl Notifier {
         let phone_number = a.cmd.phone_number.as_str().to_owned();
         let publishing = async {
             match event {
-                Event::Sent(r) => {
+                Event::Sent(r, reported) => {
                     let event = SmsSent {
                         idempotency_key: key.to_string(),
                         phone_number,
@@ -41,7 +43,11 @@ impl Notifier {
                         attempts: r.attempts,
                         sent_at: r.sent_at.clone(),
                     };
-                    self.events.publish_sent(&event, meta).await
+                    self.events.publish_sent(&event, meta).await?;
+                    if reported {
+                        self.publish_pending_report(key.as_str()).await?;
+                    }
+                    Ok(())
                 }
                 Event::Failed(r) => {
                     let event = SmsFailed {
@@ -57,7 +63,7 @@ impl Notifier {
             }
         };
         let attempts = match event {
-            Event::Sent(r) => r.attempts,
+            Event::Sent(r, _) => r.attempts,
             Event::Failed(r) => r.attempts,
         };
         if let Err(e) = self.renewing(a, publishing).await {
@@ -68,7 +74,7 @@ impl Notifier {
         self.held_write(|| self.cache.mark_published(key, a.owner))
             .await;
         match event {
-            Event::Sent(r) => {
+            Event::Sent(r, _) => {
                 self.meters.sent.increment(1);
                 info!(provider_message_id = %r.provider_message_id, attempts, "sms sent");
                 Outcome::Sent
@@ -79,6 +85,26 @@ impl Notifier {
                 Outcome::Failed(format!("{}: {}", r.reason.as_str(), r.detail))
             }
         }
+    }
+
+    /// Publishes the SmsDeliveryReport that parked delivery reports set,
+    /// if it is not confirmed yet, and marks it confirmed.
+    async fn publish_pending_report(&self, key: &str) -> Result<(), QueueError> {
+        let unavailable = |e: CacheError| QueueError::Unavailable(e.to_string());
+        let Some(report) = self.cache.pending_report(key).await.map_err(unavailable)? else {
+            return Ok(());
+        };
+        self.events.publish_delivery(&report).await?;
+        metrics::counter!(
+            "sms_delivery_reports_total",
+            "provider" => report.provider.clone(),
+            "status" => report.status.as_str()
+        )
+        .increment(1);
+        self.cache
+            .mark_report_published(key, report.status)
+            .await
+            .map_err(unavailable)
     }
 
     /// What to do when an event was not confirmed. Unroutable (no queue is

@@ -36,9 +36,11 @@ impl Notifier {
             .held_write(|| self.cache.record_sent(key, owner, &record))
             .await
         {
-            Recorded::Written => {
+            written @ (Recorded::Written | Recorded::WrittenReported) => {
                 a.owned_at = asked;
-                self.publish_outcome(a, Event::Sent(&record)).await
+                let reported = written == Recorded::WrittenReported;
+                self.publish_outcome(a, Event::Sent(&record, reported))
+                    .await
             }
             Recorded::Fenced => self.fenced(),
         }
@@ -64,7 +66,7 @@ impl Notifier {
             .held_write(|| self.cache.record_failed(key, owner, &record))
             .await
         {
-            Recorded::Written => {
+            Recorded::Written | Recorded::WrittenReported => {
                 a.owned_at = asked;
                 self.publish_outcome(a, Event::Failed(&record)).await
             }
@@ -129,7 +131,7 @@ impl Notifier {
                 _ = tick.tick() => {}
             }
             match self.cache.renew(&a.cmd.idempotency_key, a.owner).await {
-                Ok(Recorded::Written) => debug!("lease renewed"),
+                Ok(Recorded::Written | Recorded::WrittenReported) => debug!("lease renewed"),
                 Ok(Recorded::Fenced) => warn!("lease lost while working"),
                 Err(e) => debug!(error = %e, "could not renew the lease"),
             }
@@ -147,7 +149,7 @@ impl Notifier {
         }
         let asked = tokio::time::Instant::now();
         match self.cache.renew(&a.cmd.idempotency_key, a.owner).await {
-            Ok(Recorded::Written) => {
+            Ok(Recorded::Written | Recorded::WrittenReported) => {
                 a.owned_at = asked;
                 true
             }

@@ -301,6 +301,8 @@ impl Notifier {
         let record = SentRecord {
             provider: instance.sms.name().to_owned(),
             provider_message_id: accepted.provider_message_id,
+            other_part_ids: accepted.other_part_ids,
+            phone_number: a.cmd.phone_number.as_str().to_owned(),
             segments: accepted
                 .segments
                 .unwrap_or_else(|| count_segments(a.cmd.text.as_str()).1),

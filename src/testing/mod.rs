@@ -36,6 +36,103 @@ struct Entry {
     dead_since: Option<Instant>,
     /// The provider an ambiguous answer came from.
     pinned: Option<String>,
+    /// What delivery reports said of it.
+    ledger: Ledger,
+}
+
+/// Reports parked for one provider id, each with its time.
+type Parked = Vec<(ProviderReport, String)>;
+
+/// A key's delivery reports, as the Redis scripts keep them: each part's
+/// status, the final status once set, and the distinct reports.
+#[derive(Debug, Clone, Default)]
+struct Ledger {
+    parts: Vec<String>,
+    part_status: HashMap<String, DeliveryStatus>,
+    /// The final status, and the report (its part) that set it.
+    delivery: Option<(DeliveryReport, String)>,
+    delivery_published: bool,
+    history: Vec<(String, HistoryEntry)>,
+}
+
+impl Ledger {
+    /// The transition of `scripts::APPLY`: `true` to publish.
+    fn apply(
+        &mut self,
+        part: &str,
+        report: &ProviderReport,
+        at: &str,
+        sent: &SentRecord,
+        key: &str,
+    ) -> bool {
+        let seen = self.history.iter().any(|(p, e)| {
+            p == part
+                && e.status == report.status
+                && e.provider_status == report.provider_status
+                && e.error_code == report.error_code
+        });
+        if seen {
+            return self.delivery.as_ref().is_some_and(|(d, p)| {
+                d.status == report.status && p == part && !self.delivery_published
+            });
+        }
+        self.history.push((
+            part.to_owned(),
+            HistoryEntry {
+                status: report.status,
+                provider_status: report.provider_status.clone(),
+                error_code: report.error_code.clone(),
+                at: at.to_owned(),
+            },
+        ));
+        if self.history.len() > 50 {
+            self.history.remove(0);
+        }
+        if self.delivery.is_some() {
+            return false;
+        }
+        if let Some(current) = self.part_status.get(part) {
+            if current.is_final() || !report.status.is_final() {
+                return false;
+            }
+        }
+        self.part_status.insert(part.to_owned(), report.status);
+        let statuses: Vec<DeliveryStatus> = self
+            .parts
+            .iter()
+            .map(|p| {
+                self.part_status
+                    .get(p)
+                    .copied()
+                    .unwrap_or(DeliveryStatus::Sent)
+            })
+            .collect();
+        let status = DeliveryStatus::of_parts(&statuses);
+        if !status.is_final() {
+            return false;
+        }
+        let event = DeliveryReport {
+            idempotency_key: key.to_owned(),
+            phone_number: sent.phone_number.clone(),
+            provider: sent.provider.clone(),
+            provider_message_id: sent.provider_message_id.clone(),
+            status,
+            provider_status: report.provider_status.clone(),
+            error_code: report.error_code.clone(),
+            permanent: report.permanent,
+            reported_at: at.to_owned(),
+        };
+        self.delivery = Some((event, part.to_owned()));
+        self.delivery_published = false;
+        true
+    }
+
+    fn pending(&self) -> Option<DeliveryReport> {
+        self.delivery
+            .as_ref()
+            .filter(|_| !self.delivery_published)
+            .map(|(d, _)| d.clone())
+    }
 }
 
 /// The idempotency store in memory: the same state machine as the Redis
@@ -44,6 +141,10 @@ struct Entry {
 #[derive(Default)]
 pub struct MemoryCache {
     entries: Mutex<HashMap<String, Entry>>,
+    /// (provider, provider id of a part) -> key.
+    pids: Mutex<HashMap<(String, String), String>>,
+    /// Reports for provider ids not recorded yet, with their times.
+    parked: Mutex<HashMap<(String, String), Parked>>,
     /// Liveness records: instance -> until when.
     alive: Mutex<HashMap<String, Instant>>,
     pub lease: Duration,
@@ -278,11 +379,33 @@ impl CacheService for MemoryCache {
         owner: &Owner,
         record: &SentRecord,
     ) -> Result<Recorded, CacheError> {
-        let written = self.record(key, owner, |entry| {
+        let mut written = self.record(key, owner, |entry| {
             entry.status = "sent".into();
             entry.attempts = record.attempts;
             entry.sent = Some(record.clone());
+            entry.ledger.parts = std::iter::once(&record.provider_message_id)
+                .chain(&record.other_part_ids)
+                .cloned()
+                .collect();
         });
+        if written == Ok(Recorded::Written) && !record.provider_message_id.is_empty() {
+            let mut entries = self.entries.lock().unwrap();
+            let entry = entries.get_mut(key.as_str()).expect("just written");
+            let mut pids = self.pids.lock().unwrap();
+            let mut parked = self.parked.lock().unwrap();
+            for part in entry.ledger.parts.clone() {
+                let id = (record.provider.clone(), part.clone());
+                pids.insert(id.clone(), key.to_string());
+                for (report, at) in parked.remove(&id).unwrap_or_default() {
+                    if entry
+                        .ledger
+                        .apply(&part, &report, &at, record, key.as_str())
+                    {
+                        written = Ok(Recorded::WrittenReported);
+                    }
+                }
+            }
+        }
         let pause = self.record_pause_ms.load(Ordering::SeqCst);
         if pause > 0 {
             tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -413,11 +536,16 @@ impl CacheService for MemoryCache {
         let entries = self.entries.lock().unwrap();
         Ok(entries.get(key).filter(|e| !e.status.is_empty()).map(|e| {
             let failed = e.failed.as_ref().filter(|_| e.status == "failed");
+            let delivery_status = e.ledger.delivery.as_ref().map(|(d, _)| d.status);
             MessageStatus {
-                status: match e.status.as_str() {
-                    "retrying" | "accepted" => "processing".into(),
-                    other => other.into(),
+                status: match (e.status.as_str(), delivery_status) {
+                    ("retrying" | "accepted", _) => "processing".into(),
+                    ("sent", Some(d)) => d.as_str().into(),
+                    (other, _) => other.into(),
                 },
+                provider: e.sent.as_ref().map(|s| s.provider.clone()),
+                delivery_status,
+                history: e.ledger.history.iter().map(|(_, h)| h.clone()).collect(),
                 provider_message_id: e.sent.as_ref().map(|s| s.provider_message_id.clone()),
                 attempts: e.attempts,
                 updated_at: String::new(),
@@ -427,15 +555,67 @@ impl CacheService for MemoryCache {
         }))
     }
 
-    async fn record_delivery(
+    async fn record_report(
         &self,
-        _provider: &str,
-        _id: &str,
-        _status: DeliveryStatus,
-        _error_code: Option<&str>,
-    ) -> Result<Option<String>, CacheError> {
+        provider: &str,
+        report: &ProviderReport,
+        reported_at: &str,
+        park_ttl: Option<Duration>,
+    ) -> Result<ReportOutcome, CacheError> {
         self.check()?;
-        Ok(None)
+        let id = (provider.to_owned(), report.provider_message_id.clone());
+        let Some(key) = self.pids.lock().unwrap().get(&id).cloned() else {
+            if park_ttl.is_none() {
+                return Ok(ReportOutcome::Unmatched);
+            }
+            let mut parked = self.parked.lock().unwrap();
+            let reports = parked.entry(id).or_default();
+            reports.push((report.clone(), reported_at.to_owned()));
+            if reports.len() > 20 {
+                reports.remove(0);
+            }
+            return Ok(ReportOutcome::Parked);
+        };
+        let mut entries = self.entries.lock().unwrap();
+        let Some(entry) = entries.get_mut(&key) else {
+            return Ok(ReportOutcome::Unmatched);
+        };
+        let Some(sent) = entry.sent.clone() else {
+            return Ok(ReportOutcome::Unmatched);
+        };
+        if entry.ledger.apply(
+            &report.provider_message_id,
+            report,
+            reported_at,
+            &sent,
+            &key,
+        ) {
+            return Ok(ReportOutcome::Publish(
+                entry.ledger.pending().expect("just set"),
+            ));
+        }
+        Ok(ReportOutcome::Unchanged)
+    }
+
+    async fn pending_report(&self, key: &str) -> Result<Option<DeliveryReport>, CacheError> {
+        self.check()?;
+        let entries = self.entries.lock().unwrap();
+        Ok(entries.get(key).and_then(|e| e.ledger.pending()))
+    }
+
+    async fn mark_report_published(
+        &self,
+        key: &str,
+        status: DeliveryStatus,
+    ) -> Result<(), CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(entry) = entries.get_mut(key) {
+            if entry.ledger.delivery.as_ref().map(|(d, _)| d.status) == Some(status) {
+                entry.ledger.delivery_published = true;
+            }
+        }
+        Ok(())
     }
 
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {
@@ -514,6 +694,7 @@ impl SmsService for ScriptedProvider {
         }
         self.script.lock().unwrap().pop().unwrap_or(Ok(Accepted {
             segments: None,
+            other_part_ids: Vec::new(),
             provider_message_id: format!("id-{n}"),
         }))
     }
@@ -524,6 +705,7 @@ impl SmsService for ScriptedProvider {
 pub struct MemoryEvents {
     pub sent: Mutex<Vec<(SmsSent, EventMeta)>>,
     pub failed: Mutex<Vec<SmsFailed>>,
+    pub deliveries: Mutex<Vec<DeliveryReport>>,
     /// Fail every publish, as an unconfirmed one.
     pub down: AtomicBool,
     /// Fail every publish as unroutable (no queue bound).
@@ -572,8 +754,10 @@ impl EventBus for MemoryEvents {
         Ok(())
     }
 
-    async fn publish_delivery(&self, _report: &DeliveryReport) -> Result<(), QueueError> {
-        self.check()
+    async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError> {
+        self.check()?;
+        self.deliveries.lock().unwrap().push(report.clone());
+        Ok(())
     }
 }
 

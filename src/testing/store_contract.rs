@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
-use crate::domain::{FailureReason, IdempotencyKey};
+use crate::domain::{DeliveryStatus, FailureReason, IdempotencyKey};
 use crate::ports::{
-    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, Recorded, SentRecord,
+    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, ProviderReport, Recorded,
+    ReportOutcome, SentRecord,
 };
 
 /// Runs every case; panics naming the first that fails.
@@ -51,7 +52,26 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.an_invalid_copy_of_a_known_key_is_a_duplicate().await;
     c.only_the_owner_of_an_outcome_marks_it_published().await;
     c.a_pin_outlives_the_claim_that_set_it().await;
+    c.delivery_reports_move_a_message_forward_only().await;
+    c.an_unconfirmed_report_is_published_again_on_its_repeat()
+        .await;
+    c.a_report_before_its_send_is_kept_and_applied_when_the_send_is_recorded()
+        .await;
+    c.a_message_in_parts_is_delivered_only_when_every_part_is()
+        .await;
 }
+
+fn report(id: &str, status: DeliveryStatus, provider_status: &str) -> ProviderReport {
+    ProviderReport {
+        provider_message_id: id.into(),
+        status,
+        provider_status: provider_status.into(),
+        error_code: status.is_failure().then(|| "E1".to_owned()),
+        permanent: status.is_failure(),
+    }
+}
+
+const PARK: Option<Duration> = Some(Duration::from_secs(60));
 
 struct Case<'a> {
     store: &'a dyn CacheService,
@@ -67,6 +87,8 @@ fn sent(attempts: u32) -> SentRecord {
     SentRecord {
         provider: "contract".into(),
         provider_message_id: "m-1".into(),
+        other_part_ids: Vec::new(),
+        phone_number: "+254712345678".into(),
         segments: 1,
         attempts,
         sent_at: "2026-12-01T10:00:00Z".into(),
@@ -588,6 +610,204 @@ impl Case<'_> {
         );
         self.store.mark_published(&key, &b).await.unwrap();
         assert_eq!(self.claim(&key, &a).await, Claim::AlreadySent);
+    }
+
+    /// A key sent under the provider ids `parts` (the first is the
+    /// message's).
+    async fn sent_in_parts(&self, name: &str, parts: &[&str]) -> (IdempotencyKey, Recorded) {
+        let key = self.key(name);
+        let a = self.live("a", 1).await;
+        self.claim(&key, &a).await;
+        let record = SentRecord {
+            provider_message_id: parts[0].into(),
+            other_part_ids: parts[1..].iter().map(|p| p.to_string()).collect(),
+            ..sent(1)
+        };
+        let recorded = self.store.record_sent(&key, &a, &record).await.unwrap();
+        self.store.mark_published(&key, &a).await.unwrap();
+        (key, recorded)
+    }
+
+    async fn report(&self, id: &str, status: DeliveryStatus, said: &str) -> ReportOutcome {
+        let id = format!("{}-{id}", self.unique);
+        let at = "2026-12-01T10:00:05Z";
+        let report = report(&id, status, said);
+        self.store
+            .record_report("contract", &report, at, PARK)
+            .await
+            .unwrap()
+    }
+
+    async fn delivery_reports_move_a_message_forward_only(&self) {
+        use DeliveryStatus::*;
+        let id = format!("{}-fwd", self.unique);
+        let (key, _) = self.sent_in_parts("forward", &[&id]).await;
+        assert_eq!(
+            self.report("fwd", Sent, "accepted").await,
+            ReportOutcome::Unchanged,
+            "sent is no change"
+        );
+        let ReportOutcome::Publish(event) = self.report("fwd", Delivered, "DELIVRD").await else {
+            panic!("delivered: no event");
+        };
+        assert_eq!(
+            (event.idempotency_key.as_str(), event.phone_number.as_str()),
+            (key.as_str(), "+254712345678")
+        );
+        assert_eq!(
+            (event.provider.as_str(), event.provider_message_id.as_str()),
+            ("contract", id.as_str())
+        );
+        assert_eq!(
+            (event.status, event.provider_status.as_str()),
+            (Delivered, "DELIVRD")
+        );
+        assert_eq!(event.reported_at, "2026-12-01T10:00:05Z");
+        self.store
+            .mark_report_published(key.as_str(), Delivered)
+            .await
+            .unwrap();
+        for (status, said, why) in [
+            (Delivered, "DELIVRD", "a repeat"),
+            (Sent, "buffered", "a step back"),
+            (Undelivered, "UNDELIV", "a change to a final status"),
+        ] {
+            assert_eq!(
+                self.report("fwd", status, said).await,
+                ReportOutcome::Unchanged,
+                "{why}"
+            );
+        }
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(status.status, "delivered");
+        assert_eq!(status.delivery_status, Some(Delivered));
+        assert_eq!(status.provider.as_deref(), Some("contract"));
+        let history: Vec<(DeliveryStatus, &str)> = status
+            .history
+            .iter()
+            .map(|h| (h.status, h.provider_status.as_str()))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (Sent, "accepted"),
+                (Delivered, "DELIVRD"),
+                (Sent, "buffered"),
+                (Undelivered, "UNDELIV")
+            ],
+            "each distinct report once, in order"
+        );
+        assert_eq!(status.history[3].error_code.as_deref(), Some("E1"));
+        assert_eq!(self.store.pending_report(key.as_str()).await.unwrap(), None);
+    }
+
+    async fn an_unconfirmed_report_is_published_again_on_its_repeat(&self) {
+        use DeliveryStatus::*;
+        let id = format!("{}-again", self.unique);
+        let (key, _) = self.sent_in_parts("again", &[&id]).await;
+        assert!(matches!(
+            self.report("again", Undelivered, "failed").await,
+            ReportOutcome::Publish(_)
+        ));
+        assert!(
+            matches!(
+                self.report("again", Undelivered, "failed").await,
+                ReportOutcome::Publish(_)
+            ),
+            "its event was never confirmed: the provider's retry publishes it"
+        );
+        assert_eq!(
+            self.report("again", Delivered, "delivered").await,
+            ReportOutcome::Unchanged,
+            "another report never publishes for a final status"
+        );
+        self.store
+            .mark_report_published(key.as_str(), Undelivered)
+            .await
+            .unwrap();
+        assert_eq!(
+            self.report("again", Undelivered, "failed").await,
+            ReportOutcome::Unchanged
+        );
+    }
+
+    async fn a_report_before_its_send_is_kept_and_applied_when_the_send_is_recorded(&self) {
+        use DeliveryStatus::*;
+        let unknown = report("never-sent", Delivered, "delivered");
+        assert_eq!(
+            self.store
+                .record_report("contract", &unknown, "t", None)
+                .await
+                .unwrap(),
+            ReportOutcome::Unmatched,
+            "not kept without a park TTL"
+        );
+        assert_eq!(
+            self.report("early", Sent, "sent").await,
+            ReportOutcome::Parked
+        );
+        assert_eq!(
+            self.report("early", Expired, "EXPIRED").await,
+            ReportOutcome::Parked
+        );
+        let id = format!("{}-early", self.unique);
+        let (key, recorded) = self.sent_in_parts("early", &[&id]).await;
+        assert_eq!(recorded, Recorded::WrittenReported);
+        let pending = self.store.pending_report(key.as_str()).await.unwrap();
+        let pending = pending.expect("the parked report ended it");
+        assert_eq!(
+            (pending.status, pending.provider_status.as_str()),
+            (Expired, "EXPIRED")
+        );
+        assert_eq!(pending.idempotency_key, key.as_str());
+        self.store
+            .mark_report_published(key.as_str(), Expired)
+            .await
+            .unwrap();
+        assert_eq!(self.store.pending_report(key.as_str()).await.unwrap(), None);
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (status.status.as_str(), status.history.len()),
+            ("expired", 2)
+        );
+        assert_eq!(
+            self.report("early", Expired, "EXPIRED").await,
+            ReportOutcome::Unchanged,
+            "applied once"
+        );
+        assert_eq!(
+            self.report("early-sent", Sent, "sent").await,
+            ReportOutcome::Parked
+        );
+        let id = format!("{}-early-sent", self.unique);
+        let (_, recorded) = self.sent_in_parts("early-sent", &[&id]).await;
+        assert_eq!(recorded, Recorded::Written, "a parked `sent` ends nothing");
+    }
+
+    async fn a_message_in_parts_is_delivered_only_when_every_part_is(&self) {
+        use DeliveryStatus::*;
+        let (one, two) = (format!("{}-p1", self.unique), format!("{}-p2", self.unique));
+        let (key, _) = self.sent_in_parts("parts", &[&one, &two]).await;
+        assert_eq!(
+            self.report("p2", Delivered, "delivered").await,
+            ReportOutcome::Unchanged
+        );
+        let ReportOutcome::Publish(event) = self.report("p1", Delivered, "delivered").await else {
+            panic!("every part delivered: no event");
+        };
+        assert_eq!((event.status, event.provider_message_id), (Delivered, one));
+        assert_eq!(event.idempotency_key, key.as_str());
+        let (three, four) = (format!("{}-p3", self.unique), format!("{}-p4", self.unique));
+        self.sent_in_parts("failed-part", &[&three, &four]).await;
+        let ReportOutcome::Publish(event) = self.report("p4", Undelivered, "failed").await else {
+            panic!("a failed part: no event");
+        };
+        assert_eq!(event.status, Undelivered);
+        assert_eq!(
+            self.report("p3", Delivered, "delivered").await,
+            ReportOutcome::Unchanged,
+            "a later success never hides a part's failure"
+        );
     }
 
     async fn a_pin_outlives_the_claim_that_set_it(&self) {

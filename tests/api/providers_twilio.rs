@@ -135,6 +135,7 @@ async fn the_request_is_the_documented_form_post_with_basic_credentials() {
         Accepted {
             provider_message_id: "SM0123456789abcdef0123456789abcdef".into(),
             segments: Some(1),
+            other_part_ids: Vec::new(),
         }
     );
     let (method, path, authorization, content_type, form) = the_request(&server).await;

@@ -117,7 +117,8 @@ async fn sends_the_documented_form_with_basic_auth_and_the_key_as_client_ref() {
         accepted,
         Accepted {
             provider_message_id: "0A01".into(),
-            segments: Some(1)
+            segments: Some(1),
+            other_part_ids: Vec::new(),
         }
     );
     let request = received(&server).await;

@@ -338,8 +338,8 @@ async fn metrics_are_complete_from_the_first_scrape_and_queue_depths_follow_the_
         "sms_provider_ambiguous_total{provider=\"generic\"} 0",
         "sms_sent_total 0",
         "sms_dead_lettered_total 0",
-        "sms_delivery_reports_total{status=\"delivered\"} 0",
-        "sms_delivery_reports_total{status=\"undelivered\"} 0",
+        "sms_delivery_reports_total{provider=\"generic\",status=\"delivered\"} 0",
+        "sms_delivery_reports_total{provider=\"generic\",status=\"unmatched\"} 0",
         concat!(
             "sms_build_info{version=\"",
             env!("CARGO_PKG_VERSION"),

@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::auth::ApiAccess;
 use crate::domain::{CommandError, SendSms};
-use crate::ports::{Admission, CacheService, EventBus, EventMeta, MessageStatus, QueueClient};
+use crate::ports::{
+    Admission, CacheService, EventBus, EventMeta, MessageStatus, QueueClient, SmsService,
+};
 use crate::processing::Consuming;
 
 /// What the handlers share.
@@ -42,6 +44,12 @@ pub struct HttpState {
     /// a secret must be signed with it). Empty: the route answers 404
     /// (other kinds report through their own callbacks).
     pub generic_reporters: Vec<(String, Option<SecretString>)>,
+    /// Every provider instance by name, for `/v1/callbacks/{instance}`.
+    pub providers: Arc<std::collections::HashMap<String, Arc<dyn SmsService>>>,
+    /// `http.public_url`: the base of the URL providers sign.
+    pub public_url: String,
+    /// How long a report for an id not yet recorded is kept.
+    pub park_ttl: Duration,
     pub max_body_bytes: usize,
     /// Who may use the message routes (`http.api_keys`, `http.bind`).
     pub api_access: ApiAccess,
@@ -54,6 +62,14 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/v1/delivery-reports", post(callbacks::delivery_report))
+        .route(
+            "/v1/callbacks/{instance}",
+            get(callbacks::callback).post(callbacks::callback),
+        )
+        .route(
+            "/v1/callbacks/{instance}/{token}",
+            get(callbacks::callback_with_token).post(callbacks::callback_with_token),
+        )
         .merge(message_routes(state.clone()))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -224,6 +240,9 @@ fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
         "providerMessageId": s.provider_message_id,
         "attempts": s.attempts,
         "updatedAt": s.updated_at,
+        "provider": s.provider,
+        "deliveryStatus": s.delivery_status.map(|d| d.as_str()),
+        "history": s.history,
     });
     if let Some(reason) = &s.reason {
         doc["reason"] = json!(reason);

@@ -1,18 +1,25 @@
 //! What every HTTP provider adapter shares: the client, a bounded read of
-//! an answer, `Retry-After`, short masked snippets for failure details, and
-//! the classification of transport errors.
+//! an answer, `Retry-After`, short masked snippets for failure details, the
+//! classification of transport errors; and for callbacks, the form fields,
+//! the path-token check and bounded report fields.
 
 use std::time::Duration;
 
 use reqwest::header::RETRY_AFTER;
 
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+
 use crate::domain::mask_numbers;
-use crate::ports::ProviderError;
+use crate::ports::{CallbackError, CallbackRequest, ProviderError};
 
 /// Longest provider answer read.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
 /// Longest provider message id kept.
 pub const MAX_ID_CHARS: usize = 256;
+/// Most part ids kept of one message (its other parts beyond are not
+/// tracked for delivery).
+pub const MAX_PARTS: usize = 32;
 /// A `Retry-After` beyond this is treated as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -79,6 +86,48 @@ pub fn snippet(body: &[u8]) -> String {
 /// A provider's id, bounded.
 pub fn bounded_id(id: &str) -> String {
     id.chars().take(MAX_ID_CHARS).collect()
+}
+
+/// The form fields of a callback: its body (POST), or its query (GET).
+pub fn callback_form(request: &CallbackRequest<'_>) -> Vec<(String, String)> {
+    let raw = if request.method == "GET" {
+        request.query.as_bytes()
+    } else {
+        request.body
+    };
+    url::form_urlencoded::parse(raw).into_owned().collect()
+}
+
+/// The value of form field `name`, if given.
+pub fn field<'f>(form: &'f [(String, String)], name: &str) -> Option<&'f str> {
+    form.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The path token of a provider that signs nothing (`callback_token`),
+/// compared in constant time. With no token configured the instance takes
+/// no callbacks: an unauthenticated report could move any message.
+pub fn check_path_token(
+    expected: Option<&SecretString>,
+    request: &CallbackRequest<'_>,
+) -> Result<(), CallbackError> {
+    let Some(expected) = expected.filter(|t| !t.expose_secret().is_empty()) else {
+        return Err(CallbackError::NotHere(
+            "callbacks need providers.<name>.callback_token".into(),
+        ));
+    };
+    let given = request.token.unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+        Ok(())
+    } else {
+        Err(CallbackError::WrongToken)
+    }
+}
+
+/// A report's field (a status, an error code), bounded to 64 characters.
+pub fn bounded_text(text: &str) -> String {
+    text.chars().take(64).collect()
 }
 
 /// A transport error, classified: a connect error (or a connect timeout)

@@ -10,11 +10,16 @@
 //! | `attempts` | provider calls made for the key (counted at the claim that makes one) |
 //! | `first_attempt_ms` | when the first claim that could send was granted |
 //! | `takeovers` | leases taken from a holder that was dead or whose lease ran out |
+//! | `phone`, `parts`, `p:{partId}` | the destination; every part's provider id; each part's reported status |
+//! | `delivery`, `d_*` | the final status delivery reports set, the report that set it, and `d_published` once its SmsDeliveryReport is confirmed |
 //! | others | the provider's id, segments, reason, times |
 //!
-//! `{prefix}:pid:{provider}:{providerMessageId}` maps a provider's id back
-//! to the idempotency key, for delivery reports (it expires with the key),
-//! and `{prefix}:alive:{instance}` is an instance's liveness record, kept
+//! `{prefix}:pid:{provider}:{providerMessageId}` maps a provider's id (of
+//! each part) back to the idempotency key, for delivery reports (it
+//! expires with the key); `{prefix}:hist:{key}` lists the key's distinct
+//! reports (capped); `{prefix}:park:{provider}:{providerMessageId}` keeps
+//! reports that came before their send was recorded (bounded, with a TTL);
+//! `{prefix}:alive:{instance}` is an instance's liveness record, kept
 //! alive by its heartbeat. The scripts are in [`scripts`].
 
 use std::collections::HashMap;
@@ -27,10 +32,10 @@ use secrecy::ExposeSecret;
 use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
-use crate::domain::{rfc3339, DeliveryStatus, FailureReason, IdempotencyKey};
+use crate::domain::{rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey};
 use crate::ports::{
-    Admission, CacheError, CacheService, Claim, FailedRecord, InvalidVerdict, MessageStatus, Owner,
-    Recorded, SentRecord,
+    Admission, CacheError, CacheService, Claim, FailedRecord, HistoryEntry, InvalidVerdict,
+    MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, SentRecord,
 };
 
 mod scripts;
@@ -47,8 +52,14 @@ struct Scripts {
     record_sent: Script,
     record_failed: Script,
     release: Script,
-    record_delivery: Script,
+    record_report: Script,
+    mark_report_published: Script,
 }
+
+/// Most reports kept in a key's history.
+const HISTORY_CAP: usize = 50;
+/// Most reports parked for one provider id not yet recorded.
+const PARK_CAP: usize = 20;
 
 /// The store over one multiplexed, self-reconnecting connection.
 pub struct RedisStore {
@@ -96,7 +107,8 @@ impl RedisStore {
                 record_sent: Script::new(&scripts::record_sent()),
                 record_failed: Script::new(&scripts::record_failed()),
                 release: Script::new(scripts::RELEASE),
-                record_delivery: Script::new(scripts::RECORD_DELIVERY),
+                record_report: Script::new(&scripts::record_report()),
+                mark_report_published: Script::new(scripts::MARK_REPORT_PUBLISHED),
             },
         })
     }
@@ -117,6 +129,14 @@ impl RedisStore {
 
     fn pid_key(&self, provider: &str, provider_message_id: &str) -> String {
         format!("{}:pid:{provider}:{provider_message_id}", self.prefix)
+    }
+
+    fn hist_key(&self, key: &str) -> String {
+        format!("{}:hist:{key}", self.prefix)
+    }
+
+    fn park_key(&self, provider: &str, provider_message_id: &str) -> String {
+        format!("{}:park:{provider}:{provider_message_id}", self.prefix)
     }
 
     fn alive_key(&self, instance: &str) -> String {
@@ -200,13 +220,57 @@ fn field(f: &HashMap<String, String>, name: &str) -> String {
 }
 
 fn sent_record(f: &HashMap<String, String>) -> SentRecord {
+    let id = field(f, "provider_message_id");
     SentRecord {
         provider: field(f, "provider"),
-        provider_message_id: field(f, "provider_message_id"),
+        other_part_ids: field(f, "parts")
+            .split('\n')
+            .filter(|p| !p.is_empty() && *p != id)
+            .map(str::to_owned)
+            .collect(),
+        phone_number: field(f, "phone"),
+        provider_message_id: id,
         segments: number(f, "segments"),
         attempts: number(f, "attempts"),
         sent_at: field(f, "sent_at"),
     }
+}
+
+/// A history entry as the scripts store it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredReport {
+    status: String,
+    provider_status: String,
+    error_code: String,
+    at: String,
+}
+
+impl StoredReport {
+    fn entry(self) -> Option<HistoryEntry> {
+        Some(HistoryEntry {
+            status: DeliveryStatus::parse(&self.status)?,
+            provider_status: self.provider_status,
+            error_code: Some(self.error_code).filter(|c| !c.is_empty()),
+            at: self.at,
+        })
+    }
+}
+
+/// The SmsDeliveryReport of a key whose delivery reports set a final
+/// status, from its hash.
+fn delivery_report(key: &str, f: &HashMap<String, String>) -> Option<DeliveryReport> {
+    Some(DeliveryReport {
+        idempotency_key: key.to_owned(),
+        phone_number: field(f, "phone"),
+        provider: field(f, "provider"),
+        provider_message_id: field(f, "provider_message_id"),
+        status: DeliveryStatus::parse(&field(f, "delivery"))?,
+        provider_status: field(f, "d_provider_status"),
+        error_code: Some(field(f, "d_error_code")).filter(|c| !c.is_empty()),
+        permanent: field(f, "d_permanent") == "1",
+        reported_at: field(f, "d_at"),
+    })
 }
 
 fn failed_record(f: &HashMap<String, String>) -> FailedRecord {
@@ -332,8 +396,19 @@ impl CacheService for RedisStore {
     ) -> Result<Recorded, CacheError> {
         let msg = self.msg_key(key.as_str());
         let pid = self.pid_key(&r.provider, &r.provider_message_id);
+        let hist = self.hist_key(key.as_str());
         let (segments, attempts) = (r.segments.to_string(), r.attempts.to_string());
         let (ttl, lease) = (self.ttl_secs.to_string(), self.lease_ms.to_string());
+        let mut parts = r.provider_message_id.clone();
+        for id in &r.other_part_ids {
+            parts.push('\n');
+            parts.push_str(id);
+        }
+        let (pid_prefix, park_prefix) = (
+            self.pid_key(&r.provider, ""),
+            self.park_key(&r.provider, ""),
+        );
+        let cap = HISTORY_CAP.to_string();
         let args = [
             owner.id.as_str(),
             &lease,
@@ -345,10 +420,19 @@ impl CacheService for RedisStore {
             &ttl,
             key.as_str(),
             &owner.instance,
+            &r.phone_number,
+            &parts,
+            &pid_prefix,
+            &park_prefix,
+            &cap,
         ];
-        self.run::<i64>(&self.scripts.record_sent, &[&msg, &pid], &args)
-            .await
-            .map(recorded)
+        let written: i64 = self
+            .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
+            .await?;
+        Ok(match written {
+            2 => Recorded::WrittenReported,
+            n => recorded(n),
+        })
     }
 
     async fn record_failed(
@@ -452,14 +536,17 @@ impl CacheService for RedisStore {
 
     async fn status(&self, key: &str) -> Result<Option<MessageStatus>, CacheError> {
         let mut pipe = redis::pipe();
-        pipe.hgetall(self.msg_key(key));
-        let (f,): (HashMap<String, String>,) = self.retried(&pipe).await?;
+        pipe.hgetall(self.msg_key(key))
+            .lrange(self.hist_key(key), 0, -1);
+        let (f, history): (HashMap<String, String>, Vec<String>) = self.retried(&pipe).await?;
         if f.is_empty() {
             return Ok(None);
         }
-        let status = match field(&f, "status").as_str() {
-            "retrying" | "accepted" | "" => "processing".to_owned(),
-            other => other.to_owned(),
+        let delivery_status = DeliveryStatus::parse(&field(&f, "delivery"));
+        let status = match (field(&f, "status").as_str(), delivery_status) {
+            ("retrying" | "accepted" | "", _) => "processing".to_owned(),
+            ("sent", Some(final_status)) => final_status.as_str().to_owned(),
+            (other, _) => other.to_owned(),
         };
         let present = |name: &str| f.get(name).filter(|v| !v.is_empty()).cloned();
         Ok(Some(MessageStatus {
@@ -468,27 +555,88 @@ impl CacheService for RedisStore {
             updated_at: field(&f, "updated_at"),
             reason: present("reason").filter(|_| status == "failed"),
             detail: present("detail").filter(|_| status == "failed"),
+            provider: present("provider"),
+            delivery_status,
+            history: history
+                .iter()
+                .filter_map(|e| serde_json::from_str::<StoredReport>(e).ok())
+                .filter_map(StoredReport::entry)
+                .collect(),
             status,
         }))
     }
 
-    async fn record_delivery(
+    async fn record_report(
         &self,
         provider: &str,
-        provider_message_id: &str,
-        status: DeliveryStatus,
-        error_code: Option<&str>,
-    ) -> Result<Option<String>, CacheError> {
-        let pid = self.pid_key(provider, provider_message_id);
-        let msg_prefix = self.msg_key("");
+        report: &ProviderReport,
+        reported_at: &str,
+        park_ttl: Option<Duration>,
+    ) -> Result<ReportOutcome, CacheError> {
+        let id = &report.provider_message_id;
+        let (pid, park) = (self.pid_key(provider, id), self.park_key(provider, id));
+        let (msg_prefix, hist_prefix) = (self.msg_key(""), self.hist_key(""));
+        let park_ttl = park_ttl.map_or(0, |t| t.as_secs().max(1)).to_string();
+        let (hist_cap, park_cap) = (HISTORY_CAP.to_string(), PARK_CAP.to_string());
         let args = [
             msg_prefix.as_str(),
-            status.as_str(),
-            &now(),
-            error_code.unwrap_or(""),
+            &hist_prefix,
+            id,
+            report.status.as_str(),
+            &report.provider_status,
+            report.error_code.as_deref().unwrap_or_default(),
+            if report.permanent { "1" } else { "0" },
+            reported_at,
+            &park_ttl,
+            &hist_cap,
+            &park_cap,
         ];
-        self.run(&self.scripts.record_delivery, &[&pid], &args)
-            .await
+        let answer: Vec<String> = self
+            .run(&self.scripts.record_report, &[&pid, &park], &args)
+            .await?;
+        Ok(match answer.first().map(String::as_str) {
+            Some("publish") if answer.len() == 10 => {
+                let status = DeliveryStatus::parse(&answer[5])
+                    .ok_or_else(|| CacheError(format!("bad delivery status {:?}", answer[5])))?;
+                ReportOutcome::Publish(DeliveryReport {
+                    idempotency_key: answer[1].clone(),
+                    phone_number: answer[2].clone(),
+                    provider: answer[3].clone(),
+                    provider_message_id: answer[4].clone(),
+                    status,
+                    provider_status: answer[6].clone(),
+                    error_code: Some(answer[7].clone()).filter(|c| !c.is_empty()),
+                    permanent: answer[8] == "1",
+                    reported_at: answer[9].clone(),
+                })
+            }
+            Some("parked") => ReportOutcome::Parked,
+            Some("unmatched") => ReportOutcome::Unmatched,
+            Some("unchanged") => ReportOutcome::Unchanged,
+            other => return Err(CacheError(format!("record_report answered {other:?}"))),
+        })
+    }
+
+    async fn pending_report(&self, key: &str) -> Result<Option<DeliveryReport>, CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.hgetall(self.msg_key(key));
+        let (f,): (HashMap<String, String>,) = self.retried(&pipe).await?;
+        Ok(delivery_report(key, &f).filter(|_| field(&f, "d_published") == "0"))
+    }
+
+    async fn mark_report_published(
+        &self,
+        key: &str,
+        status: DeliveryStatus,
+    ) -> Result<(), CacheError> {
+        let msg = self.msg_key(key);
+        self.run::<i64>(
+            &self.scripts.mark_report_published,
+            &[&msg],
+            &[status.as_str()],
+        )
+        .await
+        .map(drop)
     }
 
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {

@@ -123,23 +123,130 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
 "#;
 
-/// `record_sent(key, pid_key; owner, lease_ms, provider, provider_message_id,
-/// segments, attempts, sent_at, ttl_secs, idempotency_key, instance)`: 1
-/// written, 0 fenced.
+/// The delivery-report transition shared by [`record_report`] and
+/// [`record_sent`] (parked reports): `apply(msg, hist, part, status,
+/// provider_status, error_code, permanent, at, hist_cap, ttl)` answers
+/// `'publish'` when the message's final status is set by this report (or
+/// this is a repeat of the report that set it and its event is not
+/// confirmed yet), else `'unchanged'`. A report seen before (same part,
+/// status, provider status and code) changes nothing; any other is added
+/// to the history (capped). Each part's status only moves forward, and
+/// the message's is set once: the failure of any part, or `delivered`
+/// once every part is, or `unknown` once all are final otherwise
+/// (`DeliveryStatus::of_parts`).
+const APPLY: &str = r#"
+local FINAL = {delivered=true, undelivered=true, rejected=true, expired=true, unknown=true}
+local FAILURE = {undelivered=true, rejected=true, expired=true}
+local function apply(msg, hist, part, st, pst, code, perm, at, cap, ttl)
+  for _, e in ipairs(redis.call('LRANGE', hist, 0, -1)) do
+    local d = cjson.decode(e)
+    if d.part == part and d.status == st and d.providerStatus == pst and d.errorCode == code then
+      local h = redis.call('HMGET', msg, 'delivery', 'd_published', 'd_part')
+      if h[1] == st and h[2] == '0' and h[3] == part then return 'publish' end
+      return 'unchanged'
+    end
+  end
+  redis.call('RPUSH', hist, cjson.encode({part=part, status=st, providerStatus=pst,
+    errorCode=code, at=at}))
+  redis.call('LTRIM', hist, -tonumber(cap), -1)
+  redis.call('EXPIRE', hist, ttl)
+  if redis.call('HEXISTS', msg, 'delivery') == 1 then return 'unchanged' end
+  local current = redis.call('HGET', msg, 'p:' .. part)
+  if current and (FINAL[current] or not FINAL[st]) then return 'unchanged' end
+  redis.call('HSET', msg, 'p:' .. part, st)
+  local failure, all_delivered, all_final = nil, true, true
+  for id in string.gmatch(redis.call('HGET', msg, 'parts') or part, '[^\n]+') do
+    local s = redis.call('HGET', msg, 'p:' .. id) or 'sent'
+    if FAILURE[s] and not failure then failure = s end
+    if s ~= 'delivered' then all_delivered = false end
+    if not FINAL[s] then all_final = false end
+  end
+  local final = failure
+  if not final and all_final then
+    if all_delivered then final = 'delivered' else final = 'unknown' end
+  end
+  if not final then return 'unchanged' end
+  redis.call('HSET', msg, 'delivery', final, 'd_provider_status', pst, 'd_error_code', code,
+    'd_permanent', perm, 'd_at', at, 'd_part', part, 'd_published', '0', 'updated_at', at)
+  return 'publish'
+end
+"#;
+
+/// `record_sent(key, pid_key, hist_key; owner, lease_ms, provider,
+/// provider_message_id, segments, attempts, sent_at, ttl_secs,
+/// idempotency_key, instance, phone, parts, pid_prefix, park_prefix,
+/// hist_cap)`: 1 written, 2 written and parked reports set a final status
+/// (its event to publish), 0 fenced. `parts` lists every part's id, one
+/// per line; each gets its own provider-id key.
 pub fn record_sent() -> String {
     format!(
-        r#"{FENCE}
+        r#"{APPLY}{FENCE}
 redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1], 'holder', ARGV[10],
   'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
-  'sent_at', ARGV[7], 'updated_at', ARGV[7])
+  'sent_at', ARGV[7], 'updated_at', ARGV[7], 'phone', ARGV[11], 'parts', ARGV[12])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[9], 'EX', ARGV[8])
+if ARGV[4] == '' then return 1 end
+redis.call('SET', KEYS[2], ARGV[9], 'EX', ARGV[8])
+local answer = 1
+for part in string.gmatch(ARGV[12], '[^\n]+') do
+  if part ~= ARGV[4] then redis.call('SET', ARGV[13] .. part, ARGV[9], 'EX', ARGV[8]) end
+  local park = ARGV[14] .. part
+  for _, e in ipairs(redis.call('LRANGE', park, 0, -1)) do
+    local r = cjson.decode(e)
+    if apply(KEYS[1], KEYS[3], part, r.status, r.providerStatus, r.errorCode, r.permanent, r.at,
+        ARGV[15], ARGV[8]) == 'publish' then
+      answer = 2
+    end
+  end
+  redis.call('DEL', park)
 end
-return 1
+return answer
 "#
     )
 }
+
+/// `record_report(pid_key, park_key; msg_prefix, hist_prefix, part, status,
+/// provider_status, error_code, permanent, at, park_ttl_secs, hist_cap,
+/// park_cap)`: `{'publish', key, phone, provider, provider_message_id,
+/// status, provider_status, error_code, permanent, at}`, `{'unchanged'}`,
+/// `{'parked'}` (no message has this id yet: kept for `park_ttl_secs`,
+/// at most `park_cap` reports; never when `park_ttl_secs` is 0), or
+/// `{'unmatched'}`.
+pub fn record_report() -> String {
+    format!(
+        r#"{APPLY}
+local key = redis.call('GET', KEYS[1])
+if not key then
+  if ARGV[9] == '0' then return {{'unmatched'}} end
+  redis.call('RPUSH', KEYS[2], cjson.encode({{status=ARGV[4], providerStatus=ARGV[5],
+    errorCode=ARGV[6], permanent=ARGV[7], at=ARGV[8]}}))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[11]), -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[9])
+  return {{'parked'}}
+end
+local msg, hist = ARGV[1] .. key, ARGV[2] .. key
+if redis.call('EXISTS', msg) == 0 then return {{'unmatched'}} end
+local ttl = redis.call('TTL', msg)
+if ttl < 1 then ttl = 1 end
+if apply(msg, hist, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10], ttl)
+    ~= 'publish' then
+  return {{'unchanged'}}
+end
+local h = redis.call('HMGET', msg, 'phone', 'provider', 'provider_message_id', 'delivery',
+  'd_provider_status', 'd_error_code', 'd_permanent', 'd_at')
+return {{'publish', key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h[6] or '',
+  h[7] or '0', h[8] or ''}}
+"#
+    )
+}
+
+/// `mark_report_published(key; status)`: the SmsDeliveryReport of final
+/// `status` is confirmed.
+pub const MARK_REPORT_PUBLISHED: &str = r#"
+if redis.call('HGET', KEYS[1], 'delivery') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'd_published', '1')
+return 1
+"#;
 
 /// `record_failed(key; owner, lease_ms, reason, detail, attempts, failed_at,
 /// ttl_secs, instance)`: 1 written, 0 fenced.
@@ -164,19 +271,6 @@ if redis.call('HGET', KEYS[1], 'status') == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempts', ARGV[2], 'updated_at', ARGV[3])
 end
 return 1
-"#;
-
-/// `record_delivery(pid_key; msg_prefix, status, now, error_code)`: the
-/// idempotency key of a provider's message id, with its status moved on.
-pub const RECORD_DELIVERY: &str = r#"
-local key = redis.call('GET', KEYS[1])
-if not key then return false end
-local msg = ARGV[1] .. key
-local status = redis.call('HGET', msg, 'status')
-if status == 'sent' or status == 'delivered' or status == 'undelivered' then
-  redis.call('HSET', msg, 'status', ARGV[2], 'updated_at', ARGV[3], 'error_code', ARGV[4])
-end
-return key
 "#;
 
 /// `admit(key; fingerprint, ttl_secs, now)`: `new` (recorded as

@@ -214,6 +214,7 @@ fn by_recipient(
                 .and_then(serde_json::Value::as_u64)
                 .and_then(|n| u32::try_from(n).ok())
                 .filter(|n| *n > 0),
+            other_part_ids: Vec::new(),
         });
     }
     let name = recipient.status.as_deref().unwrap_or_default();

@@ -14,6 +14,8 @@
 //! (see [`super::http::snippet`]) before it can reach a log, an event, a
 //! header or the store.
 
+pub mod callback;
+
 use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,9 @@ use tracing::warn;
 use super::http::{self, ClientSettings};
 use crate::config::{check_header_secret, Instance};
 use crate::domain::{mask_numbers, SendSms};
-use crate::ports::{Accepted, ProviderError, SmsService};
+use crate::ports::{
+    Accepted, CallbackError, CallbackRequest, ProviderError, ProviderReport, SmsService,
+};
 
 pub struct GenericProvider {
     name: String,
@@ -30,6 +34,9 @@ pub struct GenericProvider {
     /// Parsed once: parsing a URL string per request showed in profiles.
     url: reqwest::Url,
     authorization: Option<HeaderValue>,
+    /// Signs its delivery reports; without one it takes none at
+    /// `/v1/callbacks/{name}` (part 1's unsigned route stays).
+    callback_secret: Option<secrecy::SecretString>,
 }
 
 #[derive(Serialize)]
@@ -76,6 +83,11 @@ impl GenericProvider {
             url: reqwest::Url::parse(&url)
                 .map_err(|e| format!("{}: {e}", instance.key("base_url")))?,
             authorization,
+            callback_secret: instance
+                .settings
+                .callback_secret
+                .clone()
+                .filter(|s| !secrecy::ExposeSecret::expose_secret(s).is_empty()),
         })
     }
 
@@ -96,6 +108,7 @@ impl GenericProvider {
             return Ok(Accepted {
                 provider_message_id: id,
                 segments: None,
+                other_part_ids: Vec::new(),
             });
         }
         let retry_after = http::retry_after(&response);
@@ -109,6 +122,20 @@ impl GenericProvider {
 impl SmsService for GenericProvider {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Signed reports only: see [`callback`].
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        if self.callback_secret.is_none() {
+            return Err(CallbackError::NotHere(format!(
+                "providers.{}.callback_secret is not set: reports go to POST /v1/delivery-reports",
+                self.name
+            )));
+        }
+        callback::read(self.callback_secret.as_ref(), request)
     }
 
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError> {

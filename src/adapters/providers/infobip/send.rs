@@ -215,6 +215,7 @@ fn classify_answer(
                 .details
                 .and_then(|d| d.message_count)
                 .filter(|n| *n > 0),
+            other_part_ids: Vec::new(),
         }),
         Some(Group::Rejected) => Err(rejected(state.id, detail)),
         Some(Group::Undeliverable | Group::Expired) => Err(ProviderError::rejected(detail)),
@@ -229,6 +230,7 @@ fn accepted_as_sent(message_id: &str) -> Accepted {
     Accepted {
         provider_message_id: message_id.to_owned(),
         segments: None,
+        other_part_ids: Vec::new(),
     }
 }
 

@@ -147,6 +147,7 @@ pub(super) fn accepted(body: &[u8]) -> Accepted {
     Accepted {
         provider_message_id,
         segments,
+        other_part_ids: Vec::new(),
     }
 }
 
@@ -493,6 +494,7 @@ mod tests {
             Accepted {
                 provider_message_id: "SMaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
                 segments: Some(2),
+                other_part_ids: Vec::new(),
             }
         );
         // Through a Messaging Service no sender is picked yet: "0" parts.

@@ -165,10 +165,16 @@ pub(super) fn classify(
             .and_then(|n| n.parse::<u32>().ok())
             .filter(|n| *n > 0)
             .unwrap_or(parts.len() as u32);
-        let id = parts[0].1.message_id.as_deref().unwrap_or_default();
+        // Each part has an id of its own, and Vonage reports on each.
+        let mut ids = parts
+            .iter()
+            .map(|(_, part)| http::bounded_id(part.message_id.as_deref().unwrap_or_default()))
+            .filter(|id| !id.is_empty());
+        let first = ids.next().unwrap_or_default();
         return Ok(Accepted {
-            provider_message_id: http::bounded_id(id),
+            provider_message_id: first,
             segments: Some(segments),
+            other_part_ids: ids.take(http::MAX_PARTS).collect(),
         });
     };
     let meaning = documented(code);
