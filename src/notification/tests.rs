@@ -824,6 +824,41 @@ async fn unconfirmed_sms_failed_is_republished_on_redelivery() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_report_that_came_before_the_send_is_published_after_its_sms_sent_even_across_a_failure()
+{
+    use crate::domain::DeliveryStatus;
+    use crate::ports::{ProviderReport, ReportOutcome};
+    let h = harness(ScriptedProvider::new(vec![]));
+    let early = ProviderReport {
+        provider_message_id: "id-1".into(),
+        status: DeliveryStatus::Delivered,
+        provider_status: "delivered".into(),
+        error_code: None,
+        permanent: false,
+    };
+    let parked = h
+        .cache
+        .record_report("scripted", &early, "2026-12-01T10:00:00Z", Some(LEASE))
+        .await;
+    assert_eq!(parked, Ok(ReportOutcome::Parked));
+    h.events.deliveries_down.store(true, SeqCst);
+    assert!(matches!(
+        h.handle(&body("k1"), false).await,
+        Outcome::RetryAfter(_)
+    ));
+    assert_eq!((h.events.sent().len(), h.events.deliveries().len()), (1, 0));
+    h.events.deliveries_down.store(false, SeqCst);
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Sent);
+    assert_eq!(h.provider.calls(), 1);
+    let deliveries = h.events.deliveries();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].idempotency_key, "k1");
+    assert_eq!(deliveries[0].status, DeliveryStatus::Delivered);
+    assert_eq!(h.handle(&body("k1"), true).await, Outcome::Duplicate);
+    assert_eq!(h.events.deliveries().len(), 1, "published once confirmed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn malformed_bodies_are_dead_lettered_without_events() {
     let h = harness(ScriptedProvider::new(vec![]));
     for bad in [&b"nope"[..], br#"{"text":"no key"}"#, &[b'x'; 2000]] {

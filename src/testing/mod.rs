@@ -710,6 +710,8 @@ pub struct MemoryEvents {
     pub down: AtomicBool,
     /// Fail every publish as unroutable (no queue bound).
     pub unroutable: AtomicBool,
+    /// Fail SmsDeliveryReport publishes only.
+    pub deliveries_down: AtomicBool,
 }
 
 impl MemoryEvents {
@@ -724,6 +726,10 @@ impl MemoryEvents {
 
     pub fn failed(&self) -> Vec<SmsFailed> {
         self.failed.lock().unwrap().clone()
+    }
+
+    pub fn deliveries(&self) -> Vec<DeliveryReport> {
+        self.deliveries.lock().unwrap().clone()
     }
 
     fn check(&self) -> Result<(), QueueError> {
@@ -756,6 +762,9 @@ impl EventBus for MemoryEvents {
 
     async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError> {
         self.check()?;
+        if self.deliveries_down.load(Ordering::SeqCst) {
+            return Err(QueueError::NotConfirmed("down".into()));
+        }
         self.deliveries.lock().unwrap().push(report.clone());
         Ok(())
     }
