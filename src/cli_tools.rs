@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::adapters::rabbitmq::RabbitMq;
 use crate::config::Settings;
-use crate::domain::{mask_phone, SendSms};
+use crate::domain::{mask_phone, EventKind, SendSms};
 use crate::ports::QueueClient;
 
 /// The longest `send` waits for the broker, connecting included.
@@ -182,12 +182,8 @@ pub async fn events(
         )
         .await
         .context("declaring a temporary queue")?;
-    let exchanges = [
-        (&amqp.sent_exchange, "amqp.sent_exchange"),
-        (&amqp.failed_exchange, "amqp.failed_exchange"),
-        (&amqp.delivery_exchange, "amqp.delivery_exchange"),
-    ];
-    for (exchange, setting) in exchanges {
+    for kind in EventKind::ALL {
+        let (exchange, setting) = (amqp.exchange(kind), kind.exchange_setting());
         let bound = channel
             .queue_bind(
                 queue.name().clone(),
@@ -200,7 +196,7 @@ pub async fn events(
         match bound {
             Ok(()) => {}
             Err(e) if not_found(&e) => anyhow::bail!(
-                "the exchange {exchange} ({setting}) does not exist: start the service once \
+                "the exchange {exchange} (amqp.{setting}) does not exist: start the service once \
                  (it declares its exchanges), or check the name"
             ),
             Err(e) => return Err(e).context(format!("binding to {exchange}")),
@@ -218,9 +214,13 @@ pub async fn events(
             FieldTable::default(),
         )
         .await?;
+    let names: Vec<&str> = EventKind::ALL
+        .iter()
+        .map(|k| amqp.exchange(*k).as_str())
+        .collect();
     eprintln!(
-        "listening for events on {}, {}, {} (Ctrl-C to stop)",
-        amqp.sent_exchange, amqp.failed_exchange, amqp.delivery_exchange
+        "listening for events on {} (Ctrl-C to stop)",
+        names.join(", ")
     );
     let mut printed = 0;
     let mut stdout = std::io::stdout().lock();
@@ -266,14 +266,12 @@ pub async fn events(
 
 /// The event type of a message without a `type` property, by its exchange.
 fn kind_of_exchange<'a>(amqp: &crate::config::AmqpSettings, exchange: &'a str) -> &'a str {
-    if exchange == amqp.sent_exchange {
-        "SmsSent"
-    } else if exchange == amqp.failed_exchange {
-        "SmsFailed"
-    } else if exchange == amqp.delivery_exchange {
-        "SmsDeliveryReport"
-    } else {
-        exchange
+    match EventKind::ALL
+        .into_iter()
+        .find(|k| amqp.exchange(*k) == exchange)
+    {
+        Some(kind) => kind.type_name(),
+        None => exchange,
     }
 }
 

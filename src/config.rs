@@ -17,6 +17,8 @@ use config::{Config, Environment, File, FileFormat, Source};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::domain::EventKind;
+
 /// The defaults, as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -157,6 +159,17 @@ pub struct ProcessingConfig {
     pub min_sends: usize,
     pub max_redeliveries: u32,
     pub shutdown_grace_ms: u64,
+}
+
+impl AmqpSettings {
+    /// The exchange `kind`'s events go to.
+    pub fn exchange(&self, kind: EventKind) -> &String {
+        match kind {
+            EventKind::Sent => &self.sent_exchange,
+            EventKind::Failed => &self.failed_exchange,
+            EventKind::Delivery => &self.delivery_exchange,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,15 +340,14 @@ impl Settings {
                 );
             }
         }
-        for (key, name) in [
-            ("amqp.command_queue", &self.amqp.command_queue),
-            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
-            ("amqp.sent_exchange", &self.amqp.sent_exchange),
-            ("amqp.failed_exchange", &self.amqp.failed_exchange),
-            ("amqp.delivery_exchange", &self.amqp.delivery_exchange),
-        ] {
+        let queues = [
+            ("command_queue", &self.amqp.command_queue),
+            ("dead_letter_queue", &self.amqp.dead_letter_queue),
+        ];
+        let exchanges = EventKind::ALL.map(|k| (k.exchange_setting(), self.amqp.exchange(k)));
+        for (key, name) in queues.into_iter().chain(exchanges) {
             if name.is_empty() || name.len() > 255 {
-                return bad(key, "must be 1 to 255 characters");
+                return bad(&format!("amqp.{key}"), "must be 1 to 255 characters");
             }
         }
         // Delay tiers are named <command_queue>.retry.<delay>.

@@ -5,7 +5,8 @@
 //!
 //! The crate is ports and adapters:
 //!
-//! - [`domain`]: commands, events, phone numbers, segment counting. Pure.
+//! - [`domain`]: commands, events (one `EventKind` lists them all), phone
+//!   numbers, segment counting. Pure.
 //! - [`ports`]: the traits the core needs (`QueueClient`, `SmsService`,
 //!   `CacheService`, `EventBus`, `NotificationService`).
 //! - [`notification`]: the core decision for one command: claim the key,
@@ -14,12 +15,14 @@
 //! - [`processing`]: `QueueProcessingService`, the loop that feeds commands
 //!   to the notification step with bounded concurrency and settles each
 //!   delivery (ack, requeue, dead-letter); graceful shutdown.
-//! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest), HTTP (axum).
+//! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest; one folder
+//!   each: send and delivery-report callbacks), HTTP (axum).
 //! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
 //! - [`cli_tools`], [`dead_letters`]: the operator's one-shot commands
 //!   (`send`, `events`; list, replay and reset dead letters, `forget`).
-//! - [`fake_provider`]: a fake SMS provider in each provider's dialect, for
-//!   demos and tests.
+//! - [`fake_provider`]: a fake SMS provider in each provider's dialect
+//!   (sends and delivery-report callbacks), for demos and tests; [`bench`]:
+//!   the `bench` command's load generator. Neither is used by the service.
 //! - `testing` (tests, or the `test-support` feature): in-memory adapters
 //!   and the idempotency store's contract.
 //!

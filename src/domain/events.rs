@@ -1,6 +1,71 @@
-//! The events the service publishes, as subscribers receive them.
+//! The events the service publishes, as subscribers receive them. Each is
+//! a variant of [`EventKind`] (its AMQP `type` and the `amqp.*` setting of
+//! its exchange) and a struct that implements [`Event`]: topology,
+//! validation, the `events` command and the tests iterate
+//! [`EventKind::ALL`], so a new event is a variant, a struct and a
+//! paragraph of the reference.
 
 use serde::{Deserialize, Serialize};
+
+/// Every kind of event, each on a fanout exchange of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Sent,
+    Failed,
+    Delivery,
+}
+
+impl EventKind {
+    pub const ALL: [Self; 3] = [Self::Sent, Self::Failed, Self::Delivery];
+
+    /// The AMQP `type` property of its messages.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Self::Sent => "SmsSent",
+            Self::Failed => "SmsFailed",
+            Self::Delivery => "SmsDeliveryReport",
+        }
+    }
+
+    /// The `amqp.*` setting that names its exchange.
+    pub fn exchange_setting(self) -> &'static str {
+        match self {
+            Self::Sent => "sent_exchange",
+            Self::Failed => "failed_exchange",
+            Self::Delivery => "delivery_exchange",
+        }
+    }
+}
+
+/// An event's payload.
+pub trait Event: Serialize {
+    const KIND: EventKind;
+    /// Its AMQP `message_id`, by which subscribers deduplicate.
+    fn message_id(&self) -> String;
+}
+
+impl Event for SmsSent {
+    const KIND: EventKind = EventKind::Sent;
+    fn message_id(&self) -> String {
+        self.idempotency_key.clone()
+    }
+}
+
+impl Event for SmsFailed {
+    const KIND: EventKind = EventKind::Failed;
+    fn message_id(&self) -> String {
+        self.idempotency_key.clone()
+    }
+}
+
+impl Event for DeliveryReport {
+    const KIND: EventKind = EventKind::Delivery;
+    /// One per status change, so a subscriber that deduplicates on it
+    /// keeps each.
+    fn message_id(&self) -> String {
+        format!("{}:{}", self.provider_message_id, self.status.as_str())
+    }
+}
 
 /// Published on `sms.sent` once the provider accepted a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ pub use command::{
     CommandError, FailureReason, IdempotencyKey, MessageText, SendSms, SenderId, MAX_KEY_LEN,
     MAX_SENDER_LEN, MAX_TEXT_CHARS,
 };
-pub use events::{DeliveryReport, DeliveryStatus, SmsFailed, SmsSent};
+pub use events::{DeliveryReport, DeliveryStatus, Event, EventKind, SmsFailed, SmsSent};
 pub use phone::{mask_numbers, mask_phone, PhoneNumber};
 pub use segments::{count_segments, Encoding};
 

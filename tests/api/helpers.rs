@@ -17,6 +17,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::Value;
 use sms_service::app::{self, RunningApp};
 use sms_service::config::Settings;
+use sms_service::domain::EventKind;
 use wiremock::MockServer;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -43,6 +44,15 @@ pub struct Names {
 }
 
 impl Names {
+    /// The exchange of `kind`'s events.
+    pub fn exchange(&self, kind: EventKind) -> &String {
+        match kind {
+            EventKind::Sent => &self.sent_exchange,
+            EventKind::Failed => &self.failed_exchange,
+            EventKind::Delivery => &self.delivery_exchange,
+        }
+    }
+
     pub fn unique() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         Self {
@@ -61,9 +71,6 @@ impl Names {
             ("SMS__AMQP__URL", AMQP_URL),
             ("SMS__AMQP__COMMAND_QUEUE", &self.command_queue),
             ("SMS__AMQP__DEAD_LETTER_QUEUE", &self.dead_letter_queue),
-            ("SMS__AMQP__SENT_EXCHANGE", &self.sent_exchange),
-            ("SMS__AMQP__FAILED_EXCHANGE", &self.failed_exchange),
-            ("SMS__AMQP__DELIVERY_EXCHANGE", &self.delivery_exchange),
             ("SMS__AMQP__RECONNECT_DELAY_MS", "200"),
             ("SMS__AMQP__CONFIRM_TIMEOUT_MS", "2000"),
             ("SMS__REDIS__URL", REDIS_URL),
@@ -85,6 +92,10 @@ impl Names {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .chain(EventKind::ALL.iter().map(|k| {
+            let setting = k.exchange_setting().to_uppercase();
+            (format!("SMS__AMQP__{setting}"), self.exchange(*k).clone())
+        }))
         .collect()
     }
 }
@@ -258,11 +269,7 @@ impl Drop for Leftovers {
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
-                for exchange in [
-                    &names.sent_exchange,
-                    &names.failed_exchange,
-                    &names.delivery_exchange,
-                ] {
+                for exchange in EventKind::ALL.map(|k| names.exchange(k)) {
                     let _ = channel
                         .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                         .await;
@@ -280,9 +287,8 @@ pub struct TestBroker {
     pub names: Names,
     connection: Connection,
     pub channel: Channel,
-    sent: Consumer,
-    failed: Consumer,
-    delivery: Consumer,
+    /// A subscriber queue's consumer per event kind.
+    consumers: HashMap<EventKind, Consumer>,
     _leftovers: Leftovers,
 }
 
@@ -296,12 +302,9 @@ impl TestBroker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .unwrap();
-        let mut consumers = Vec::new();
-        for exchange in [
-            &names.sent_exchange,
-            &names.failed_exchange,
-            &names.delivery_exchange,
-        ] {
+        let mut consumers = HashMap::new();
+        for kind in EventKind::ALL {
+            let exchange = names.exchange(kind);
             channel
                 .exchange_declare(
                     exchange.as_str().into(),
@@ -345,20 +348,19 @@ impl TestBroker {
                 )
                 .await
                 .unwrap();
-            consumers.push(consumer);
+            consumers.insert(kind, consumer);
         }
-        let delivery = consumers.pop().unwrap();
-        let failed = consumers.pop().unwrap();
-        let sent = consumers.pop().unwrap();
         Self {
             names: names.clone(),
             connection,
             channel,
-            sent,
-            failed,
-            delivery,
+            consumers,
             _leftovers: Leftovers(names.clone()),
         }
+    }
+
+    fn consumer(&mut self, kind: EventKind) -> &mut Consumer {
+        self.consumers.get_mut(&kind).expect("a consumer per kind")
     }
 
     /// Publishes `n` valid commands keyed `{prefix}{i}`.
@@ -410,15 +412,15 @@ impl TestBroker {
 
     /// Waits for `n` SmsSent events (or the timeout) and returns them.
     pub async fn sent(&mut self, n: usize, within: Duration) -> Vec<Received> {
-        Self::take(&mut self.sent, n, within).await
+        Self::take(self.consumer(EventKind::Sent), n, within).await
     }
 
     pub async fn failed(&mut self, n: usize, within: Duration) -> Vec<Received> {
-        Self::take(&mut self.failed, n, within).await
+        Self::take(self.consumer(EventKind::Failed), n, within).await
     }
 
     pub async fn deliveries(&mut self, n: usize, within: Duration) -> Vec<Received> {
-        Self::take(&mut self.delivery, n, within).await
+        Self::take(self.consumer(EventKind::Delivery), n, within).await
     }
 
     /// Reads up to `n` dead letters, waiting up to `within` for them.

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::AmqpSettings;
-use crate::domain::{DeliveryReport, SmsFailed, SmsSent};
+use crate::domain::{DeliveryReport, Event, EventKind, SmsFailed, SmsSent};
 use crate::ports::{DeliveryStream, EventBus, EventMeta, QueueClient, QueueError};
 
 pub use delivery::RabbitStream;
@@ -52,9 +52,8 @@ pub use delivery::RabbitStream;
 pub struct Topology {
     pub command_queue: String,
     pub dead_letter_queue: String,
-    pub sent_exchange: String,
-    pub failed_exchange: String,
-    pub delivery_exchange: String,
+    /// Each event kind's fanout exchange.
+    pub exchanges: Vec<(EventKind, String)>,
     /// Delay tiers, shortest first: queues whose messages expire back into
     /// the command queue after the tier's delay.
     pub retry_tiers: Vec<RetryTier>,
@@ -67,6 +66,15 @@ pub struct RetryTier {
 }
 
 impl Topology {
+    /// The exchange of `kind`'s events.
+    pub fn exchange(&self, kind: EventKind) -> &str {
+        self.exchanges
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, name)| name.as_str())
+            .expect("every kind has an exchange")
+    }
+
     pub fn new(s: &AmqpSettings, tiers: &[Duration]) -> Self {
         let mut tiers = tiers.to_vec();
         tiers.sort();
@@ -74,9 +82,10 @@ impl Topology {
         Self {
             command_queue: s.command_queue.clone(),
             dead_letter_queue: s.dead_letter_queue.clone(),
-            sent_exchange: s.sent_exchange.clone(),
-            failed_exchange: s.failed_exchange.clone(),
-            delivery_exchange: s.delivery_exchange.clone(),
+            exchanges: EventKind::ALL
+                .iter()
+                .map(|k| (*k, s.exchange(*k).clone()))
+                .collect(),
             retry_tiers: tiers
                 .into_iter()
                 .map(|delay| RetryTier {
@@ -333,15 +342,15 @@ impl RabbitMq {
         }
     }
 
-    async fn publish_event(
+    /// Publishes `event` on its kind's exchange, with confirm.
+    async fn publish_event<E: Event + Sync>(
         &self,
-        exchange: &str,
-        kind: &str,
-        message_id: &str,
-        body: Vec<u8>,
+        event: &E,
         meta: &EventMeta,
     ) -> Result<(), QueueError> {
-        let properties = event_properties(kind, message_id, meta);
+        let body = serde_json::to_vec(event).expect("events always serialise");
+        let exchange = self.inner.topology.exchange(E::KIND);
+        let properties = event_properties(E::KIND.type_name(), &event.message_id(), meta);
         self.publish(exchange, "", &body, properties).await
     }
 }
@@ -517,7 +526,7 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
             .await
             .map_err(unavailable)?;
     }
-    for exchange in [&t.sent_exchange, &t.failed_exchange, &t.delivery_exchange] {
+    for (_, exchange) in &t.exchanges {
         channel
             .exchange_declare(
                 exchange.as_str().into(),
@@ -627,28 +636,15 @@ impl QueueClient for RabbitMq {
 #[async_trait]
 impl EventBus for RabbitMq {
     async fn publish_sent(&self, event: &SmsSent, meta: &EventMeta) -> Result<(), QueueError> {
-        let body = serde_json::to_vec(event).expect("events always serialise");
-        let exchange = &self.inner.topology.sent_exchange;
-        self.publish_event(exchange, "SmsSent", &event.idempotency_key, body, meta)
-            .await
+        self.publish_event(event, meta).await
     }
 
     async fn publish_failed(&self, event: &SmsFailed, meta: &EventMeta) -> Result<(), QueueError> {
-        let body = serde_json::to_vec(event).expect("events always serialise");
-        let exchange = &self.inner.topology.failed_exchange;
-        self.publish_event(exchange, "SmsFailed", &event.idempotency_key, body, meta)
-            .await
+        self.publish_event(event, meta).await
     }
 
     async fn publish_delivery(&self, report: &DeliveryReport) -> Result<(), QueueError> {
-        let body = serde_json::to_vec(report).expect("events always serialise");
-        let exchange = &self.inner.topology.delivery_exchange;
-        // One message id per report, so subscribers that deduplicate on it
-        // keep a "delivered" that follows an "undelivered".
-        let message_id = format!("{}:{}", report.provider_message_id, report.status.as_str());
-        let meta = EventMeta::default();
-        self.publish_event(exchange, "SmsDeliveryReport", &message_id, body, &meta)
-            .await
+        self.publish_event(report, &EventMeta::default()).await
     }
 }
 
