@@ -4,6 +4,7 @@
 mod amqp;
 mod auth;
 mod cli;
+mod compose;
 mod delivery;
 mod docs;
 mod e2e;
