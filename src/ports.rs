@@ -473,8 +473,8 @@ pub enum InvalidVerdict {
 }
 
 /// The idempotency and status store: per key, an atomic state machine
-/// `processing -> sent | failed` (plus `delivered`/`undelivered` after a
-/// delivery report), with a lease held by whoever works on the key and a
+/// `processing -> sent | failed` (and, from delivery reports, a final
+/// delivery status beside `sent`), with a lease held by whoever works on the key and a
 /// flag for "its event is published". Every implementation passes the
 /// store contract in `crate::testing::store_contract`.
 #[async_trait]

@@ -201,10 +201,14 @@ const PER_PROVIDER: [&str; 6] = [
 ];
 
 /// Exports `instance`'s delivery-report counters at 0, one series per
-/// status and `unmatched`, so that a dashboard sees them before the first
+/// final status and `unmatched`, so that a dashboard sees them before the first
 /// report.
 pub fn register_report_counters(instance: &str) {
-    let statuses = DeliveryStatus::ALL.iter().map(|s| s.as_str());
+    // `sent` is where every message starts: no report changes a message to it.
+    let statuses = DeliveryStatus::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| s.as_str());
     for status in statuses.chain(["unmatched"]) {
         metrics::counter!("sms_delivery_reports_total", "provider" => instance.to_owned(), "status" => status)
             .increment(0);

@@ -60,10 +60,11 @@ impl Event for SmsFailed {
 
 impl Event for DeliveryReport {
     const KIND: EventKind = EventKind::Delivery;
-    /// One per status change, so a subscriber that deduplicates on it
-    /// keeps each.
+    /// The idempotency key, as part 1's events: a message's status changes
+    /// once (to its final status), so a copy published again carries the
+    /// same id.
     fn message_id(&self) -> String {
-        format!("{}:{}", self.provider_message_id, self.status.as_str())
+        self.idempotency_key.clone()
     }
 }
 

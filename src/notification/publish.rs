@@ -94,7 +94,15 @@ impl Notifier {
         let Some(report) = self.cache.pending_report(key).await.map_err(unavailable)? else {
             return Ok(());
         };
-        self.events.publish_delivery(&report).await?;
+        match self.events.publish_delivery(&report).await {
+            Ok(()) => {}
+            // Nobody subscribes to delivery reports: the send is not held
+            // for them.
+            Err(QueueError::Unroutable(exchange)) => {
+                warn!(%exchange, "no queue is bound to the delivery exchange: SmsDeliveryReport dropped");
+            }
+            Err(e) => return Err(e),
+        }
         metrics::counter!(
             "sms_delivery_reports_total",
             "provider" => report.provider.clone(),

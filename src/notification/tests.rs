@@ -859,6 +859,32 @@ async fn a_report_that_came_before_the_send_is_published_after_its_sms_sent_even
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_parked_report_nobody_subscribes_to_never_holds_its_send() {
+    use crate::domain::DeliveryStatus;
+    use crate::ports::ProviderReport;
+    let h = harness(ScriptedProvider::new(vec![]));
+    let early = ProviderReport {
+        provider_message_id: "id-1".into(),
+        status: DeliveryStatus::Undelivered,
+        provider_status: "failed".into(),
+        error_code: None,
+        permanent: true,
+    };
+    h.cache
+        .record_report("scripted", &early, "2026-12-01T10:00:00Z", Some(LEASE))
+        .await
+        .unwrap();
+    h.events.deliveries_unroutable.store(true, SeqCst);
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    assert_eq!(h.events.sent().len(), 1);
+    assert_eq!(
+        h.cache.pending_report("k1").await.unwrap(),
+        None,
+        "dropped, marked"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn malformed_bodies_are_dead_lettered_without_events() {
     let h = harness(ScriptedProvider::new(vec![]));
     for bad in [&b"nope"[..], br#"{"text":"no key"}"#, &[b'x'; 2000]] {

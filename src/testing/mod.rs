@@ -229,6 +229,10 @@ impl MemoryCache {
             return Ok(Recorded::Fenced);
         }
         if !fresh && !matches!(entry.status.as_str(), "processing" | "retrying") {
+            // Its own write retried: parked reports may have left an event.
+            if entry.status == "sent" && entry.ledger.pending().is_some() {
+                return Ok(Recorded::WrittenReported);
+            }
             return Ok(Recorded::Written);
         }
         entry.lease = Some((owner.clone(), Instant::now() + self.lease));
@@ -712,6 +716,8 @@ pub struct MemoryEvents {
     pub unroutable: AtomicBool,
     /// Fail SmsDeliveryReport publishes only.
     pub deliveries_down: AtomicBool,
+    /// SmsDeliveryReport publishes find no queue bound.
+    pub deliveries_unroutable: AtomicBool,
 }
 
 impl MemoryEvents {
@@ -764,6 +770,9 @@ impl EventBus for MemoryEvents {
         self.check()?;
         if self.deliveries_down.load(Ordering::SeqCst) {
             return Err(QueueError::NotConfirmed("down".into()));
+        }
+        if self.deliveries_unroutable.load(Ordering::SeqCst) {
+            return Err(QueueError::Unroutable("sms.delivery".into()));
         }
         self.deliveries.lock().unwrap().push(report.clone());
         Ok(())

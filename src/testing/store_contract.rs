@@ -753,6 +753,23 @@ impl Case<'_> {
         let id = format!("{}-early", self.unique);
         let (key, recorded) = self.sent_in_parts("early", &[&id]).await;
         assert_eq!(recorded, Recorded::WrittenReported);
+        let again = self
+            .store
+            .record_sent(
+                &key,
+                &self.live("a", 1).await,
+                &SentRecord {
+                    provider_message_id: id.clone(),
+                    ..sent(1)
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Recorded::WrittenReported,
+            "the same record retried after a lost reply says it again"
+        );
         let pending = self.store.pending_report(key.as_str()).await.unwrap();
         let pending = pending.expect("the parked report ended it");
         assert_eq!(

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::{problem, HttpState};
 use crate::adapters::providers::generic;
 use crate::domain::rfc3339;
-use crate::ports::{CallbackError, CallbackRequest, ProviderReport, ReportOutcome};
+use crate::ports::{CallbackError, CallbackRequest, ProviderReport, QueueError, ReportOutcome};
 
 /// `/v1/callbacks/{instance}`.
 pub async fn callback(
@@ -182,12 +182,21 @@ async fn record_all(
         };
         match outcome {
             ReportOutcome::Publish(event) => {
-                if let Err(e) = state.events.publish_delivery(&event).await {
-                    return problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "broker_unavailable",
-                        e.to_string(),
-                    );
+                match state.events.publish_delivery(&event).await {
+                    Ok(()) => {}
+                    // Nobody subscribes to delivery reports: recorded, and
+                    // a 5xx would only make the provider retry in vain.
+                    Err(QueueError::Unroutable(exchange)) => warn!(
+                        %exchange,
+                        "no queue is bound to the delivery exchange: SmsDeliveryReport dropped"
+                    ),
+                    Err(e) => {
+                        return problem(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "broker_unavailable",
+                            e.to_string(),
+                        )
+                    }
                 }
                 if let Err(e) = state
                     .cache
@@ -215,7 +224,11 @@ async fn record_all(
                     "delivery report for an id not recorded yet: kept until its send is");
             }
             ReportOutcome::Unmatched => {
-                counted("unmatched");
+                // Part 1's route tries each generic instance: it counts
+                // the report once, when none knows it.
+                if park_ttl.is_some() {
+                    counted("unmatched");
+                }
                 return problem(
                     StatusCode::NOT_FOUND,
                     "unknown_id",
@@ -255,13 +268,15 @@ pub async fn delivery_report(
         body: &body,
         now: SystemTime::now(),
     };
-    let mut refused_by = None;
+    // 401 only when no instance's secret verified the report; 404 when
+    // one did and none knows the id.
+    let (mut refused_by, mut verified) = (None, None);
     for (instance, secret) in &state.generic_reporters {
         let reports = match generic::callback::read(secret.as_ref(), &request) {
             Ok(reports) => reports,
             Err(e @ CallbackError::Malformed(_)) => return refused(instance, &e),
             Err(e) => {
-                refused_by = Some((instance, e));
+                refused_by.get_or_insert((instance, e));
                 continue;
             }
         };
@@ -269,14 +284,19 @@ pub async fn delivery_report(
         if answer.status() != StatusCode::NOT_FOUND {
             return answer;
         }
-        refused_by = None;
+        verified.get_or_insert(instance);
     }
-    match refused_by {
-        Some((instance, e)) => refused(instance, &e),
-        None => problem(
-            StatusCode::NOT_FOUND,
-            "unknown_id",
-            "no message with this provider id",
-        ),
+    match (verified, refused_by) {
+        (None, Some((instance, e))) => refused(instance, &e),
+        (verified, _) => {
+            let instance = verified.unwrap_or(&state.generic_reporters[0].0);
+            metrics::counter!("sms_delivery_reports_total", "provider" => instance.clone(), "status" => "unmatched")
+                .increment(1);
+            problem(
+                StatusCode::NOT_FOUND,
+                "unknown_id",
+                "no message with this provider id",
+            )
+        }
     }
 }

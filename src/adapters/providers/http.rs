@@ -17,8 +17,8 @@ use crate::ports::{CallbackError, CallbackRequest, ProviderError};
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024;
 /// Longest provider message id kept.
 pub const MAX_ID_CHARS: usize = 256;
-/// Most part ids kept of one message (its other parts beyond are not
-/// tracked for delivery).
+/// Most part ids kept of one message, the first included (parts beyond
+/// are not tracked for delivery).
 pub const MAX_PARTS: usize = 32;
 /// A `Retry-After` beyond this is treated as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);

@@ -180,7 +180,12 @@ end
 /// per line; each gets its own provider-id key.
 pub fn record_sent() -> String {
     format!(
-        r#"{APPLY}{FENCE}
+        r#"{APPLY}
+-- This owner's own write, retried after a lost reply: say again whether
+-- parked reports left an event to publish.
+local mine = redis.call('HMGET', KEYS[1], 'status', 'owner', 'delivery', 'd_published')
+if mine[1] == 'sent' and mine[2] == ARGV[1] and mine[3] and mine[4] == '0' then return 2 end
+{FENCE}
 redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1], 'holder', ARGV[10],
   'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
   'sent_at', ARGV[7], 'updated_at', ARGV[7], 'phone', ARGV[11], 'parts', ARGV[12])

@@ -129,6 +129,11 @@ impl SmsService for GenericProvider {
         &self,
         request: &CallbackRequest<'_>,
     ) -> Result<Vec<ProviderReport>, CallbackError> {
+        if request.token.is_some() {
+            return Err(CallbackError::NotHere(
+                "generic reports are signed, not sent to a token path".into(),
+            ));
+        }
         if self.callback_secret.is_none() {
             return Err(CallbackError::NotHere(format!(
                 "providers.{}.callback_secret is not set: reports go to POST /v1/delivery-reports",

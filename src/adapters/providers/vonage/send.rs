@@ -174,7 +174,7 @@ pub(super) fn classify(
         return Ok(Accepted {
             provider_message_id: first,
             segments: Some(segments),
-            other_part_ids: ids.take(http::MAX_PARTS).collect(),
+            other_part_ids: ids.take(http::MAX_PARTS - 1).collect(),
         });
     };
     let meaning = documented(code);
