@@ -23,6 +23,25 @@
 //!   retry submission"); drawn rejection: 200 with `REJECTED_DND` (10);
 //!   drawn throttling: 429 with the documented `E429` body (Infobip
 //!   documents no `Retry-After`, so none is sent).
+//!
+//! Delivery reports (with `--dlr-url`), as Infobip's webhook posts them
+//! (<https://www.infobip.com/docs/api/channels/sms/sms-messaging/delivery-reports/receive-outbound-sms-message-report>):
+//! a JSON `POST` of `{"results": [...]}`, one result per destination of
+//! the request (so a request to several destinations is reported in one
+//! batch), each with `bulkId`, `messageId`, `to`, `sender`, `sentAt`,
+//! `doneAt`, `messageCount`, `price`, `status` and `error`. Unsigned, as
+//! Infobip's are: the secret is the path token already in `--dlr-url`,
+//! which is used as given (Infobip would call the message's
+//! `webhooks.delivery.url`; the two are the same URL when the service is
+//! set up as the end-to-end tests set it up).
+//!
+//! - With `webhooks.delivery.intermediateReport: true` in the request,
+//!   first a `PENDING_ENROUTE` (7) report, as Infobip sends intermediate
+//!   reports only when asked.
+//! - Delivered: `DELIVERED_TO_OPERATOR` (2), which Infobip documents as
+//!   intermediate, then `DELIVERED_TO_HANDSET` (5), error `NO_ERROR`.
+//! - Not delivered (`--dlr-fail-rate`): `UNDELIVERABLE_NOT_DELIVERED` (9)
+//!   with the error `EC_UNKNOWN_SUBSCRIBER` (1, `permanent: true`).
 
 use axum::extract::State;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -33,7 +52,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{FakeState, Simulated};
+use super::{Callback, FakeState, Fate, Simulated};
 use crate::domain::count_segments;
 
 pub(super) fn routes() -> Router<FakeState> {
@@ -49,9 +68,23 @@ struct Request {
 
 #[derive(Deserialize)]
 struct Message {
+    sender: Option<String>,
     #[serde(default)]
     destinations: Vec<Destination>,
     content: Option<Content>,
+    webhooks: Option<Webhooks>,
+}
+
+#[derive(Deserialize)]
+struct Webhooks {
+    delivery: Option<DeliveryWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryWebhook {
+    #[serde(default)]
+    intermediate_report: bool,
 }
 
 #[derive(Deserialize)]
@@ -125,13 +158,21 @@ async fn send(
         .options
         .as_ref()
         .is_some_and(|o| o.include_sms_count_in_response);
+    let bulk_id = uuid::Uuid::new_v4().simple().to_string();
     let mut answers = Vec::new();
+    let mut reports = Reports::default();
     for message in &request.messages {
         let text = message
             .content
             .as_ref()
             .and_then(|c| c.text.as_deref())
             .unwrap_or_default();
+        let parts = count_segments(text).1;
+        let intermediate = message
+            .webhooks
+            .as_ref()
+            .and_then(|w| w.delivery.as_ref())
+            .is_some_and(|d| d.intermediate_report);
         for destination in &message.destinations {
             let to = destination.to.as_deref().unwrap_or_default();
             let sent_id = destination
@@ -149,8 +190,19 @@ async fn send(
                 ),
                 _ => {
                     let own = state.accept(to, sent_id.unwrap_or_default());
+                    let id = sent_id.map_or(own, str::to_owned);
+                    if let Some((fate, _)) = state.fate() {
+                        let report = Report {
+                            bulk_id: &bulk_id,
+                            message_id: &id,
+                            to,
+                            sender: message.sender.as_deref().unwrap_or_default(),
+                            parts,
+                        };
+                        reports.add(&report, fate, intermediate);
+                    }
                     (
-                        sent_id.map_or(own, str::to_owned),
+                        id,
                         status(
                             1,
                             "PENDING",
@@ -163,17 +215,132 @@ async fn send(
             };
             let mut answer = json!({"messageId": id, "status": status, "destination": to});
             if count_parts {
-                answer["details"] = json!({"messageCount": count_segments(text).1});
+                answer["details"] = json!({"messageCount": parts});
             }
             answers.push(answer);
         }
     }
-    let bulk_id = uuid::Uuid::new_v4().simple().to_string();
+    reports.post(&state);
     (
         StatusCode::OK,
         Json(json!({"bulkId": bulk_id, "messages": answers})),
     )
         .into_response()
+}
+
+/// What a report says of one accepted destination.
+struct Report<'a> {
+    bulk_id: &'a str,
+    message_id: &'a str,
+    to: &'a str,
+    sender: &'a str,
+    parts: u32,
+}
+
+impl Report<'_> {
+    /// One `SmsDeliveryReport` with this status and error.
+    fn result(&self, status: Value, error: Value) -> Value {
+        // Infobip's date format: yyyy-MM-dd'T'HH:mm:ss.SSSZ (+0000).
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let now = format!("{}+0000", now.trim_end_matches('Z'));
+        json!({
+            "bulkId": self.bulk_id,
+            "messageId": self.message_id,
+            "to": self.to,
+            "sender": self.sender,
+            "sentAt": now,
+            "doneAt": now,
+            "messageCount": self.parts,
+            "price": {"pricePerMessage": 0.01, "currency": "EUR"},
+            "status": status,
+            "error": error,
+        })
+    }
+}
+
+/// The reports of one request's destinations, by stage: each stage is
+/// one callback whose `results` hold every destination's report.
+#[derive(Default)]
+struct Reports {
+    intermediate: Vec<Value>,
+    to_operator: Vec<Value>,
+    last: Vec<Value>,
+}
+
+impl Reports {
+    fn add(&mut self, report: &Report<'_>, fate: Fate, intermediate: bool) {
+        if intermediate {
+            let enroute = status(
+                1,
+                "PENDING",
+                7,
+                "PENDING_ENROUTE",
+                "Message sent to next instance",
+            );
+            self.intermediate.push(report.result(enroute, no_error()));
+        }
+        match fate {
+            Fate::Delivered => {
+                let to_operator = status(
+                    3,
+                    "DELIVERED",
+                    2,
+                    "DELIVERED_TO_OPERATOR",
+                    "Message delivered to operator",
+                );
+                self.to_operator
+                    .push(report.result(to_operator, no_error()));
+                let handset = status(
+                    3,
+                    "DELIVERED",
+                    5,
+                    "DELIVERED_TO_HANDSET",
+                    "Message delivered to handset",
+                );
+                self.last.push(report.result(handset, no_error()));
+            }
+            Fate::Failed => {
+                let not_delivered = status(
+                    2,
+                    "UNDELIVERABLE",
+                    9,
+                    "UNDELIVERABLE_NOT_DELIVERED",
+                    "Message sent not delivered",
+                );
+                let unknown_subscriber = json!({
+                    "groupId": 1, "groupName": "HANDSET_ERRORS", "id": 1,
+                    "name": "EC_UNKNOWN_SUBSCRIBER", "description": "Unknown Subscriber",
+                    "permanent": true
+                });
+                self.last
+                    .push(report.result(not_delivered, unknown_subscriber));
+            }
+        }
+    }
+
+    /// Posts them, in the background, to `--dlr-url`.
+    fn post(self, state: &FakeState) {
+        let Some(settings) = state.settings.reports.as_ref() else {
+            return;
+        };
+        if self.last.is_empty() {
+            return;
+        }
+        let callback =
+            |results: Vec<Value>| Callback::json(&settings.url, &json!({"results": results}));
+        let progress = [self.intermediate, self.to_operator]
+            .into_iter()
+            .filter(|stage| !stage.is_empty())
+            .map(callback)
+            .collect();
+        state.report(progress, vec![callback(self.last)]);
+    }
+}
+
+/// The error object of a report without an error.
+fn no_error() -> Value {
+    json!({"groupId": 0, "groupName": "OK", "id": 0, "name": "NO_ERROR",
+           "description": "No Error", "permanent": false})
 }
 
 fn status(group_id: u32, group: &str, id: u32, name: &str, description: &str) -> Value {

@@ -25,8 +25,17 @@
 //!   so the recorded provider message id is the key.
 //! - `includeSmsCountInResponse` makes the answer carry
 //!   `details.messageCount`, the parts Infobip counted (`Accepted.segments`).
-//! - Validity and the per-message delivery webhook (`webhooks.delivery.url`)
-//!   are not sent: the command and the configuration have neither yet.
+//! - `webhooks`: with `http.public_url` and a `callback_token` set, the
+//!   instance's callback URL (`{public_url}/v1/callbacks/{name}/{token}`)
+//!   as `delivery.url`, and `contentType: application/json` (the OpenAPI
+//!   schemas `SmsWebhooks`, `SmsMessageDeliveryReporting`; the official
+//!   SDKs' "specify your endpoint when sending SMS in the
+//!   `webhooks.delivery.url` field"). Without a token no URL is named: a
+//!   report to a URL without one would be refused, and Infobip would
+//!   retry it for nothing; the account's own report subscription applies.
+//!   No `intermediateReport`: the final report is what the service needs.
+//!   The reports: [`callback`].
+//! - Validity is not sent: the command has none yet.
 //!
 //! **Deduplication.** Infobip does not document that a resend with the same
 //! `messageId` is answered like the first. Its status code
@@ -77,6 +86,9 @@
 //! Every detail quotes Infobip's answer with phone numbers masked
 //! ([`super::http::snippet`]); the API key is never in a detail or a log.
 //!
+//! Delivery reports come back to `/v1/callbacks/{name}/{token}`,
+//! authenticated by the path token, read and mapped as [`callback`] says.
+//!
 //! [send]: https://www.infobip.com/docs/api/channels/sms/sms-messaging/outbound-sms/send-sms-messages
 //! [codes]: https://www.infobip.com/docs/essentials/response-status-and-error-codes
 //! [errors]: https://www.infobip.com/docs/developer-resources/errors-and-responses/schema-reference-and-error-handling
@@ -85,15 +97,21 @@
 //! [base]: https://www.infobip.com/docs/essentials/base-url
 //! [format]: https://www.infobip.com/docs/sms/deliverability
 
+mod callback;
 mod send;
+mod status;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION};
 
+use secrecy::{ExposeSecret, SecretString};
+
 use super::http::{self, ClientSettings};
 use crate::config::{check_header_secret, Instance};
 use crate::domain::{SendSms, SenderId};
-use crate::ports::{Accepted, ProviderError, SmsService};
+use crate::ports::{
+    Accepted, CallbackError, CallbackRequest, ProviderError, ProviderReport, SmsService,
+};
 
 /// The API path the adapter appends to `base_url`, as Infobip's SDKs do.
 pub const SEND_PATH: &str = "/sms/3/messages";
@@ -107,6 +125,12 @@ pub struct InfobipProvider {
     authorization: HeaderValue,
     /// The sender when a command has no `senderId`.
     from: String,
+    /// The path token of its delivery reports; without one it takes none.
+    callback_token: Option<SecretString>,
+    /// Named in every request as the delivery webhook: the instance's
+    /// callback URL, only when it carries the token. A secret (it holds
+    /// the token): never logged.
+    callback_url: Option<SecretString>,
 }
 
 impl InfobipProvider {
@@ -132,6 +156,11 @@ impl InfobipProvider {
             max_idle_connections: instance.max_idle_connections,
         })?;
         let url = format!("{}{SEND_PATH}", instance.base_url.trim_end_matches('/'));
+        let callback_token = instance
+            .settings
+            .callback_token
+            .clone()
+            .filter(|t| !t.expose_secret().is_empty());
         Ok(Self {
             name: instance.name.clone(),
             client,
@@ -139,6 +168,12 @@ impl InfobipProvider {
                 .map_err(|e| format!("{}: {e}", instance.key("base_url")))?,
             authorization,
             from: from.to_owned(),
+            callback_url: instance
+                .callback_url
+                .clone()
+                .filter(|_| callback_token.is_some())
+                .map(SecretString::from),
+            callback_token,
         })
     }
 }
@@ -149,8 +184,17 @@ impl SmsService for InfobipProvider {
         &self.name
     }
 
+    /// Reports authenticated by their path token: see [`callback`].
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        callback::read(self.callback_token.as_ref(), request)
+    }
+
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError> {
-        let body = send::request(sms, &self.from);
+        let callback_url = self.callback_url.as_ref().map(|u| u.expose_secret());
+        let body = send::request(sms, &self.from, callback_url);
         let response = self
             .client
             .post(self.url.clone())
@@ -238,5 +282,39 @@ mod tests {
         env[2].1 = "A-SENDER-OF-20-CHARS";
         let err = error(&env);
         assert!(err.contains("providers.ib.from"), "{err}");
+    }
+
+    #[test]
+    fn the_delivery_webhook_is_named_only_with_a_public_url_and_a_callback_token() {
+        let url = |env: &[(&str, &str)]| {
+            let mut all = vec![
+                ("SMS__PROVIDERS__IB__KIND", "infobip"),
+                ("SMS__PROVIDERS__IB__API_KEY", "s3cret"),
+                ("SMS__PROVIDERS__IB__FROM", "MKOPA"),
+            ];
+            all.extend_from_slice(env);
+            let (_, provider) = build(&all).unwrap();
+            provider.callback_url.map(|u| u.expose_secret().to_owned())
+        };
+        let token = (
+            "SMS__PROVIDERS__IB__CALLBACK_TOKEN",
+            "cb-token-0123456789abcdef",
+        );
+        let public = ("SMS__HTTP__PUBLIC_URL", "https://sms.example.com");
+        assert_eq!(
+            url(&[token, public]).as_deref(),
+            Some("https://sms.example.com/v1/callbacks/ib/cb-token-0123456789abcdef")
+        );
+        assert_eq!(
+            url(&[token]),
+            None,
+            "no public URL: Infobip could not call back"
+        );
+        assert_eq!(
+            url(&[public]),
+            None,
+            "no token: its reports would be refused"
+        );
+        assert_eq!(url(&[]), None);
     }
 }

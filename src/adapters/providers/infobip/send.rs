@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::super::http;
+use super::status::{Group, Status};
 use crate::domain::{SendSms, MAX_KEY_LEN};
 use crate::ports::{Accepted, ProviderError};
 
@@ -27,6 +28,22 @@ struct Message<'a> {
     sender: &'a str,
     destinations: [Destination<'a>; 1],
     content: TextContent<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhooks: Option<Webhooks<'a>>,
+}
+
+/// Where Infobip posts the message's delivery reports (`SmsWebhooks`),
+/// and in which format.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Webhooks<'a> {
+    delivery: DeliveryWebhook<'a>,
+    content_type: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct DeliveryWebhook<'a> {
+    url: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,8 +65,13 @@ struct RequestOptions {
 }
 
 /// The body for one message: the command's `senderId`, else `from`; the
-/// number without its `+`; the idempotency key as `messageId`.
-pub(super) fn request<'a>(sms: &'a SendSms, from: &'a str) -> Request<'a> {
+/// number without its `+`; the idempotency key as `messageId`; the
+/// instance's callback URL, if any, as the delivery webhook (JSON).
+pub(super) fn request<'a>(
+    sms: &'a SendSms,
+    from: &'a str,
+    callback_url: Option<&'a str>,
+) -> Request<'a> {
     let number = sms.phone_number.as_str();
     Request {
         messages: [Message {
@@ -61,6 +83,10 @@ pub(super) fn request<'a>(sms: &'a SendSms, from: &'a str) -> Request<'a> {
             content: TextContent {
                 text: sms.text.as_str(),
             },
+            webhooks: callback_url.map(|url| Webhooks {
+                delivery: DeliveryWebhook { url },
+                content_type: "application/json",
+            }),
         }],
         options: RequestOptions {
             include_sms_count_in_response: true,
@@ -85,16 +111,6 @@ struct MessageAnswer {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Status {
-    group_id: Option<i64>,
-    group_name: Option<String>,
-    id: Option<i64>,
-    name: Option<String>,
-    description: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct Details {
     message_count: Option<u32>,
 }
@@ -113,53 +129,6 @@ struct ApiError {
 struct Violation {
     property: Option<String>,
     violation: Option<String>,
-}
-
-/// A status group, by `groupName`, else by `groupId`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Group {
-    Accepted,
-    Pending,
-    Undeliverable,
-    Delivered,
-    Expired,
-    Rejected,
-}
-
-impl Status {
-    fn group(&self) -> Option<Group> {
-        let by_name = match self.group_name.as_deref() {
-            Some("ACCEPTED") => Some(Group::Accepted),
-            Some("PENDING") => Some(Group::Pending),
-            Some("UNDELIVERABLE") => Some(Group::Undeliverable),
-            Some("DELIVERED") => Some(Group::Delivered),
-            Some("EXPIRED") => Some(Group::Expired),
-            Some("REJECTED") => Some(Group::Rejected),
-            Some(_) => return None,
-            None => None,
-        };
-        by_name.or(match self.group_id {
-            Some(0) => Some(Group::Accepted),
-            Some(1) => Some(Group::Pending),
-            Some(2) => Some(Group::Undeliverable),
-            Some(3) => Some(Group::Delivered),
-            Some(4) => Some(Group::Expired),
-            Some(5) => Some(Group::Rejected),
-            _ => None,
-        })
-    }
-
-    /// `REJECTED_DND (10): Destination on DND list`, masked and short.
-    fn describe(&self) -> String {
-        let text = format!(
-            "Infobip {} {} ({}): {}",
-            self.group_name.as_deref().unwrap_or("?"),
-            self.name.as_deref().unwrap_or("?"),
-            self.id.map_or_else(|| "?".to_owned(), |id| id.to_string()),
-            self.description.as_deref().unwrap_or(""),
-        );
-        http::snippet(text.trim_end_matches([' ', ':']).as_bytes())
-    }
 }
 
 /// Classifies one answer to a send of `message_id`, as the module doc's
@@ -611,7 +580,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            serde_json::to_value(request(&sms, "MKOPA")).unwrap(),
+            serde_json::to_value(request(&sms, "MKOPA", None)).unwrap(),
             json!({
                 "messages": [{
                     "sender": "MKOPA",
@@ -625,7 +594,34 @@ mod tests {
             br#"{"idempotencyKey":"k-2","phoneNumber":"+254712345678","text":"hi","senderId":"SHOP"}"#,
         )
         .unwrap();
-        let body = serde_json::to_value(request(&own_sender, "MKOPA")).unwrap();
+        let body = serde_json::to_value(request(&own_sender, "MKOPA", None)).unwrap();
         assert_eq!(body["messages"][0]["sender"], "SHOP");
+    }
+
+    #[test]
+    fn a_callback_url_goes_as_the_messages_json_delivery_webhook() {
+        // https://www.infobip.com/docs/api/channels/sms/sms-messaging/outbound-sms/send-sms-messages
+        // (messages[].webhooks: delivery.url, contentType; the OpenAPI
+        // schemas SmsWebhooks and SmsMessageDeliveryReporting)
+        let sms = SendSms::from_json(
+            br#"{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"hi"}"#,
+        )
+        .unwrap();
+        let url = "https://sms.example.com/v1/callbacks/ib/0123456789abcdef";
+        assert_eq!(
+            serde_json::to_value(request(&sms, "MKOPA", Some(url))).unwrap(),
+            json!({
+                "messages": [{
+                    "sender": "MKOPA",
+                    "destinations": [{"to": "254712345678", "messageId": "k-1"}],
+                    "content": {"text": "hi"},
+                    "webhooks": {
+                        "delivery": {"url": url},
+                        "contentType": "application/json"
+                    }
+                }],
+                "options": {"includeSmsCountInResponse": true}
+            })
+        );
     }
 }
