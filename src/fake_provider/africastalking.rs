@@ -22,6 +22,19 @@
 //! - Otherwise each recipient is `101 Success` with the fake's
 //!   `fake-<run>-N` id as `messageId`. The API takes no idempotency key, so
 //!   none is counted.
+//!
+//! With `--dlr-url` each accepted recipient gets its delivery reports as
+//! Africa's Talking posts them
+//! (<https://developers.africastalking.com/docs/sms/notifications>,
+//! "Delivery Reports"): form-encoded `POST`s of `id`, `status`,
+//! `phoneNumber` and `networkCode` (`99999`, the page's "Athena (sandbox
+//! environment)"), first the intermediate `Submitted`, then the final
+//! `Success`, or for a `--dlr-fail-rate` share `Failed` with
+//! `failureReason=UserDoesNotExist` (documented values). No `retryCount`:
+//! the page says it "only applies for premium SMS messages". Nothing is
+//! signed, as Africa's Talking signs nothing: the `--dlr-url` is used as
+//! given, so it carries the service's path token
+//! (`.../v1/callbacks/<instance>/<callback_token>`).
 
 use axum::extract::State;
 use axum::http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
@@ -31,7 +44,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{FakeState, Simulated};
+use super::{Callback, FakeState, Fate, Simulated};
 
 pub(super) fn routes() -> Router<FakeState> {
     Router::new().route("/version1/messaging", post(send))
@@ -142,16 +155,40 @@ async fn send(
                 return refused(number, 403, "InvalidPhoneNumber");
             }
             sent += 1;
+            let id = state.accept(number, "");
+            call_back(&state, &id, number);
             json!({
                 "statusCode": 101,
                 "number": number,
                 "status": "Success",
                 "cost": "KES 0.8000",
-                "messageId": state.accept(number, ""),
+                "messageId": id,
             })
         })
         .collect();
     answer(&recipients, sent)
+}
+
+/// Posts an accepted message's delivery reports, if the fake calls back.
+fn call_back(state: &FakeState, id: &str, number: &str) {
+    let Some((fate, reports)) = state.fate() else {
+        return;
+    };
+    let report = |status: &str, reason: Option<&str>| {
+        let mut fields = vec![
+            ("id", id),
+            ("status", status),
+            ("phoneNumber", number),
+            ("networkCode", "99999"),
+        ];
+        fields.extend(reason.map(|r| ("failureReason", r)));
+        Callback::form(&reports.url, &fields)
+    };
+    let last = match fate {
+        Fate::Delivered => report("Success", None),
+        Fate::Failed => report("Failed", Some("UserDoesNotExist")),
+    };
+    state.report(vec![report("Submitted", None)], vec![last]);
 }
 
 fn refused(number: &str, code: u16, status: &str) -> Value {

@@ -13,22 +13,32 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sms_service::adapters::providers::africastalking::AfricasTalkingProvider;
-use sms_service::config::ProviderKind;
+use sms_service::config::{Instance, ProviderKind};
 use sms_service::domain::SendSms;
-use sms_service::fake_provider::{self, FakeSettings};
+use sms_service::fake_provider::{self, FakeSettings, ReportSettings};
 use sms_service::ports::{ProviderError, SmsService};
 use tokio_util::sync::CancellationToken;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{command, settings, spawn_app_with, Names};
+use crate::e2e::{free_port, service, wait_http, Proc};
+use crate::helpers::{command, init_logs, settings, spawn_app_with, Names, TestApp, TestBroker};
 
 const USERNAME: &str = "mkopa";
 const API_KEY: &str = "atsk_0123456789abcdef";
+/// The path token of the instance's delivery reports.
+const CALLBACK_TOKEN: &str = "at-dlr-token-0123456789abcdef";
+const WAIT: Duration = Duration::from_secs(15);
+const QUIET: Duration = Duration::from_millis(800);
 
 /// An Africa's Talking instance named `at` pointing at `base_url`, from the
 /// environment, with `extra` settings.
 fn provider(base_url: &str, extra: &[(&str, &str)]) -> AfricasTalkingProvider {
+    AfricasTalkingProvider::new(&instance(base_url, extra)).unwrap()
+}
+
+/// The instance [`provider`] builds its adapter from.
+fn instance(base_url: &str, extra: &[(&str, &str)]) -> Instance {
     let mut env = Names::unique().env(base_url);
     env.extend(
         [
@@ -41,10 +51,10 @@ fn provider(base_url: &str, extra: &[(&str, &str)]) -> AfricasTalkingProvider {
         .chain(extra)
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
-    let (instances, _) = settings(&env).instances().unwrap();
+    let (mut instances, _) = settings(&env).instances().unwrap();
     assert_eq!(instances.len(), 1);
     assert_eq!(instances[0].kind, ProviderKind::AfricasTalking);
-    AfricasTalkingProvider::new(&instances[0]).unwrap()
+    instances.remove(0)
 }
 
 fn sms(sender: Option<&str>) -> SendSms {
@@ -488,5 +498,274 @@ async fn the_service_sends_through_an_africastalking_instance_and_names_it_in_sm
         "{event}"
     );
     assert_eq!(stats(&fake).await["accepted"], 1);
+    app.cleanup().await;
+}
+
+// ------------------------------------------------------------ delivery reports
+
+#[tokio::test]
+async fn no_delivery_report_url_is_sent_with_or_without_a_public_url() {
+    // https://developers.africastalking.com/docs/sms/sending/bulk lists no
+    // callback field; reports go to the URL set in the dashboard
+    // (https://developers.africastalking.com/docs/sms/notifications).
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(success("ATXid_cb"))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let public = [
+        ("SMS__HTTP__PUBLIC_URL", "https://sms.example.com"),
+        ("SMS__PROVIDERS__AT__CALLBACK_TOKEN", CALLBACK_TOKEN),
+    ];
+    let with = instance(&server.uri(), &public);
+    assert_eq!(
+        with.callback_url.as_deref(),
+        Some("https://sms.example.com/v1/callbacks/at/at-dlr-token-0123456789abcdef"),
+        "the setting took"
+    );
+    assert_eq!(instance(&server.uri(), &[]).callback_url, None);
+    provider(&server.uri(), &[]).send(&sms(None)).await.unwrap();
+    AfricasTalkingProvider::new(&with)
+        .unwrap()
+        .send(&sms(None))
+        .await
+        .unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let bodies: Vec<String> = requests
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).unwrap())
+        .collect();
+    assert_eq!(bodies[0], bodies[1], "the same form either way");
+    for request in &requests {
+        let seen = format!("{:?} {:?}", request.url, request.headers);
+        assert!(!seen.contains(CALLBACK_TOKEN), "{seen}");
+    }
+    assert!(!bodies[1].contains("example.com"), "{}", bodies[1]);
+    assert!(!bodies[1].contains(CALLBACK_TOKEN), "{}", bodies[1]);
+}
+
+/// The environment of an `at` instance at `base_url` with a callback token.
+fn at_env(base_url: &str) -> [(&'static str, String); 5] {
+    [
+        ("SMS__PROVIDERS__AT__KIND", "africastalking".to_owned()),
+        ("SMS__PROVIDERS__AT__BASE_URL", base_url.to_owned()),
+        ("SMS__PROVIDERS__AT__USERNAME", USERNAME.to_owned()),
+        ("SMS__PROVIDERS__AT__API_KEY", API_KEY.to_owned()),
+        (
+            "SMS__PROVIDERS__AT__CALLBACK_TOKEN",
+            CALLBACK_TOKEN.to_owned(),
+        ),
+    ]
+}
+
+/// A service with an `at` instance, and a fake Africa's Talking (in this
+/// process) that calls it back, failing a `fail_rate` share of messages.
+async fn app_called_back(fail_rate: f64) -> (TestApp, Fake) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let env = at_env(&url);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_with(&env).await;
+    let stop = CancellationToken::new();
+    let settings = FakeSettings {
+        kind: ProviderKind::AfricasTalking,
+        credentials: BTreeMap::from([
+            ("api_key".to_owned(), API_KEY.to_owned()),
+            ("username".to_owned(), USERNAME.to_owned()),
+        ]),
+        reports: Some(ReportSettings {
+            url: format!("{}/v1/callbacks/at/{CALLBACK_TOKEN}", app.base_url),
+            delay: Duration::from_millis(50),
+            fail_rate,
+            ..ReportSettings::default()
+        }),
+        ..FakeSettings::default()
+    };
+    tokio::spawn(fake_provider::serve(listener, settings, stop.clone()));
+    (app, Fake { url, stop })
+}
+
+#[tokio::test]
+async fn the_binaries_carry_an_africastalking_message_from_command_to_delivered() {
+    init_logs();
+    let names = Names::unique();
+    let (fake_port, http_port) = (free_port(), free_port());
+    let fake_url = format!("http://127.0.0.1:{fake_port}");
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut env = names.env(&fake_url);
+    env.push(("SMS__HTTP__BIND".into(), format!("127.0.0.1:{http_port}")));
+    env.push(("SMS__HTTP__PUBLIC_URL".into(), base.clone()));
+    env.extend(at_env(&fake_url).map(|(k, v)| (k.to_owned(), v)));
+    let mut broker = TestBroker::connect(&names).await;
+    // The URL an operator sets in the dashboard.
+    let dlr_url = format!("{base}/v1/callbacks/at/{CALLBACK_TOKEN}");
+    let fake_args = [
+        "fake-provider".to_owned(),
+        "--kind".into(),
+        "africastalking".into(),
+        "--bind".into(),
+        format!("127.0.0.1:{fake_port}"),
+        "--credential".into(),
+        format!("api_key={API_KEY}"),
+        "--credential".into(),
+        format!("username={USERNAME}"),
+        "--dlr-url".into(),
+        dlr_url,
+        "--dlr-delay-ms".into(),
+        "100".into(),
+    ];
+    let fake_args: Vec<&str> = fake_args.iter().map(String::as_str).collect();
+    let _fake = Proc(service(&env, &fake_args).spawn().unwrap());
+    wait_http(&format!("{fake_url}/healthz")).await;
+    let _svc = Proc(service(&env, &["run"]).spawn().unwrap());
+    wait_http(&format!("{base}/readyz")).await;
+
+    broker
+        .publish_command(
+            &command("at-dlr-1", "+254711222333", "Payment received"),
+            Default::default(),
+        )
+        .await;
+    let sent = broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+    let sent = sent[0].json();
+    assert_eq!(sent["provider"], "at", "{sent}");
+    let id = sent["providerMessageId"].as_str().unwrap().to_owned();
+
+    let reports = broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1, "one SmsDeliveryReport");
+    let report = reports[0].json();
+    assert_eq!(report["idempotencyKey"], "at-dlr-1", "{report}");
+    assert_eq!(report["phoneNumber"], "+254711222333", "{report}");
+    assert_eq!(report["provider"], "at", "{report}");
+    assert_eq!(report["providerMessageId"], id.as_str(), "{report}");
+    assert_eq!(report["status"], "delivered", "{report}");
+    assert_eq!(report["providerStatus"], "Success", "{report}");
+    assert_eq!(report["errorCode"], Value::Null, "{report}");
+    assert_eq!(report["permanent"], false, "{report}");
+    assert!(
+        broker.deliveries(1, QUIET).await.is_empty(),
+        "Submitted publishes nothing"
+    );
+
+    let status: Value = reqwest::get(format!("{base}/v1/messages/at-dlr-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "delivered", "{status}");
+    assert_eq!(status["deliveryStatus"], "delivered", "{status}");
+    assert_eq!(status["provider"], "at", "{status}");
+    let history: Vec<(String, String)> = status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["status"].as_str().unwrap().to_owned(),
+                h["providerStatus"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        history.contains(&("sent".into(), "Submitted".into())),
+        "{status}"
+    );
+    assert!(
+        history.contains(&("delivered".into(), "Success".into())),
+        "{status}"
+    );
+    let stats: Value = reqwest::get(format!("{fake_url}/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["reportsSent"], 2, "{stats}");
+    assert_eq!(stats["reportsLost"], 0, "{stats}");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_report_publishes_an_undelivered_permanent_delivery_report() {
+    let (mut app, fake) = app_called_back(1.0).await;
+    app.publish(&command("at-dlr-fail", "+254711222333", "hello"))
+        .await;
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    let reports = app.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1);
+    let report = reports[0].json();
+    assert_eq!(report["status"], "undelivered", "{report}");
+    assert_eq!(report["provider"], "at", "{report}");
+    assert_eq!(report["providerStatus"], "Failed", "{report}");
+    assert_eq!(report["errorCode"], "UserDoesNotExist", "{report}");
+    assert_eq!(report["permanent"], true, "{report}");
+    let (_, status) = app.get_json("/v1/messages/at-dlr-fail").await;
+    assert_eq!(status["status"], "undelivered", "{status}");
+    assert_eq!(status["deliveryStatus"], "undelivered", "{status}");
+    assert_eq!(stats(&fake).await["reportsSent"], 2);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_report_with_a_wrong_or_missing_token_is_refused_and_changes_nothing() {
+    let fake = fake((0.0, 0.0, 0.0)).await;
+    let env = at_env(&fake.url);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut app = spawn_app_with(&env).await;
+    app.publish(&command("at-forged", "+254711222333", "hello"))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    let id = sent[0].json()["providerMessageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = format!("id={id}&status=Failed&phoneNumber=%2B254711222333&networkCode=63902&failureReason=UserDoesNotExist");
+    let post = |path: String| {
+        app.http
+            .post(format!("{}{path}", app.base_url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .send()
+    };
+    let mut one_byte_off = CALLBACK_TOKEN.as_bytes().to_vec();
+    one_byte_off[3] ^= 1;
+    let one_byte_off = String::from_utf8(one_byte_off).unwrap();
+    for path in [
+        "/v1/callbacks/at".to_owned(),
+        format!("/v1/callbacks/at/{one_byte_off}"),
+        format!("/v1/callbacks/at/{CALLBACK_TOKEN}x"),
+        "/v1/callbacks/at/wrong-token-0123456789".to_owned(),
+    ] {
+        let answer = post(path.clone()).await.unwrap();
+        assert_eq!(answer.status(), 403, "{path}");
+        let problem: Value = answer.json().await.unwrap();
+        assert_eq!(problem["error"], "wrong_token", "{path}");
+        assert!(!problem.to_string().contains(CALLBACK_TOKEN), "{problem}");
+    }
+    assert!(app.broker.deliveries(1, QUIET).await.is_empty());
+    let (_, status) = app.get_json("/v1/messages/at-forged").await;
+    assert_eq!(status["status"], "sent", "{status}");
+    assert_eq!(status["deliveryStatus"], Value::Null, "{status}");
+    assert_eq!(status["history"], json!([]), "{status}");
+
+    // With the right token, a malformed report is 400, the report itself 204.
+    let malformed = app
+        .http
+        .post(format!("{}/v1/callbacks/at/{CALLBACK_TOKEN}", app.base_url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("status=Success")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let answer = post(format!("/v1/callbacks/at/{CALLBACK_TOKEN}"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 204);
+    let reports = app.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports[0].json()["status"], "undelivered");
     app.cleanup().await;
 }

@@ -4,10 +4,16 @@
 //! answer is classified (the table, each row citing its page) is in
 //! [`send`].
 //!
+//! Its delivery reports, authenticated by the path token
+//! `/v1/callbacks/{instance}/{callback_token}` and mapped onto the
+//! normalized statuses (the table, citing its pages), are read in
+//! [`callback`].
+//!
 //! Settings (`[providers.<name>]`): `username`, `api_key` (secret), `from`
 //! (optional: the sender when a command has no `senderId`; without either
-//! the account's default sender is used) and `callback_token` (secret, for
-//! its delivery reports, not read here). `base_url` defaults to
+//! the account's default sender is used) and `callback_token` (secret: the
+//! path token of its delivery reports; without it the instance takes
+//! none). `base_url` defaults to
 //! `https://api.africastalking.com`; the sandbox is
 //! `https://api.sandbox.africastalking.com` with `username = "sandbox"`
 //! (<https://developers.africastalking.com/docs/sms/sending/bulk>,
@@ -16,6 +22,7 @@
 //! Africa's Talking takes no idempotency key or client reference when
 //! sending, so it cannot deduplicate a retry: see [`send`].
 
+mod callback;
 mod send;
 
 use async_trait::async_trait;
@@ -24,7 +31,9 @@ use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use super::http::{self, ClientSettings};
 use crate::config::{check_header_secret, Instance};
 use crate::domain::{SendSms, SenderId};
-use crate::ports::{Accepted, ProviderError, SmsService};
+use crate::ports::{
+    Accepted, CallbackError, CallbackRequest, ProviderError, ProviderReport, SmsService,
+};
 
 /// One Africa's Talking account (an instance).
 pub struct AfricasTalkingProvider {
@@ -37,6 +46,8 @@ pub struct AfricasTalkingProvider {
     api_key: HeaderValue,
     /// The sender when the command names none.
     from: Option<SenderId>,
+    /// The path token of its delivery reports; without one it takes none.
+    callback_token: Option<secrecy::SecretString>,
 }
 
 impl AfricasTalkingProvider {
@@ -75,6 +86,7 @@ impl AfricasTalkingProvider {
             username,
             api_key,
             from,
+            callback_token: settings.callback_token.clone(),
         })
     }
 }
@@ -83,6 +95,14 @@ impl AfricasTalkingProvider {
 impl SmsService for AfricasTalkingProvider {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Token-authenticated reports only: see [`callback`].
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        callback::read(self.callback_token.as_ref(), request)
     }
 
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError> {
@@ -186,6 +206,39 @@ mod tests {
         .unwrap();
         assert!(err.contains("providers.at.from"), "{err}");
         assert!(build(&[KIND, USERNAME, KEY, ("SMS__PROVIDERS__AT__FROM", "MKOPA")]).is_ok());
+    }
+
+    #[test]
+    fn delivery_reports_are_read_with_the_configured_callback_token_only() {
+        let token = "at-callback-token-0123456789";
+        let form = b"id=ATXid_1&status=Success&phoneNumber=%2B254711222333&networkCode=63902";
+        let request = |given: Option<&'static str>| CallbackRequest {
+            method: "POST",
+            url: "https://sms.example.com/v1/callbacks/at/x",
+            token: given,
+            query: "",
+            headers: &[],
+            body: form,
+            now: std::time::SystemTime::now(),
+        };
+        let with = build(&[
+            KIND,
+            USERNAME,
+            KEY,
+            ("SMS__PROVIDERS__AT__CALLBACK_TOKEN", token),
+        ])
+        .unwrap();
+        let reports = with.read_callback(&request(Some(token))).unwrap();
+        assert_eq!(reports[0].provider_message_id, "ATXid_1");
+        assert_eq!(
+            with.read_callback(&request(Some("at-callback-token-0123456788"))),
+            Err(CallbackError::WrongToken)
+        );
+        let without = build(&[KIND, USERNAME, KEY]).unwrap();
+        assert!(matches!(
+            without.read_callback(&request(Some(token))),
+            Err(CallbackError::NotHere(_))
+        ));
     }
 
     #[test]

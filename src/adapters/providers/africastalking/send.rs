@@ -20,7 +20,9 @@
 //! The endpoint documents no validity period and no per-message
 //! delivery-report URL: delivery reports go to the callback URL set in the
 //! account's dashboard
-//! (<https://developers.africastalking.com/docs/sms/notifications>).
+//! (<https://developers.africastalking.com/docs/sms/notifications>), read
+//! in [`super::callback`]. So nothing of `http.public_url` is sent, even
+//! when it is set.
 //!
 //! The API takes no client reference or idempotency key on this endpoint
 //! (none among the documented fields), so the service's key is not sent
