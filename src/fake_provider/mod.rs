@@ -97,7 +97,6 @@ pub(crate) struct Callback {
 
 impl Callback {
     /// A form-encoded POST of `fields` to `url`.
-    #[allow(dead_code)] // until the form dialects call back
     pub(crate) fn form(url: &str, fields: &[(&str, &str)]) -> Self {
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)
