@@ -20,6 +20,20 @@
 //! Messaging Service `accepted` with `num_segments` "0" (Twilio has not
 //! picked the sender yet). Twilio carries no idempotency key, so the fake
 //! cannot count duplicate keys in this dialect.
+//!
+//! With `--dlr-url` it posts each accepted message's status callbacks
+//! there, as Twilio posts them to a message's `StatusCallback` (see
+//! `adapters::providers::twilio::callback` for the pages cited): form
+//! encoded, with `AccountSid`, `ApiVersion`, `From` (or
+//! `MessagingServiceSid`), `MessageSid`, `MessageStatus`, `SmsSid`,
+//! `SmsStatus` and `To`; first `sent` (no callback is sent for the initial
+//! `queued`), then `delivered`, or for a `--dlr-fail-rate` share
+//! `undelivered` with `ErrorCode` 30005 (unknown destination handset).
+//! Each is signed as Twilio signs: `X-Twilio-Signature`, the base64
+//! HMAC-SHA1 under the Auth Token the message was created with (the
+//! `--credential auth_token` when given) of the `--dlr-url` followed by the
+//! sorted parameters; user and password dropped from the URL, and its port
+//! too for HTTPS, as Twilio's security page says it does.
 
 use std::time::SystemTime;
 
@@ -30,8 +44,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{FakeState, Simulated};
-use crate::adapters::providers::twilio::is_sid;
+use super::{Callback, FakeState, Fate, Simulated};
+use crate::adapters::providers::twilio::{callback, is_sid};
 use crate::domain::count_segments;
 
 pub(super) fn routes() -> Router<FakeState> {
@@ -84,9 +98,9 @@ async fn create_message(
     headers: HeaderMap,
     raw: axum::body::Bytes,
 ) -> Response {
-    if !authenticated(&state, &headers, &account_sid) {
+    let Some(auth_token) = authenticated(&state, &headers, &account_sid) else {
         return error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
-    }
+    };
     let form_encoded = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -153,6 +167,23 @@ async fn create_message(
         None => {}
     }
     let sid = state.accept(&to, "");
+    if let Some((fate, reports)) = state.fate() {
+        let message = Reported {
+            account_sid: &account_sid,
+            sid: &sid,
+            from: form.from.as_deref(),
+            messaging_service_sid: form.messaging_service_sid.as_deref(),
+            to: &to,
+        };
+        let signed = |status: &str, error_code: Option<&str>| {
+            message.callback(&reports.url, &auth_token, status, error_code)
+        };
+        let last = match fate {
+            Fate::Delivered => signed("delivered", None),
+            Fate::Failed => signed("undelivered", Some("30005")),
+        };
+        state.report(vec![signed("sent", None)], vec![last]);
+    }
     let pooled = form.from.is_none();
     let (status, segments) = if pooled {
         ("accepted", 0)
@@ -187,13 +218,81 @@ async fn create_message(
     (StatusCode::CREATED, Json(message)).into_response()
 }
 
+/// The message a status callback reports on.
+struct Reported<'a> {
+    account_sid: &'a str,
+    sid: &'a str,
+    from: Option<&'a str>,
+    messaging_service_sid: Option<&'a str>,
+    to: &'a str,
+}
+
+impl Reported<'_> {
+    /// A status callback to `url`, signed under `auth_token` as Twilio
+    /// signs it.
+    fn callback(
+        &self,
+        url: &str,
+        auth_token: &str,
+        status: &str,
+        error_code: Option<&str>,
+    ) -> Callback {
+        let mut fields = vec![
+            ("AccountSid", self.account_sid),
+            ("ApiVersion", "2010-04-01"),
+            ("MessageSid", self.sid),
+            ("MessageStatus", status),
+            ("SmsSid", self.sid),
+            ("SmsStatus", status),
+            ("To", self.to),
+        ];
+        if let Some(from) = self.from {
+            fields.push(("From", from));
+        }
+        if let Some(sid) = self.messaging_service_sid {
+            fields.push(("MessagingServiceSid", sid));
+        }
+        if let Some(code) = error_code {
+            fields.push(("ErrorCode", code));
+        }
+        let params: Vec<(String, String)> = fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let signature = callback::signature(auth_token.as_bytes(), &signed_url(url), &params);
+        let mut call = Callback::form(url, &fields);
+        call.headers.push(("x-twilio-signature", signature));
+        call
+    }
+}
+
+/// The URL Twilio signs for a callback to `url`: "For SMS and voice
+/// callbacks over HTTP, Twilio will drop the username and password (if
+/// any) from the URL before computing the signature. For SMS and voice
+/// callbacks over HTTPS, Twilio will drop the username, password and port
+/// (if any)" (<https://www.twilio.com/docs/usage/security#notes>).
+fn signed_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let https_port = parsed.scheme() == "https" && parsed.port().is_some();
+    if parsed.username().is_empty() && parsed.password().is_none() && !https_port {
+        // Nothing to drop: the URL as given, byte for byte.
+        return url.to_owned();
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    if https_port {
+        let _ = parsed.set_port(None);
+    }
+    parsed.to_string()
+}
+
 /// HTTP Basic with the Account SID of the path as user: the expected
 /// credentials where the fake was given them, else any `AC` SID and any
-/// token.
-fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> bool {
-    let Some((user, token)) = super::basic_credentials(headers) else {
-        return false;
-    };
+/// token. Gives the Auth Token, which signs the message's callbacks.
+fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> Option<String> {
+    let (user, token) = super::basic_credentials(headers)?;
     let user_ok = match state.credential("account_sid") {
         Some(expected) => user == expected,
         None => is_sid("AC", &user),
@@ -202,7 +301,7 @@ fn authenticated(state: &FakeState, headers: &HeaderMap, account_sid: &str) -> b
         Some(expected) => token == expected,
         None => !token.is_empty(),
     };
-    user_ok && token_ok && user == account_sid
+    (user_ok && token_ok && user == account_sid).then_some(token)
 }
 
 /// A time as Twilio writes its dates (RFC 2822, UTC):
@@ -266,6 +365,57 @@ mod tests {
                 "{garbage}"
             );
         }
+    }
+
+    #[test]
+    fn the_signed_url_drops_what_twilio_drops() {
+        for (given, signed) in [
+            (
+                "http://127.0.0.1:8080/v1/callbacks/tw",
+                "http://127.0.0.1:8080/v1/callbacks/tw",
+            ),
+            (
+                "https://sms.example.com:8443/v1/callbacks/tw",
+                "https://sms.example.com/v1/callbacks/tw",
+            ),
+            (
+                "http://user:pw@sms.example.com:8080/v1/callbacks/tw",
+                "http://sms.example.com:8080/v1/callbacks/tw",
+            ),
+            (
+                "https://sms.example.com/v1/callbacks/tw",
+                "https://sms.example.com/v1/callbacks/tw",
+            ),
+        ] {
+            assert_eq!(signed_url(given), signed, "{given}");
+        }
+    }
+
+    #[test]
+    fn a_callback_is_signed_so_that_the_adapter_accepts_it() {
+        let message = Reported {
+            account_sid: "AC0123456789abcdef0123456789abcdef",
+            sid: "fake-1-1",
+            from: Some("+15005550006"),
+            messaging_service_sid: None,
+            to: "+254712345678",
+        };
+        let url = "https://sms.example.com:8443/v1/callbacks/tw";
+        let call = message.callback(url, "s3cr3t", "undelivered", Some("30005"));
+        let signature = call
+            .headers
+            .iter()
+            .find(|(n, _)| *n == "x-twilio-signature")
+            .map(|(_, v)| v.clone());
+        let params: Vec<(String, String)> = url::form_urlencoded::parse(&call.body)
+            .into_owned()
+            .collect();
+        assert!(params.contains(&("ErrorCode".into(), "30005".into())));
+        assert_eq!(
+            callback::verify(b"s3cr3t", url, &params, signature.as_deref()),
+            Ok(())
+        );
+        assert!(callback::verify(b"other", url, &params, signature.as_deref()).is_err());
     }
 
     #[test]

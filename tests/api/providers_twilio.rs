@@ -4,12 +4,15 @@
 //! dialect: the fake takes what the adapter sends, and the adapter reads
 //! the fake's failure, rejection and throttling as the right classes.
 //! Every instance is built from `SMS__PROVIDERS__TW__*` variables, through
-//! `providers::build`, as the service builds it.
+//! `providers::build`, as the service builds it. End to end, through the
+//! service's binary and the fake's: a message's status callbacks, signed as
+//! Twilio signs them, reach `/v1/callbacks/tw` and become its delivery
+//! report; a callback signed otherwise is refused and changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use sms_service::adapters::providers;
 use sms_service::config::{ProviderKind, Settings};
 use sms_service::domain::SendSms;
@@ -18,7 +21,8 @@ use sms_service::ports::{Accepted, ProviderError, SmsService};
 use tokio_util::sync::CancellationToken;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{command, settings, spawn_app_with};
+use crate::e2e::{free_port, service, wait_http, Proc};
+use crate::helpers::{command, init_logs, settings, spawn_app_with, Names, TestBroker};
 
 const SID: &str = "AC0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "s3cr3t-t0ken";
@@ -45,7 +49,20 @@ fn env(base_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// The service's adapter for that instance.
 fn twilio(base_url: &str, extra: &[(&str, &str)]) -> Arc<dyn SmsService> {
-    let settings: Settings = settings(&env(base_url, extra));
+    twilio_behind(None, base_url, extra)
+}
+
+/// The adapter of a service whose `http.public_url` is `public_url`.
+fn twilio_behind(
+    public_url: Option<&str>,
+    base_url: &str,
+    extra: &[(&str, &str)],
+) -> Arc<dyn SmsService> {
+    let mut env = env(base_url, extra);
+    if let Some(url) = public_url {
+        env.push(("SMS__HTTP__PUBLIC_URL".into(), url.into()));
+    }
+    let settings: Settings = settings(&env);
     let (instances, _) = settings.instances().expect("a valid instance");
     assert_eq!(instances[0].kind, ProviderKind::Twilio);
     providers::build(&instances[0]).expect("the adapter builds")
@@ -151,6 +168,45 @@ async fn the_request_is_the_documented_form_post_with_basic_credentials() {
             ("Body", "Payment received: 100% thanks"),
         ])
     );
+}
+
+#[tokio::test]
+async fn the_status_callback_url_is_sent_only_when_the_service_has_a_public_url() {
+    // StatusCallback, "the URL of the endpoint to which Twilio sends Message
+    // status callback requests" (create, in
+    // https://www.twilio.com/docs/messaging/api/message-resource): the
+    // instance's /v1/callbacks/{name} under http.public_url.
+    for (public_url, expected) in [
+        (None, None),
+        (
+            Some("https://sms.example.com"),
+            Some("https://sms.example.com/v1/callbacks/tw"),
+        ),
+        (
+            Some("https://example.com/sms/"),
+            Some("https://example.com/sms/v1/callbacks/tw"),
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(wiremock::matchers::any())
+            .respond_with(created("SM1", "1"))
+            .mount(&server)
+            .await;
+        twilio_behind(public_url, &server.uri(), &[("FROM", "+15005550006")])
+            .send(&sms(None))
+            .await
+            .unwrap();
+        let (_, _, _, _, form) = the_request(&server).await;
+        let mut fields = fields(&[
+            ("To", "+254712345678"),
+            ("From", "+15005550006"),
+            ("Body", "Payment received: 100% thanks"),
+        ]);
+        if let Some(url) = expected {
+            fields.push(("StatusCallback".into(), url.into()));
+        }
+        assert_eq!(form, fields, "{public_url:?}");
+    }
 }
 
 #[tokio::test]
@@ -478,4 +534,234 @@ async fn a_command_routed_to_a_twilio_instance_is_sent_there_and_named_in_sms_se
     );
     assert_eq!(event["segments"], 1);
     app.cleanup().await;
+}
+
+/// The service binary with one Twilio instance `tw` behind
+/// `http.public_url`, and the fake Twilio binary calling back to it.
+struct Lifecycle {
+    broker: TestBroker,
+    /// The service's base URL, also its `http.public_url`.
+    base: String,
+    _fake: Proc,
+    _service: Proc,
+}
+
+async fn lifecycle(fake_flags: &[&str]) -> Lifecycle {
+    init_logs();
+    let names = Names::unique();
+    let (fake_port, http_port) = (free_port(), free_port());
+    let fake_url = format!("http://127.0.0.1:{fake_port}");
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut env = names.env(&fake_url);
+    env.extend(self::env(&fake_url, &[("FROM", "+15005550006")]));
+    env.push(("SMS__HTTP__BIND".into(), format!("127.0.0.1:{http_port}")));
+    env.push(("SMS__HTTP__PUBLIC_URL".into(), base.clone()));
+    let broker = TestBroker::connect(&names).await;
+    let dlr_url = format!("{base}/v1/callbacks/tw");
+    let (sid, token) = (format!("account_sid={SID}"), format!("auth_token={TOKEN}"));
+    let bind = format!("127.0.0.1:{fake_port}");
+    let mut args = vec![
+        "fake-provider",
+        "--kind",
+        "twilio",
+        "--bind",
+        &bind,
+        "--credential",
+        &sid,
+        "--credential",
+        &token,
+        "--dlr-url",
+        &dlr_url,
+        "--dlr-delay-ms",
+        "100",
+    ];
+    args.extend(fake_flags);
+    let fake = Proc(service(&env, &args).spawn().unwrap());
+    wait_http(&format!("{fake_url}/healthz")).await;
+    let svc = Proc(service(&env, &["run"]).spawn().unwrap());
+    wait_http(&format!("{base}/readyz")).await;
+    Lifecycle {
+        broker,
+        base,
+        _fake: fake,
+        _service: svc,
+    }
+}
+
+impl Lifecycle {
+    /// Publishes one command and waits for its SmsSent and its one
+    /// SmsDeliveryReport (the intermediate `sent` publishes none).
+    async fn sent_and_reported(&mut self, key: &str) -> (Value, Value) {
+        let within = Duration::from_secs(15);
+        self.broker
+            .publish_command(
+                &command(key, "+254712345678", "Payment received"),
+                Default::default(),
+            )
+            .await;
+        let sent = self.broker.sent(1, within).await;
+        assert_eq!(sent.len(), 1, "SmsSent");
+        let reports = self.broker.deliveries(1, within).await;
+        assert_eq!(reports.len(), 1, "SmsDeliveryReport");
+        let more = self.broker.deliveries(1, Duration::from_millis(700)).await;
+        assert!(more.is_empty(), "one report per status change");
+        (sent[0].json(), reports[0].json())
+    }
+
+    /// `GET /v1/messages/{key}` once its history has `entries` entries.
+    async fn message(&self, key: &str, entries: usize) -> Value {
+        let url = format!("{}/v1/messages/{key}", self.base);
+        let mut body = Value::Null;
+        for _ in 0..50 {
+            body = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            if body["history"].as_array().map_or(0, Vec::len) >= entries {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        body
+    }
+
+    /// Posts a status callback to `/v1/callbacks/tw` with `signature`.
+    async fn post(&self, fields: &[(&str, &str)], signature: &str) -> reqwest::StatusCode {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        reqwest::Client::new()
+            .post(format!("{}/v1/callbacks/tw", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+}
+
+/// `X-Twilio-Signature` as https://www.twilio.com/docs/usage/security
+/// describes it, worked out here apart from the adapter: base64 of the
+/// HMAC-SHA1 under the Auth Token of the URL and the parameters sorted by
+/// name, each name followed by its value.
+fn twilio_signature(token: &str, url: &str, fields: &[(&str, &str)]) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let mut sorted = fields.to_vec();
+    sorted.sort();
+    let mut data = url.to_owned();
+    for (name, value) in sorted {
+        data.push_str(name);
+        data.push_str(value);
+    }
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).unwrap();
+    mac.update(data.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// The statuses of a message's history, in order, with Twilio's words.
+fn history(message: &Value) -> Vec<(String, String)> {
+    message["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["status"].as_str().unwrap().to_owned(),
+                e["providerStatus"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_sent_through_twilio_is_reported_delivered_by_its_signed_status_callbacks() {
+    let mut stack = lifecycle(&[]).await;
+    let (sent, report) = stack.sent_and_reported("tw-dlr-1").await;
+    assert_eq!(sent["provider"], "tw");
+    let sid = sent["providerMessageId"].as_str().unwrap().to_owned();
+    assert_eq!(report["idempotencyKey"], "tw-dlr-1");
+    assert_eq!(report["provider"], "tw");
+    assert_eq!(report["providerMessageId"], sid.as_str());
+    assert_eq!(report["phoneNumber"], "+254712345678");
+    assert_eq!(report["status"], "delivered");
+    assert_eq!(report["providerStatus"], "delivered");
+    assert_eq!(report["permanent"], false);
+    assert!(report["errorCode"].is_null(), "{report}");
+
+    let message = stack.message("tw-dlr-1", 2).await;
+    assert_eq!(message["status"], "delivered", "{message}");
+    assert_eq!(message["deliveryStatus"], "delivered");
+    assert_eq!(message["provider"], "tw");
+    let mut seen = history(&message);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("delivered".to_owned(), "delivered".to_owned()),
+            ("sent".to_owned(), "sent".to_owned()),
+        ]
+    );
+
+    // A callback Twilio did not sign is refused and changes nothing: no
+    // signature, one signed under another token, one whose signature
+    // covers another URL, and a signed one altered after signing.
+    let url = format!("{}/v1/callbacks/tw", stack.base);
+    let undelivered = [
+        ("AccountSid", SID),
+        ("MessageSid", sid.as_str()),
+        ("MessageStatus", "undelivered"),
+        ("ErrorCode", "30005"),
+    ];
+    let good = twilio_signature(TOKEN, &url, &undelivered);
+    let other_token = twilio_signature("another-token", &url, &undelivered);
+    let other_url = twilio_signature(TOKEN, "http://127.0.0.1/v1/callbacks/other", &undelivered);
+    let mut altered = undelivered;
+    altered[2].1 = "read";
+    for (what, fields, signature) in [
+        ("no signature", &undelivered, ""),
+        ("another token", &undelivered, other_token.as_str()),
+        ("another URL", &undelivered, other_url.as_str()),
+        ("altered", &altered, good.as_str()),
+    ] {
+        assert_eq!(stack.post(fields, signature).await, 401, "{what}");
+    }
+    assert!(
+        stack
+            .broker
+            .deliveries(1, Duration::from_millis(700))
+            .await
+            .is_empty(),
+        "nothing published"
+    );
+    let after = stack.message("tw-dlr-1", 2).await;
+    assert_eq!(history(&after).len(), 2, "nothing recorded: {after}");
+    assert_eq!(after["status"], "delivered");
+
+    // Signed as Twilio signs it, the same callback is taken (204): kept in
+    // the history, but a final status is never changed or published again.
+    assert_eq!(stack.post(&undelivered, &good).await, 204);
+    let after = stack.message("tw-dlr-1", 3).await;
+    assert_eq!(history(&after).len(), 3, "{after}");
+    assert_eq!(after["deliveryStatus"], "delivered");
+    assert!(stack
+        .broker
+        .deliveries(1, Duration::from_millis(700))
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_message_twilio_could_not_deliver_is_reported_undelivered_and_permanent() {
+    let mut stack = lifecycle(&["--dlr-fail-rate", "1"]).await;
+    let (sent, report) = stack.sent_and_reported("tw-dlr-fail-1").await;
+    assert_eq!(report["providerMessageId"], sent["providerMessageId"]);
+    assert_eq!(report["provider"], "tw");
+    assert_eq!(report["status"], "undelivered");
+    assert_eq!(report["providerStatus"], "undelivered");
+    // https://www.twilio.com/docs/api/errors/30005: unknown destination handset.
+    assert_eq!(report["errorCode"], "30005");
+    assert_eq!(report["permanent"], true);
+    let message = stack.message("tw-dlr-fail-1", 2).await;
+    assert_eq!(message["status"], "undelivered", "{message}");
+    assert_eq!(message["deliveryStatus"], "undelivered");
 }

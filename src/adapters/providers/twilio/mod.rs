@@ -15,19 +15,29 @@
 //! no idempotency key and does not deduplicate: a request retried after an
 //! ambiguous answer (a timeout, a 5xx) may send the message twice; the core
 //! retries such a command at Twilio only, never at another provider.
-//! Delivery status callbacks (`StatusCallback`) and the validity period
-//! (`ValidityPeriod`) are not sent yet: the service has no public URL or
-//! expiry setting for them.
+//!
+//! Delivery reports: with `http.public_url` set, each message is sent with
+//! `StatusCallback` = the instance's callback URL
+//! (`{http.public_url}/v1/callbacks/{name}`), and Twilio posts its status
+//! changes there, signed with the Auth Token (`X-Twilio-Signature`); how
+//! they are authenticated and what each status becomes: `callback.rs`.
+//! Without `http.public_url` no `StatusCallback` is sent. The validity
+//! period (`ValidityPeriod`) is not sent yet: the service has no expiry
+//! setting for it.
 
+pub mod callback;
 mod send;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use secrecy::SecretString;
 
 use super::http::{self, ClientSettings};
 use crate::config::{check_header_secret, Instance};
 use crate::domain::SendSms;
-use crate::ports::{Accepted, ProviderError, SmsService};
+use crate::ports::{
+    Accepted, CallbackError, CallbackRequest, ProviderError, ProviderReport, SmsService,
+};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -42,6 +52,11 @@ pub struct TwilioProvider {
     /// The default sender; a command's `senderId` replaces it.
     from: Option<String>,
     messaging_service_sid: Option<String>,
+    /// Keys the signatures of Twilio's status callbacks.
+    auth_token: SecretString,
+    /// `StatusCallback` of every message: the instance's callback URL, when
+    /// `http.public_url` is set. Never logged.
+    status_callback: Option<String>,
 }
 
 /// `prefix` and 32 hex digits: the form of a Twilio SID
@@ -116,6 +131,8 @@ impl TwilioProvider {
             authorization,
             from,
             messaging_service_sid,
+            auth_token: SecretString::from(auth_token),
+            status_callback: instance.callback_url.clone(),
         })
     }
 
@@ -148,6 +165,7 @@ impl SmsService for TwilioProvider {
             sms.text.as_str(),
             from,
             self.messaging_service_sid.as_deref(),
+            self.status_callback.as_deref(),
         );
         let request = self
             .client
@@ -159,6 +177,13 @@ impl SmsService for TwilioProvider {
             Ok(response) => self.answer(response).await,
             Err(e) => Err(http::transport_error(&e)),
         }
+    }
+
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        callback::read(&self.auth_token, request)
     }
 }
 

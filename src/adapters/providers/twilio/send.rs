@@ -4,7 +4,9 @@
 //! `POST {base_url}/2010-04-01/Accounts/{AccountSid}/Messages.json`, HTTP
 //! Basic authentication (Account SID : Auth Token), a form-encoded body
 //! (`application/x-www-form-urlencoded`) with `To`, `Body`, and `From`
-//! and/or `MessagingServiceSid`. Source: Twilio's OpenAPI description of the
+//! and/or `MessagingServiceSid`, and `StatusCallback` (the URL Twilio posts
+//! the message's status changes to) when the instance has a callback URL.
+//! Source: Twilio's OpenAPI description of the
 //! operation (`CreateMessage` in `spec/json/twilio_api_v2010.json` of
 //! github.com/twilio/twilio-oai: server `https://api.twilio.com`, security
 //! scheme HTTP basic, request body form-encoded with `To` required) and
@@ -55,6 +57,7 @@
 //! | 21660 `From` belongs to another account | account: the instance's sender setting | <https://www.twilio.com/docs/api/errors/21660> |
 //! | 21701 the Messaging Service does not exist in this account | account | <https://www.twilio.com/docs/api/errors/21701> |
 //! | 21705 the Messaging Service SID is invalid | account | <https://www.twilio.com/docs/api/errors/21705> |
+//! | 21609 invalid `StatusCallback` (not a full URL, over 4000 characters, a hostname with underscores, not reachable from the internet) | account: the instance's callback URL (`http.public_url`), not the message | <https://www.twilio.com/docs/api/errors/21609> |
 //! | 63038 account over its daily message limit | account: waits for the next day, breaker open | <https://www.twilio.com/docs/api/errors/63038> |
 //! | HTTP 429 or 503 without a code named above | transient | <https://www.twilio.com/docs/api/errors/20429>, <https://www.twilio.com/docs/api/errors/20503> |
 //! | HTTP 408 without a code named above | transient: the request was not taken | not documented by Twilio: HTTP's meaning (RFC 9110, 15.5.9) |
@@ -97,6 +100,7 @@ pub(super) fn form(
     body: &str,
     from: Option<&str>,
     messaging_service_sid: Option<&str>,
+    status_callback: Option<&str>,
 ) -> String {
     let mut form = url::form_urlencoded::Serializer::new(String::new());
     form.append_pair("To", to);
@@ -107,6 +111,9 @@ pub(super) fn form(
         form.append_pair("MessagingServiceSid", sid);
     }
     form.append_pair("Body", body);
+    if let Some(url) = status_callback {
+        form.append_pair("StatusCallback", url);
+    }
     form.finish()
 }
 
@@ -171,7 +178,7 @@ fn class_of(code: u32) -> Option<Class> {
         21268 | 21610 | 21617 | 21602 | 21604 => Rejected {
             invalid_number: false,
         },
-        20003 | 20403 | 20404 | 21603 | 21660 | 21701 | 21705 | 63038 => Account,
+        20003 | 20403 | 20404 | 21603 | 21609 | 21660 | 21701 | 21705 | 63038 => Account,
         _ => return None,
     })
 }
@@ -392,6 +399,7 @@ mod tests {
                 error(400, 21705, "The Messaging Service is invalid"),
                 "account",
             ),
+            (error(400, 21609, "Invalid 'StatusCallback'"), "account"),
             (
                 error(400, 63038, "Account exceeded the daily messages limit"),
                 "account",
@@ -525,7 +533,13 @@ mod tests {
     #[test]
     fn the_form_has_the_documented_fields_percent_encoded() {
         assert_eq!(
-            form("+254712345678", "Paid: 100% & thanks", Some("MKOPA"), None),
+            form(
+                "+254712345678",
+                "Paid: 100% & thanks",
+                Some("MKOPA"),
+                None,
+                None
+            ),
             "To=%2B254712345678&From=MKOPA&Body=Paid%3A+100%25+%26+thanks"
         );
         assert_eq!(
@@ -533,9 +547,23 @@ mod tests {
                 "+254712345678",
                 "hi",
                 None,
-                Some("MG00000000000000000000000000000000")
+                Some("MG00000000000000000000000000000000"),
+                None
             ),
             "To=%2B254712345678&MessagingServiceSid=MG00000000000000000000000000000000&Body=hi"
+        );
+        // StatusCallback: "The URL of the endpoint to which Twilio sends
+        // Message status callback requests"
+        // (https://www.twilio.com/docs/messaging/api/message-resource, create).
+        assert_eq!(
+            form(
+                "+254712345678",
+                "hi",
+                Some("MKOPA"),
+                None,
+                Some("https://sms.example.com/v1/callbacks/twilio")
+            ),
+            "To=%2B254712345678&From=MKOPA&Body=hi&StatusCallback=https%3A%2F%2Fsms.example.com%2Fv1%2Fcallbacks%2Ftwilio"
         );
     }
 }
