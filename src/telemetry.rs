@@ -185,6 +185,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_processing_duration_seconds", Histogram, "Time from taking a command to settling it."),
         ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
         ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
+        ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),
     ]
 };
 

@@ -10,6 +10,7 @@ mod docs;
 mod e2e;
 mod failover;
 mod helpers;
+mod observability;
 mod ops;
 mod pipeline;
 mod privacy;

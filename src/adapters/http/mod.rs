@@ -110,7 +110,11 @@ fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Respon
         .into_response()
 }
 
-async fn ready(State(state): State<HttpState>) -> Response {
+/// Why the service is not ready, if it is not: not connected to RabbitMQ
+/// or not consuming, or Redis not answering a write within 2 s. Sets the
+/// `sms_ready` gauge to what it finds, so that `/readyz` and every scrape
+/// of `/metrics` both report it.
+async fn readiness(state: &HttpState) -> Result<(), String> {
     let mut reasons = Vec::new();
     if !state.queue.is_connected() {
         reasons.push("not connected to RabbitMQ".to_owned());
@@ -125,19 +129,30 @@ async fn ready(State(state): State<HttpState>) -> Response {
             state.redis_address
         )),
     }
-    if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    let ready = reasons.is_empty();
+    metrics::gauge!("sms_ready").set(if ready { 1.0 } else { 0.0 });
+    if ready {
+        Ok(())
     } else {
-        let reason = reasons.join("; ");
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": reason})),
-        )
-            .into_response()
+        Err(reasons.join("; "))
     }
 }
 
+async fn ready(State(state): State<HttpState>) -> Response {
+    match readiness(&state).await {
+        Ok(()) => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+/// The Prometheus page, with `sms_ready` checked first: a scrape sees the
+/// readiness of the moment, whether or not anything polls `/readyz`.
 async fn render_metrics(State(state): State<HttpState>) -> Response {
+    let _ = readiness(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
