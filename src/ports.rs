@@ -290,6 +290,26 @@ pub enum CallbackError {
     NotHere(String),
 }
 
+impl CallbackError {
+    /// Every [`CallbackError::code`], as metrics label them.
+    pub const CODES: [&'static str; 4] = [
+        "bad_signature",
+        "wrong_token",
+        "invalid_report",
+        "no_callbacks",
+    ];
+
+    /// The error code of the answer, and of `sms_callbacks_refused_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => Self::CODES[0],
+            Self::WrongToken => Self::CODES[1],
+            Self::Malformed(_) => Self::CODES[2],
+            Self::NotHere(_) => Self::CODES[3],
+        }
+    }
+}
+
 // ---------------------------------------------------------------- cache
 
 /// The idempotency store is unreachable or answered nonsense. Transient:

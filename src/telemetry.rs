@@ -202,7 +202,7 @@ const PER_PROVIDER: [&str; 6] = [
 ];
 
 /// Exports `instance`'s delivery-report counters at 0, one series per
-/// final status and `unmatched`, so that a dashboard sees them before the first
+/// final status and `unmatched`, and one per reason a callback is refused, so that a dashboard sees them before the first
 /// report.
 pub fn register_report_counters(instance: &str) {
     // `sent` is where every message starts: no report changes a message to it.
@@ -212,6 +212,10 @@ pub fn register_report_counters(instance: &str) {
         .map(|s| s.as_str());
     for status in statuses.chain(["unmatched"]) {
         metrics::counter!("sms_delivery_reports_total", "provider" => instance.to_owned(), "status" => status)
+            .increment(0);
+    }
+    for reason in crate::ports::CallbackError::CODES {
+        metrics::counter!("sms_callbacks_refused_total", "provider" => instance.to_owned(), "reason" => reason)
             .increment(0);
     }
 }

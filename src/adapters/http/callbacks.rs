@@ -140,12 +140,13 @@ async fn provider_callback(
 
 /// The HTTP answer to a refused callback; nothing was changed.
 fn refused(instance: &str, error: &CallbackError) -> Response {
-    let (status, code) = match error {
-        CallbackError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "bad_signature"),
-        CallbackError::WrongToken => (StatusCode::FORBIDDEN, "wrong_token"),
-        CallbackError::Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_report"),
-        CallbackError::NotHere(_) => (StatusCode::NOT_FOUND, "no_callbacks"),
+    let status = match error {
+        CallbackError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        CallbackError::WrongToken => StatusCode::FORBIDDEN,
+        CallbackError::Malformed(_) => StatusCode::BAD_REQUEST,
+        CallbackError::NotHere(_) => StatusCode::NOT_FOUND,
     };
+    let code = error.code();
     metrics::counter!("sms_callbacks_refused_total", "provider" => instance.to_owned(), "reason" => code)
         .increment(1);
     warn!(provider = instance, reason = %error, "delivery-report callback refused");
