@@ -520,7 +520,7 @@ async fn delivery_reports_update_the_status_and_are_published() {
         .as_ref()
         .unwrap()
         .to_string();
-    assert_eq!(message_id, "dlr-1:delivered");
+    assert_eq!(message_id, "dlr-key", "the idempotency key, as part 1's events");
     let (_, body) = app.get_json("/v1/messages/dlr-key").await;
     assert_eq!(body["status"], "delivered");
 
