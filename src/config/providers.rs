@@ -44,11 +44,16 @@ pub struct InstanceSettings {
     pub username: Option<String>,
     /// africastalking, vonage, infobip
     pub api_key: Option<SecretString>,
-    /// africastalking, infobip: the secret path token of their callbacks.
+    /// africastalking, infobip (and vonage, optionally): the secret path
+    /// token of their callbacks.
     pub callback_token: Option<SecretString>,
     /// vonage
     pub api_secret: Option<SecretString>,
+    /// vonage: checks signed delivery receipts when set.
     pub signature_secret: Option<SecretString>,
+    /// vonage: the dashboard's signature method (`md5hash`, the default,
+    /// `md5`, `sha1`, `sha256` or `sha512`).
+    pub signature_method: Option<String>,
 }
 
 /// One `[[routes]]` entry.

@@ -12,8 +12,8 @@
 //!   `api_secret` as body fields
 //!   (<https://developer.vonage.com/en/getting-started/concepts/authentication>),
 //!   is still accepted by Vonage and by our fake, but not sent. Request
-//!   signing (`sig`) is not used: `signature_secret` is for the delivery
-//!   receipts of a later issue.
+//!   signing (`sig`) is not used: `signature_secret` checks the delivery
+//!   receipts ([`callback`]).
 //! - `Content-Type: application/x-www-form-urlencoded` (the reference's
 //!   request body type), fields:
 //!   - `from`: the command's `senderId`, else the instance's `from`; a
@@ -31,8 +31,16 @@
 //!     first 35 characters, `~`, and the hex SHA-256 of the whole key:
 //!     still one reference per key.
 //!
-//!   `ttl` (from `expiresAt`) and `callback` are not sent yet: the command
-//!   and the configuration do not carry them.
+//!   - `callback`: the instance's callback URL
+//!     (`{http.public_url}/v1/callbacks/{name}`, plus `/{callback_token}`
+//!     when set), only when `http.public_url` is set; it "overrides the
+//!     webhook endpoint you set in Dashboard" for this message's delivery
+//!     receipts (<https://developer.vonage.com/en/api/sms>). Without it
+//!     Vonage sends them to the dashboard's URL, which must then be the
+//!     same. The URL may hold the path token: it is never logged.
+//!
+//!   `ttl` (from `expiresAt`) is not sent yet: the command does not carry
+//!   it.
 //!
 //! Vonage does not deduplicate on `client-ref` (the reference calls it
 //! "your own reference" and says nothing more): a retry after an ambiguous
@@ -92,7 +100,13 @@
 //!
 //! Every detail quotes Vonage's `error-text` with numbers masked
 //! ([`http::snippet`]); credentials never appear in one.
+//!
+//! # Delivery receipts
+//!
+//! Read and authenticated in [`callback`], whose module doc has the status
+//! table and the signature methods.
 
+pub mod callback;
 mod send;
 
 use async_trait::async_trait;
@@ -102,7 +116,9 @@ use tracing::warn;
 use super::http::{self, ClientSettings};
 use crate::config::{check_header_secret, Instance};
 use crate::domain::SendSms;
-use crate::ports::{Accepted, ProviderError, SmsService};
+use crate::ports::{
+    Accepted, CallbackError, CallbackRequest, ProviderError, ProviderReport, SmsService,
+};
 
 /// One Vonage account (an `api_key` and its `api_secret`).
 pub struct VonageProvider {
@@ -114,12 +130,18 @@ pub struct VonageProvider {
     api_secret: SecretString,
     /// The instance's sender, `+` already stripped from a number.
     from: String,
+    /// Sent with each message as `callback`; a secret, as it may end in
+    /// the path token.
+    callback_url: Option<SecretString>,
+    /// How its delivery receipts are authenticated.
+    callback_auth: callback::CallbackAuth,
 }
 
 impl VonageProvider {
     /// The adapter of a `kind = "vonage"` instance: `api_key`,
-    /// `api_secret` and `from` are required; an error names the missing or
-    /// malformed key, never a secret's value.
+    /// `api_secret` and `from` are required, `signature_secret`,
+    /// `signature_method` and `callback_token` optional; an error names the
+    /// missing or malformed key, never a secret's value.
     pub fn new(instance: &Instance) -> Result<Self, String> {
         let s = &instance.settings;
         let api_key = instance.secret("api_key", &s.api_key)?;
@@ -141,6 +163,29 @@ impl VonageProvider {
             max_idle_connections: instance.max_idle_connections,
         })?;
         let url = format!("{}/sms/json", instance.base_url.trim_end_matches('/'));
+        let method = match s.signature_method.as_deref().map(str::trim) {
+            None | Some("") => callback::SignatureMethod::default(),
+            Some(name) => callback::SignatureMethod::parse(name).ok_or_else(|| {
+                let names: Vec<&str> = callback::SignatureMethod::ALL
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect();
+                format!(
+                    "{}: must be one of {} (the dashboard's signature method)",
+                    instance.key("signature_method"),
+                    names.join(", ")
+                )
+            })?,
+        };
+        let configured = |secret: &Option<SecretString>| {
+            secret
+                .clone()
+                .filter(|s| !s.expose_secret().trim().is_empty())
+        };
+        let callback_auth = callback::CallbackAuth {
+            signing: configured(&s.signature_secret).map(|secret| (secret, method)),
+            token: configured(&s.callback_token),
+        };
         Ok(Self {
             name: instance.name.clone(),
             client,
@@ -149,6 +194,8 @@ impl VonageProvider {
             api_key: api_key.to_owned().into(),
             api_secret: api_secret.to_owned().into(),
             from: send::address(from.trim()).to_owned(),
+            callback_url: instance.callback_url.clone().map(SecretString::from),
+            callback_auth,
         })
     }
 }
@@ -157,6 +204,14 @@ impl VonageProvider {
 impl SmsService for VonageProvider {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Delivery receipts: see [`callback`].
+    fn read_callback(
+        &self,
+        request: &CallbackRequest<'_>,
+    ) -> Result<Vec<ProviderReport>, CallbackError> {
+        callback::read(&self.callback_auth, request)
     }
 
     async fn send(&self, sms: &SendSms) -> Result<Accepted, ProviderError> {
@@ -171,7 +226,11 @@ impl SmsService for VonageProvider {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(send::form(sms, &self.from))
+            .body(send::form(
+                sms,
+                &self.from,
+                self.callback_url.as_ref().map(|url| url.expose_secret()),
+            ))
             .send()
             .await
             .map_err(|e| http::transport_error(&e))?;

@@ -42,8 +42,9 @@ pub(super) fn client_ref(key: &str) -> Cow<'_, str> {
 }
 
 /// The form body of one message (`from`, `to`, `text`, `type`,
-/// `client-ref`); `default_from` is the instance's sender.
-pub(super) fn form(sms: &SendSms, default_from: &str) -> String {
+/// `client-ref`, and `callback` when the instance has a callback URL);
+/// `default_from` is the instance's sender.
+pub(super) fn form(sms: &SendSms, default_from: &str, callback: Option<&str>) -> String {
     let from = sms
         .sender_id
         .as_ref()
@@ -52,13 +53,16 @@ pub(super) fn form(sms: &SendSms, default_from: &str) -> String {
         Encoding::Gsm7 => "text",
         Encoding::Ucs2 => "unicode",
     };
-    url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("from", from)
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("from", from)
         .append_pair("to", address(sms.phone_number.as_str()))
         .append_pair("text", sms.text.as_str())
         .append_pair("type", kind)
-        .append_pair("client-ref", &client_ref(sms.idempotency_key.as_str()))
-        .finish()
+        .append_pair("client-ref", &client_ref(sms.idempotency_key.as_str()));
+    if let Some(callback) = callback {
+        form.append_pair("callback", callback);
+    }
+    form.finish()
 }
 
 #[derive(Deserialize)]
@@ -426,13 +430,13 @@ mod tests {
         let gsm =
             sms(r#"{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"Paid & thanks"}"#);
         assert_eq!(
-            form(&gsm, "MKOPA"),
+            form(&gsm, "MKOPA", None),
             "from=MKOPA&to=254712345678&text=Paid+%26+thanks&type=text&client-ref=k-1"
         );
         let ucs2 = sms(
             r#"{"idempotencyKey":"k-2","phoneNumber":"+254712345678","text":"Asante \ud83d\ude00","senderId":"+15005550006"}"#,
         );
-        let sent = fields(&form(&ucs2, "MKOPA"));
+        let sent = fields(&form(&ucs2, "MKOPA", None));
         assert_eq!(
             sent,
             [
@@ -444,6 +448,18 @@ mod tests {
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
         );
+    }
+
+    #[test]
+    fn the_callback_url_goes_as_the_callback_field_when_there_is_one() {
+        // `callback`: https://developer.vonage.com/en/api/sms
+        let gsm = sms(r#"{"idempotencyKey":"k-3","phoneNumber":"+254712345678","text":"hi"}"#);
+        let url = "https://sms.example.com/v1/callbacks/vonage/t0ken-0123456789abcdef";
+        let sent = fields(&form(&gsm, "MKOPA", Some(url)));
+        assert_eq!(sent.last(), Some(&("callback".to_owned(), url.to_owned())));
+        assert_eq!(sent.len(), 6);
+        let without = fields(&form(&gsm, "MKOPA", None));
+        assert!(without.iter().all(|(name, _)| name != "callback"));
     }
 
     #[test]
