@@ -96,6 +96,20 @@ pub(crate) struct Callback {
 }
 
 impl Callback {
+    /// A GET of `url` with `fields` as its query.
+    pub(crate) fn get(url: &str, fields: &[(&str, &str)]) -> Self {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        Self {
+            method: reqwest::Method::GET,
+            url: format!("{url}{separator}{query}"),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
     /// A form-encoded POST of `fields` to `url`.
     pub(crate) fn form(url: &str, fields: &[(&str, &str)]) -> Self {
         let body = url::form_urlencoded::Serializer::new(String::new())
@@ -148,6 +162,9 @@ impl FakeSettings {
             self.fail_rate + self.reject_rate + self.throttle_rate <= 1.0,
             "--fail-rate, --reject-rate and --throttle-rate add up to more than 1"
         );
+        if self.kind == ProviderKind::Vonage {
+            vonage::validate(self)?;
+        }
         Ok(())
     }
 }

@@ -29,6 +29,30 @@
 //! [`crate::domain::count_segments`]), the first part's `message-id` the
 //! fake's id and the others `<id>-<part>`, `client-ref` echoed, and the
 //! `client-ref` counted as the idempotency key in `/stats`.
+//!
+//! # Delivery receipts
+//!
+//! With `--dlr-url` it sends each part its receipts, as Vonage does (one
+//! per part: <https://developer.vonage.com/en/messaging/sms/guides/delivery-receipts>),
+//! with the fields of the API reference's "Delivery Receipt"
+//! (<https://developer.vonage.com/en/api/sms>): `messageId` (the part's
+//! id), `status`, `err-code`, `msisdn`, `to` (the sender), `network-code`,
+//! `price`, `scts`, `message-timestamp`, `api-key` and `client-ref` (when
+//! the message had one). First `accepted` (err-code `0`), then the final
+//! receipt: `delivered` (`0`), or for a `--dlr-fail-rate` message `failed`
+//! with err-code `3` (Absent Subscriber - Permanent) on every part.
+//!
+//! Encoded as the account's "Webhook format" says
+//! (<https://developer.vonage.com/en/dashboard/control/api-settings>):
+//! `GET` with query parameters by default, or with `--credential
+//! webhook_format=POST` a form body, `POST-JSON` a JSON body.
+//!
+//! Unsigned by default, as Vonage's are. With `--credential
+//! signature_secret=...` each receipt also carries `timestamp` (now),
+//! `nonce` and `sig`, signed as
+//! <https://developer.vonage.com/en/getting-started/concepts/signing-messages>
+//! says, by `--credential signature_method=...` (`md5hash`, the
+//! dashboard's default, or `md5`, `sha1`, `sha256`, `sha512` HMAC).
 
 use std::collections::HashMap;
 
@@ -40,8 +64,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{basic_credentials, FakeState, Simulated};
-use crate::domain::count_segments;
+use super::{basic_credentials, Callback, FakeSettings, FakeState, Fate, Simulated};
+use crate::adapters::providers::vonage::callback::{sign, SignatureMethod};
+use crate::domain::{count_segments, rfc3339};
 
 /// The `type` values of the API reference.
 const TYPES: [&str; 6] = ["text", "binary", "wappush", "unicode", "vcal", "vcard"];
@@ -118,11 +143,40 @@ async fn send(
     }
     let id = state.accept(to, client_ref);
     let parts = count_segments(field("text").unwrap_or_default()).1;
-    let messages: Vec<Value> = (1..=parts)
-        .map(|part| {
+    let ids: Vec<String> = (1..=parts)
+        .map(|part| match part {
+            1 => id.clone(),
+            _ => format!("{id}-{part}"),
+        })
+        .collect();
+    if let Some((fate, reports)) = state.fate() {
+        let receipt = Receipt {
+            msisdn: to,
+            sender: field("from").unwrap_or_default(),
+            api_key: &api_key,
+            client_ref,
+        };
+        let (final_status, err_code) = match fate {
+            Fate::Delivered => ("delivered", "0"),
+            Fate::Failed => ("failed", "3"),
+        };
+        let (progress, last) = ids
+            .iter()
+            .map(|id| {
+                (
+                    receipt.callback(&state, &reports.url, id, "accepted", "0"),
+                    receipt.callback(&state, &reports.url, id, final_status, err_code),
+                )
+            })
+            .unzip();
+        state.report(progress, last);
+    }
+    let messages: Vec<Value> = ids
+        .iter()
+        .map(|id| {
             let mut entry = json!({
                 "to": to,
-                "message-id": if part == 1 { id.clone() } else { format!("{id}-{part}") },
+                "message-id": id,
                 "status": "0",
                 "remaining-balance": "3.14159265",
                 "message-price": "0.03330000",
@@ -135,6 +189,115 @@ async fn send(
         })
         .collect();
     Json(json!({"message-count": parts.to_string(), "messages": messages})).into_response()
+}
+
+/// What every receipt of one message says.
+struct Receipt<'a> {
+    msisdn: &'a str,
+    sender: &'a str,
+    api_key: &'a str,
+    client_ref: &'a str,
+}
+
+impl Receipt<'_> {
+    /// The receipt of part `id` with `status` and `err_code`, encoded and
+    /// signed as the fake's credentials say.
+    fn callback(
+        &self,
+        state: &FakeState,
+        url: &str,
+        id: &str,
+        status: &str,
+        err_code: &str,
+    ) -> Callback {
+        // "2026-11-22T10:00:00Z": message-timestamp is "2026-11-22 10:00:00",
+        // scts (YYMMDDHHMM) "2611221000".
+        let now = std::time::SystemTime::now();
+        let stamp = rfc3339(now);
+        let message_timestamp = stamp.trim_end_matches('Z').replace('T', " ");
+        let scts: String = stamp[2..16].chars().filter(char::is_ascii_digit).collect();
+        let mut params: Vec<(String, String)> = [
+            ("messageId", id),
+            ("status", status),
+            ("err-code", err_code),
+            ("msisdn", self.msisdn),
+            ("to", self.sender),
+            ("network-code", "12345"),
+            ("price", "0.03330000"),
+            ("scts", &scts),
+            ("message-timestamp", &message_timestamp),
+            ("api-key", self.api_key),
+            ("client-ref", self.client_ref),
+        ]
+        .into_iter()
+        .filter(|(name, value)| *name != "client-ref" || !value.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+        if let Some(secret) = state.credential("signature_secret") {
+            let method = state
+                .credential("signature_method")
+                .and_then(SignatureMethod::parse)
+                .unwrap_or_default();
+            let timestamp = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            params.push(("timestamp".into(), timestamp.to_string()));
+            params.push(("nonce".into(), uuid::Uuid::new_v4().to_string()));
+            let sig = sign(method, secret, &params);
+            params.push(("sig".into(), sig));
+        }
+        let fields: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        match webhook_format(state.credential("webhook_format")) {
+            Some(Format::Post) => Callback::form(url, &fields),
+            Some(Format::PostJson) => {
+                let object: serde_json::Map<String, Value> = params
+                    .into_iter()
+                    .map(|(n, v)| (n, Value::String(v)))
+                    .collect();
+                Callback::json(url, &Value::Object(object))
+            }
+            _ => Callback::get(url, &fields),
+        }
+    }
+}
+
+/// The dashboard's "Webhook format".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Get,
+    Post,
+    PostJson,
+}
+
+/// `--credential webhook_format=...` (GET when not given); `None` for a
+/// value Vonage does not have.
+fn webhook_format(given: Option<&str>) -> Option<Format> {
+    match given.map(|f| f.trim().to_ascii_uppercase()).as_deref() {
+        None | Some("GET") => Some(Format::Get),
+        Some("POST") => Some(Format::Post),
+        Some("POST-JSON") => Some(Format::PostJson),
+        Some(_) => None,
+    }
+}
+
+/// The dialect's own credentials make sense.
+pub(super) fn validate(settings: &FakeSettings) -> anyhow::Result<()> {
+    let credential = |name: &str| settings.credentials.get(name).map(String::as_str);
+    if let Some(method) = credential("signature_method") {
+        anyhow::ensure!(
+            SignatureMethod::parse(method).is_some(),
+            "--credential signature_method must be md5hash, md5, sha1, sha256 or sha512"
+        );
+    }
+    anyhow::ensure!(
+        webhook_format(credential("webhook_format")).is_some(),
+        "--credential webhook_format must be GET, POST or POST-JSON"
+    );
+    Ok(())
 }
 
 /// The request's fields, from a form or a JSON object body (strings,
@@ -168,6 +331,98 @@ mod tests {
     use super::*;
     use crate::fake_provider::base64_decode;
     use axum::http::header::AUTHORIZATION;
+
+    /// A fake state with these credentials.
+    fn state(credentials: &[(&str, &str)]) -> FakeState {
+        FakeState {
+            settings: FakeSettings {
+                kind: crate::config::ProviderKind::Vonage,
+                credentials: credentials
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..FakeSettings::default()
+            },
+            run: "0a1b2c3d".into(),
+            counters: Default::default(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    #[test]
+    fn the_fakes_receipts_read_back_through_the_adapter_in_every_format_and_method() {
+        use crate::adapters::providers::vonage::callback::{read, CallbackAuth};
+        use crate::domain::DeliveryStatus;
+        use crate::ports::{CallbackError, CallbackRequest};
+
+        let receipt = Receipt {
+            msisdn: "254712345678",
+            sender: "MKOPA",
+            api_key: "abcd1234",
+            client_ref: "k-1",
+        };
+        let url = "http://127.0.0.1:8080/v1/callbacks/vonage";
+        for format in ["GET", "POST", "POST-JSON"] {
+            for method in SignatureMethod::ALL {
+                let state = state(&[
+                    ("signature_secret", "s3cret"),
+                    ("signature_method", method.as_str()),
+                    ("webhook_format", format),
+                ]);
+                let call = receipt.callback(&state, url, "fake-0a1b2c3d-1-2", "failed", "3");
+                let (path, query) = call.url.split_once('?').unwrap_or((&call.url, ""));
+                assert_eq!(path, url);
+                let headers: Vec<(String, String)> = call
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.clone()))
+                    .collect();
+                let request = CallbackRequest {
+                    method: call.method.as_str(),
+                    url: &call.url,
+                    token: None,
+                    query,
+                    headers: &headers,
+                    body: &call.body,
+                    now: std::time::SystemTime::now(),
+                };
+                let auth = |secret: &str| CallbackAuth {
+                    signing: Some((secret.to_owned().into(), method)),
+                    token: None,
+                };
+                let reports = read(&auth("s3cret"), &request).unwrap();
+                assert_eq!(reports[0].provider_message_id, "fake-0a1b2c3d-1-2");
+                assert_eq!(reports[0].status, DeliveryStatus::Undelivered);
+                assert_eq!(reports[0].error_code.as_deref(), Some("3"));
+                assert!(reports[0].permanent, "{format} {method:?}");
+                assert!(
+                    matches!(
+                        read(&auth("other"), &request),
+                        Err(CallbackError::Unauthenticated(_))
+                    ),
+                    "{format} {method:?}"
+                );
+            }
+        }
+        // Unsigned by default, and a GET.
+        let call = receipt.callback(&state(&[]), url, "fake-0a1b2c3d-1", "delivered", "0");
+        assert_eq!(call.method, reqwest::Method::GET);
+        assert!(!call.url.contains("sig="), "{}", call.url);
+        assert!(call.url.contains("client-ref=k-1"), "{}", call.url);
+    }
+
+    #[test]
+    fn the_fake_refuses_a_signature_method_or_webhook_format_vonage_does_not_have() {
+        for (name, value) in [("signature_method", "sha384"), ("webhook_format", "PUT")] {
+            let settings = state(&[(name, value)]).settings;
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains(name), "{error}");
+        }
+        assert!(state(&[("webhook_format", "post-json")])
+            .settings
+            .validate()
+            .is_ok());
+    }
 
     #[test]
     fn basic_credentials_are_decoded_and_garbage_is_not() {
