@@ -3,6 +3,12 @@
 //! answers classified end to end (wiremock), and the project's fake in the
 //! Vonage dialect, in-process. Instances are built through `Settings` from
 //! `SMS__PROVIDERS__VONAGE__*`, as an operator configures them.
+//!
+//! Delivery receipts end to end: the real binary and the fake binary, the
+//! fake calling back as Vonage does
+//! (https://developer.vonage.com/en/messaging/sms/guides/delivery-receipts,
+//! signed as https://developer.vonage.com/en/getting-started/concepts/signing-messages
+//! says); and a two-part message whose receipts the test signs itself.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,7 +24,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{settings, Names};
+use crate::e2e::{free_port, service, wait_http, Proc};
+use crate::helpers::{command, settings, spawn_app_with, Names, TestApp, TestBroker};
 
 const API_KEY: &str = "abcd1234";
 const API_SECRET: &str = "s3cr3tS3cr3t";
@@ -27,7 +34,13 @@ const BASIC: &str = "Basic YWJjZDEyMzQ6czNjcjN0UzNjcjN0";
 
 /// The environment of one `[providers.vonage]` instance at `base_url`.
 fn env(base_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = Names::unique().env(base_url);
+    env_of(&Names::unique(), base_url, extra)
+}
+
+/// The environment of one `[providers.vonage]` instance at `base_url`, for
+/// a service with `names`.
+fn env_of(names: &Names, base_url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = names.env(base_url);
     let vonage = [
         ("SMS__PROVIDERS__VONAGE__BASE_URL", base_url),
         ("SMS__PROVIDERS__VONAGE__API_KEY", API_KEY),
@@ -446,4 +459,379 @@ async fn the_fake_vonage_answers_a_wrong_request_as_vonage_does() {
     assert_eq!(status(json.clone()), "0", "{json}");
     assert_eq!(json["messages"][0]["client-ref"], "k-json");
     assert_eq!(json["message-count"], "1");
+}
+
+#[tokio::test]
+async fn the_callback_url_goes_with_each_message_only_under_a_public_url() {
+    // `callback`: https://developer.vonage.com/en/api/sms
+    let ok = || ResponseTemplate::new(200).set_body_json(answer(&[("0", "0A06")]));
+    let callback = |request: &wiremock::Request| {
+        form(request)
+            .into_iter()
+            .find(|(name, _)| name == "callback")
+            .map(|(_, url)| url)
+    };
+    let without = wiremock(ok()).await;
+    provider(&without.uri(), &[])
+        .send(&sms("k-cb-1", "hi", None))
+        .await
+        .unwrap();
+    assert_eq!(callback(&received(&without).await), None);
+
+    let public = [("SMS__HTTP__PUBLIC_URL", "https://sms.example.com/")];
+    let with = wiremock(ok()).await;
+    provider(&with.uri(), &public)
+        .send(&sms("k-cb-2", "hi", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        callback(&received(&with).await).as_deref(),
+        Some("https://sms.example.com/v1/callbacks/vonage")
+    );
+
+    let token = [
+        public[0],
+        ("SMS__PROVIDERS__VONAGE__CALLBACK_TOKEN", CALLBACK_TOKEN),
+    ];
+    let with_token = wiremock(ok()).await;
+    provider(&with_token.uri(), &token)
+        .send(&sms("k-cb-3", "hi", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        callback(&received(&with_token).await),
+        Some(format!(
+            "https://sms.example.com/v1/callbacks/vonage/{CALLBACK_TOKEN}"
+        ))
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_signature_method_stops_the_start_naming_the_key() {
+    let env = env(
+        "http://127.0.0.1:9",
+        &[
+            ("SMS__PROVIDERS__VONAGE__SIGNATURE_SECRET", SIGNATURE_SECRET),
+            ("SMS__PROVIDERS__VONAGE__SIGNATURE_METHOD", "sha384"),
+        ],
+    );
+    let map: std::collections::HashMap<String, String> = env.into_iter().collect();
+    let source = sms_service::config::environment().source(Some(map));
+    let error = Settings::load_from(None, source).err().unwrap().to_string();
+    assert!(
+        error.contains("providers.vonage.signature_method"),
+        "{error}"
+    );
+    assert!(!error.contains(SIGNATURE_SECRET), "{error}");
+}
+
+const SIGNATURE_SECRET: &str = "5ig-s3cret-0123456789";
+const CALLBACK_TOKEN: &str = "t0ken-0123456789abcdef";
+const WAIT: Duration = Duration::from_secs(15);
+const QUIET: Duration = Duration::from_millis(700);
+
+/// The service binary with a `[providers.vonage]` instance at the fake
+/// binary, which calls back to the service's callback URL.
+struct Lifecycle {
+    broker: TestBroker,
+    /// The service's HTTP address.
+    base: String,
+    _fake: Proc,
+    _service: Proc,
+}
+
+/// Starts the fake (Vonage dialect, `fake_args` added) and the service
+/// (`extra` settings added), the service's public URL its own address.
+async fn lifecycle(fake_args: &[&str], extra: &[(&str, &str)]) -> Lifecycle {
+    crate::helpers::init_logs();
+    let names = Names::unique();
+    let broker = TestBroker::connect(&names).await;
+    let (fake_port, http_port) = (free_port(), free_port());
+    let fake_url = format!("http://127.0.0.1:{fake_port}");
+    let base = format!("http://127.0.0.1:{http_port}");
+    let bind = format!("127.0.0.1:{http_port}");
+    let mut settings = vec![
+        ("SMS__HTTP__BIND", bind.as_str()),
+        ("SMS__HTTP__PUBLIC_URL", base.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let env = env_of(&names, &fake_url, &settings);
+    let dlr_url = format!("{base}/v1/callbacks/vonage");
+    let fake_bind = format!("127.0.0.1:{fake_port}");
+    let mut args = vec![
+        "fake-provider",
+        "--kind",
+        "vonage",
+        "--bind",
+        &fake_bind,
+        "--credential",
+        "api_key=abcd1234",
+        "--credential",
+        "api_secret=s3cr3tS3cr3t",
+        "--dlr-url",
+        &dlr_url,
+        "--dlr-delay-ms",
+        "100",
+    ];
+    args.extend_from_slice(fake_args);
+    let fake = Proc(service(&env, &args).spawn().unwrap());
+    wait_http(&format!("{fake_url}/healthz")).await;
+    let svc = Proc(service(&env, &["run"]).spawn().unwrap());
+    wait_http(&format!("{base}/readyz")).await;
+    Lifecycle {
+        broker,
+        base,
+        _fake: fake,
+        _service: svc,
+    }
+}
+
+impl Lifecycle {
+    async fn message(&self, key: &str) -> Value {
+        reqwest::get(format!("{}/v1/messages/{key}", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// The `providerStatus` of each history entry.
+fn provider_statuses(message: &Value) -> Vec<String> {
+    message["history"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|entry| {
+            entry["providerStatus"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn through_the_binary_a_message_at_the_fake_vonage_is_delivered_by_its_signed_receipts() {
+    let secret = format!("signature_secret={SIGNATURE_SECRET}");
+    let mut stack = lifecycle(
+        &["--credential", &secret],
+        &[("SMS__PROVIDERS__VONAGE__SIGNATURE_SECRET", SIGNATURE_SECRET)],
+    )
+    .await;
+    stack
+        .broker
+        .publish_command(
+            &command("vonage-dlr-1", "+254712345678", "Payment received"),
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    let sent = stack.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1, "SmsSent");
+    let sent = sent[0].json();
+    assert_eq!(sent["provider"], "vonage");
+    let id = sent["providerMessageId"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("fake-"), "{sent}");
+
+    let reports = stack.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1, "SmsDeliveryReport");
+    let report = reports[0].json();
+    assert_eq!(report["idempotencyKey"], "vonage-dlr-1");
+    assert_eq!(report["provider"], "vonage");
+    assert_eq!(report["providerMessageId"], id.as_str());
+    assert_eq!(report["status"], "delivered");
+    assert_eq!(report["providerStatus"], "delivered");
+    assert_eq!(report["permanent"], false);
+    assert_eq!(
+        stack.broker.deliveries(1, QUIET).await.len(),
+        0,
+        "accepted publishes nothing"
+    );
+
+    let message = stack.message("vonage-dlr-1").await;
+    assert_eq!(message["status"], "delivered", "{message}");
+    assert_eq!(message["deliveryStatus"], "delivered", "{message}");
+    assert_eq!(message["provider"], "vonage", "{message}");
+    let statuses = provider_statuses(&message);
+    assert!(statuses.contains(&"accepted".to_owned()), "{message}");
+    assert!(statuses.contains(&"delivered".to_owned()), "{message}");
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn through_the_binary_a_failed_receipt_in_post_json_and_sha256_is_published_undelivered_and_permanent(
+) {
+    let secret = format!("signature_secret={SIGNATURE_SECRET}");
+    let mut stack = lifecycle(
+        &[
+            "--credential",
+            &secret,
+            "--credential",
+            "signature_method=sha256",
+            "--credential",
+            "webhook_format=POST-JSON",
+            "--dlr-fail-rate",
+            "1",
+        ],
+        &[
+            ("SMS__PROVIDERS__VONAGE__SIGNATURE_SECRET", SIGNATURE_SECRET),
+            ("SMS__PROVIDERS__VONAGE__SIGNATURE_METHOD", "sha256"),
+        ],
+    )
+    .await;
+    stack
+        .broker
+        .publish_command(
+            &command("vonage-dlr-2", "+254712345678", "Payment received"),
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    assert_eq!(stack.broker.sent(1, WAIT).await.len(), 1, "SmsSent");
+    let reports = stack.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1, "SmsDeliveryReport");
+    let report = reports[0].json();
+    assert_eq!(report["status"], "undelivered", "{report}");
+    assert_eq!(report["providerStatus"], "failed", "{report}");
+    assert_eq!(report["errorCode"], "3", "{report}");
+    assert_eq!(report["permanent"], true, "{report}");
+    let message = stack.message("vonage-dlr-2").await;
+    assert_eq!(message["status"], "undelivered", "{message}");
+    assert_eq!(message["deliveryStatus"], "undelivered", "{message}");
+    stack.broker.cleanup().await;
+}
+
+/// A receipt's query, signed with Vonage's default method (MD5 hash of the
+/// sorted `&name=value` string and the secret), written here from the
+/// signing page rather than with the adapter's code.
+fn signed_query(fields: &[(&str, &str)], secret: &str, timestamp: u64) -> String {
+    use md5::{Digest, Md5};
+    let timestamp = timestamp.to_string();
+    let mut all: Vec<(&str, &str)> = fields.to_vec();
+    all.push(("timestamp", &timestamp));
+    all.sort();
+    let mut text = String::new();
+    for (name, value) in &all {
+        text.push_str(&format!("&{name}={}", value.replace(['&', '='], "_")));
+    }
+    text.push_str(secret);
+    let sig = hex::encode(Md5::digest(text.as_bytes()));
+    all.push(("sig", &sig));
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(all)
+        .finish()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A receipt as a GET to `path` (under the app), answered with its status.
+async fn call_back(app: &TestApp, path: &str, query: &str) -> u16 {
+    app.http
+        .get(format!("{}{path}?{query}", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_two_part_message_is_delivered_only_once_both_parts_are_and_a_bad_receipt_changes_nothing(
+) {
+    let (fake_url, _fake) = fake(FakeSettings {
+        credentials: expecting(API_KEY, API_SECRET),
+        ..FakeSettings::default()
+    })
+    .await;
+    let extra = [
+        ("SMS__PROVIDERS__VONAGE__BASE_URL", fake_url.as_str()),
+        ("SMS__PROVIDERS__VONAGE__API_KEY", API_KEY),
+        ("SMS__PROVIDERS__VONAGE__API_SECRET", API_SECRET),
+        ("SMS__PROVIDERS__VONAGE__FROM", "MKOPA"),
+        ("SMS__PROVIDERS__VONAGE__SIGNATURE_SECRET", SIGNATURE_SECRET),
+        ("SMS__PROVIDERS__VONAGE__CALLBACK_TOKEN", CALLBACK_TOKEN),
+    ];
+    let mut app = spawn_app_with(&extra).await;
+    let long = "Your loan balance is paid in full. ".repeat(6);
+    app.publish(&command("vonage-parts", "+254712345678", &long))
+        .await;
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1, "SmsSent");
+    let sent = sent[0].json();
+    assert_eq!(sent["segments"], 2, "{sent}");
+    let first = sent["providerMessageId"].as_str().unwrap().to_owned();
+    // The fake's second part: `<id>-2`.
+    let second = format!("{first}-2");
+    let path = format!("/v1/callbacks/vonage/{CALLBACK_TOKEN}");
+    let receipt = |id: &str, at: u64, secret: &str| {
+        signed_query(
+            &[
+                ("messageId", id),
+                ("status", "delivered"),
+                ("err-code", "0"),
+                ("msisdn", "254712345678"),
+                ("to", "MKOPA"),
+                ("client-ref", "vonage-parts"),
+            ],
+            secret,
+            at,
+        )
+    };
+    let now = unix_now();
+
+    // Refused, each changing nothing.
+    let good = receipt(&first, now, SIGNATURE_SECRET);
+    assert_eq!(call_back(&app, "/v1/callbacks/vonage", &good).await, 403);
+    assert_eq!(
+        call_back(&app, "/v1/callbacks/vonage/t0ken-0123456789abcdeF", &good).await,
+        403
+    );
+    let other_secret = receipt(&first, now, "another-secret-012345");
+    assert_eq!(call_back(&app, &path, &other_secret).await, 401);
+    let stale = receipt(&first, now - 360, SIGNATURE_SECRET);
+    assert_eq!(call_back(&app, &path, &stale).await, 401);
+    let tampered = good.replace("status=delivered", "status=failed");
+    assert_eq!(call_back(&app, &path, &tampered).await, 401);
+    let unsigned = good
+        .split('&')
+        .filter(|pair| !pair.starts_with("sig="))
+        .collect::<Vec<_>>()
+        .join("&");
+    assert_eq!(call_back(&app, &path, &unsigned).await, 401);
+    assert!(app.broker.deliveries(1, QUIET).await.is_empty());
+    let (_, message) = app.get_json("/v1/messages/vonage-parts").await;
+    assert!(
+        message["history"].as_array().unwrap().is_empty(),
+        "{message}"
+    );
+
+    // The first part: recorded, but the message is not delivered yet.
+    assert_eq!(call_back(&app, &path, &good).await, 204);
+    assert!(
+        app.broker.deliveries(1, QUIET).await.is_empty(),
+        "one part of two publishes nothing"
+    );
+    let (_, message) = app.get_json("/v1/messages/vonage-parts").await;
+    assert_eq!(message["status"], "sent", "{message}");
+    assert_ne!(message["deliveryStatus"], "delivered", "{message}");
+
+    // The second part: now it is.
+    let last = receipt(&second, unix_now(), SIGNATURE_SECRET);
+    assert_eq!(call_back(&app, &path, &last).await, 204);
+    let reports = app.broker.deliveries(1, WAIT).await;
+    assert_eq!(reports.len(), 1);
+    let report = reports[0].json();
+    assert_eq!(report["status"], "delivered", "{report}");
+    assert_eq!(report["providerMessageId"], first.as_str(), "{report}");
+    let (_, message) = app.get_json("/v1/messages/vonage-parts").await;
+    assert_eq!(message["status"], "delivered", "{message}");
+    // A repeat is answered 2xx and publishes nothing.
+    assert_eq!(call_back(&app, &path, &last).await, 204);
+    assert!(app.broker.deliveries(1, QUIET).await.is_empty());
+    app.cleanup().await;
 }

@@ -673,10 +673,19 @@ mod tests {
         ])
     }
 
+    /// (source, method, secret, parameters, the `sig` the source gives)
+    type Example = (
+        &'static str,
+        SignatureMethod,
+        &'static str,
+        Vec<(String, String)>,
+        &'static str,
+    );
+
     #[test]
     fn vonages_own_sdk_examples_verify_with_each_method_and_fail_with_one_byte_changed() {
         let php_secret = "my_secret_key_for_testing";
-        let fixtures: Vec<(&str, SignatureMethod, &str, Vec<(String, String)>, &str)> = vec![
+        let fixtures: Vec<Example> = vec![
             (PHP_SDK, SignatureMethod::Md5Hash, php_secret, php_inbound(), "d2e7b1dc968737c5998ad624e02f90b7"),
             (PHP_SDK, SignatureMethod::Md5, php_secret, php_inbound(), "DDEBD46008C2D4E93CCE578A332A52D5"),
             (PHP_SDK, SignatureMethod::Sha1, php_secret, php_inbound(), "27D0D05C2876C7CB1720DBCDBA4D492E1E55C09A"),
