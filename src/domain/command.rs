@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -100,15 +101,18 @@ pub enum FailureReason {
     InvalidPhoneNumber,
     ProviderRejected,
     RetriesExhausted,
+    /// Its `expiresAt` passed before it could be sent.
+    Expired,
 }
 
 impl FailureReason {
     /// Every reason, as the `sms_failed_total{reason}` series list them.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::InvalidCommand,
         Self::InvalidPhoneNumber,
         Self::ProviderRejected,
         Self::RetriesExhausted,
+        Self::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +121,7 @@ impl FailureReason {
             Self::InvalidPhoneNumber => "invalid_phone_number",
             Self::ProviderRejected => "provider_rejected",
             Self::RetriesExhausted => "retries_exhausted",
+            Self::Expired => "expired",
         }
     }
 
@@ -132,6 +137,16 @@ pub struct SendSms {
     pub phone_number: PhoneNumber,
     pub text: MessageText,
     pub sender_id: Option<SenderId>,
+    /// Not sent after this instant (`expiresAt`); passed on as the
+    /// provider's validity period where it has one.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Parses an RFC 3339 time (`2026-12-01T10:00:00Z`, `...+03:00`).
+pub fn parse_rfc3339(raw: &str) -> Option<SystemTime> {
+    let at =
+        time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(SystemTime::from(at))
 }
 
 /// Why a body is not a valid command.
@@ -169,6 +184,8 @@ struct Wire<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(rename = "senderId", borrow)]
     sender_id: Option<Cow<'a, str>>,
+    #[serde(rename = "expiresAt", borrow)]
+    expires_at: Option<Cow<'a, str>>,
 }
 
 impl SendSms {
@@ -182,6 +199,16 @@ impl SendSms {
         for field in [self.phone_number.as_str(), self.text.as_str(), sender] {
             hash.update((field.len() as u64).to_be_bytes());
             hash.update(field.as_bytes());
+        }
+        // Only when given, so that fingerprints of commands without it
+        // stay what they were.
+        if let Some(at) = self.expires_at {
+            let ms = at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            hash.update(b"expiresAt");
+            hash.update(ms.to_be_bytes());
         }
         hex::encode(hash.finalize())
     }
@@ -230,11 +257,24 @@ impl SendSms {
             .map(SenderId::parse)
             .transpose()
             .map_err(|e| invalid(FailureReason::InvalidCommand, e))?;
+        let expires_at = wire
+            .expires_at
+            .as_deref()
+            .map(|raw| {
+                parse_rfc3339(raw).ok_or_else(|| {
+                    invalid(
+                        FailureReason::InvalidCommand,
+                        "expiresAt must be an RFC 3339 time (2026-12-01T10:00:00Z)",
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
             idempotency_key: key,
             phone_number,
             text,
             sender_id,
+            expires_at,
         })
     }
 
@@ -263,7 +303,7 @@ impl SendSms {
                 FailureReason::InvalidPhoneNumber,
                 "phoneNumber must be a string".to_owned(),
             )
-        } else if let Some(field) = ["text", "senderId"].into_iter().find(|f| {
+        } else if let Some(field) = ["text", "senderId", "expiresAt"].into_iter().find(|f| {
             object
                 .get(*f)
                 .is_some_and(|v| !v.is_string() && !v.is_null())
@@ -290,6 +330,9 @@ impl SendSms {
             "phoneNumber": self.phone_number.as_str(),
             "text": self.text.as_str(),
         });
+        if let Some(at) = self.expires_at {
+            body["expiresAt"] = Value::from(super::rfc3339(at));
+        }
         if let Some(sender) = &self.sender_id {
             body["senderId"] = Value::from(sender.as_str());
         }
@@ -361,6 +404,53 @@ mod tests {
         assert_eq!(cmd.idempotency_key.as_str(), "k1");
         assert_eq!(cmd.text.as_str(), "a\nb é");
         assert!(cmd.sender_id.is_none());
+    }
+
+    #[test]
+    fn expires_at_is_rfc_3339_with_any_offset_and_fingerprinted_only_when_given() {
+        let with = |at: &str| {
+            let body = format!(
+                r#"{{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","expiresAt":"{at}"}}"#
+            );
+            SendSms::from_json(body.as_bytes())
+        };
+        let utc = with("2026-12-01T10:00:00Z").unwrap().expires_at.unwrap();
+        let nairobi = with("2026-12-01T13:00:00+03:00")
+            .unwrap()
+            .expires_at
+            .unwrap();
+        assert_eq!(utc, nairobi);
+        assert_eq!(
+            utc.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            1_796_119_200
+        );
+        for bad in ["tomorrow", "2026-12-01", "2026-12-01 10:00:00", ""] {
+            match with(bad) {
+                Err(CommandError::Invalid { reason, detail, .. }) => {
+                    assert_eq!(reason, FailureReason::InvalidCommand);
+                    assert!(detail.starts_with("expiresAt"), "{detail}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let body =
+            br#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","expiresAt":5}"#;
+        assert!(matches!(
+            SendSms::from_json(body),
+            Err(CommandError::Invalid { detail, .. }) if detail == "expiresAt must be a string"
+        ));
+        let plain = SendSms::from_json(
+            br#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi"}"#,
+        )
+        .unwrap();
+        let expiring = with("2026-12-01T10:00:00Z").unwrap();
+        assert_ne!(plain.fingerprint(), expiring.fingerprint());
+        assert_eq!(
+            plain.fingerprint(),
+            "e760c83e5233479e0ba5264cabb9d284630e811e4ac55d543148ec1c44e0fb1c",
+            "a command without expiresAt keeps the fingerprint it had before expiresAt existed"
+        );
+        assert_eq!(SendSms::from_json(&expiring.to_json()).unwrap(), expiring);
     }
 
     #[test]

@@ -84,6 +84,11 @@ impl Notifier {
             if let Some(outcome) = self.not_now(a, first_attempt_ms).await {
                 return outcome;
             }
+            // Checked before every call: a retry from a delay tier too.
+            if a.cmd.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+                let detail = "expiresAt passed before it could be sent".to_owned();
+                return self.fail(a, FailureReason::Expired, detail).await;
+            }
             let instance = self.providers.get(a.route.current);
             a.retry.attempts = a.retry.attempts.saturating_add(1);
             a.calls += 1;

@@ -440,6 +440,52 @@ async fn a_live_owner_renews_its_lease_through_a_slow_provider_call() {
     assert_eq!(events.sent().len(), 1);
 }
 
+fn expiring_body(key: &str, at: std::time::SystemTime) -> Vec<u8> {
+    let at = crate::domain::rfc3339(at);
+    format!(r#"{{"idempotencyKey":"{key}","phoneNumber":"+254712345678","text":"hello","expiresAt":"{at}"}}"#)
+        .into_bytes()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_past_its_expiry_fails_expired_without_a_provider_call() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let past = std::time::SystemTime::now() - Duration::from_secs(5);
+    match h.handle(&expiring_body("k1", past), false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("expired"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 0);
+    assert_eq!(h.events.failed()[0].reason, "expired");
+    let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(
+        h.handle(&expiring_body("k2", future), false).await,
+        Outcome::Sent
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_is_checked_again_when_a_command_returns_from_a_delay_tier() {
+    let h = harness(ScriptedProvider::new(vec![transient(Some(
+        Duration::from_secs(90),
+    ))]));
+    // Expires while it waits in the tier (real clock: the check uses it).
+    let soon = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let body = expiring_body("k1", soon);
+    let (_, retry) = delayed(h.handle(&body, false).await);
+    assert_eq!(h.provider.calls(), 1);
+    std::thread::sleep(Duration::from_millis(1600));
+    match h.handle_retry(&body, true, &retry).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("expired"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 1, "never sent after it");
+    let failed = h.events.failed();
+    assert_eq!(
+        (failed[0].reason.as_str(), failed[0].attempts),
+        ("expired", 1)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn transient_failures_are_retried_with_backoff_then_sent() {
     let h = harness(ScriptedProvider::new(vec![

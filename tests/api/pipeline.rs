@@ -520,7 +520,10 @@ async fn delivery_reports_update_the_status_and_are_published() {
         .as_ref()
         .unwrap()
         .to_string();
-    assert_eq!(message_id, "dlr-key", "the idempotency key, as part 1's events");
+    assert_eq!(
+        message_id, "dlr-key",
+        "the idempotency key, as part 1's events"
+    );
     let (_, body) = app.get_json("/v1/messages/dlr-key").await;
     assert_eq!(body["status"], "delivered");
 
@@ -782,5 +785,38 @@ async fn the_status_api_knows_a_message_from_the_moment_it_is_accepted_and_refus
     assert_eq!(body["status"], "failed");
     assert_eq!(body["reason"], "invalid_phone_number");
     assert!(body["detail"].is_string(), "{body}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_past_its_expires_at_fails_expired_and_is_never_sent() {
+    let mut app = spawn_app().await;
+    provider_accepts(&app, "exp-2", 1).await;
+    let expired = json!({"idempotencyKey": "exp-1", "phoneNumber": "+254712345678",
+        "text": "your code is 1234", "expiresAt": "2020-01-01T10:00:00+03:00"});
+    app.publish(expired.to_string().as_bytes()).await;
+    let failed = app.broker.failed(1, WAIT).await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].json()["reason"], "expired");
+    assert_eq!(failed[0].json()["attempts"], 0);
+    let dead = app.broker.dead_letters(1, WAIT).await;
+    assert_eq!(
+        dead[0].header("x-sms-error").as_deref(),
+        Some("expired: expiresAt passed before it could be sent")
+    );
+    let (_, status) = app.get_json("/v1/messages/exp-1").await;
+    assert_eq!(
+        (status["status"].as_str(), status["reason"].as_str()),
+        (Some("failed"), Some("expired"))
+    );
+
+    let later = json!({"idempotencyKey": "exp-2", "phoneNumber": "+254712345678",
+        "text": "your code is 1234", "expiresAt": "2099-01-01T00:00:00Z"});
+    app.publish(later.to_string().as_bytes()).await;
+    assert_eq!(
+        app.broker.sent(1, WAIT).await.len(),
+        1,
+        "not yet expired: sent"
+    );
     app.cleanup().await;
 }

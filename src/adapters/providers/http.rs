@@ -10,7 +10,7 @@ use reqwest::header::RETRY_AFTER;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use crate::domain::mask_numbers;
+use crate::domain::{mask_numbers, SendSms};
 use crate::ports::{CallbackError, CallbackRequest, ProviderError};
 
 /// Longest provider answer read.
@@ -86,6 +86,17 @@ pub fn snippet(body: &[u8]) -> String {
 /// A provider's id, bounded.
 pub fn bounded_id(id: &str) -> String {
     id.chars().take(MAX_ID_CHARS).collect()
+}
+
+/// What is left of a message's `expiresAt`, in whole seconds (at least 1,
+/// rounded up), for the providers' validity periods; `None` without one.
+/// The core never calls a provider once it has passed.
+pub fn seconds_left(sms: &SendSms) -> Option<u64> {
+    let at = sms.expires_at?;
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(left.as_secs() + u64::from(left.subsec_nanos() > 0)).map(|s| s.max(1))
 }
 
 /// The form fields of a callback: its body (POST), or its query (GET).

@@ -30,7 +30,29 @@ struct Message<'a> {
     content: TextContent<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     webhooks: Option<Webhooks<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    options: Option<MessageOptions>,
 }
+
+/// `SmsMessageOptions`: only the validity period (`ValidityPeriod`
+/// `{amount, timeUnit}`, at most 48 h: longer is cut to 48 h by Infobip),
+/// as infobip/infobip-api-java-client's `SmsMessageOptions` and
+/// `SmsValidityPeriod` name them.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageOptions {
+    validity_period: ValidityPeriod,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ValidityPeriod {
+    amount: u64,
+    time_unit: &'static str,
+}
+
+/// Infobip's longest validity period.
+const MAX_VALIDITY_SECS: u64 = 48 * 3600;
 
 /// Where Infobip posts the message's delivery reports (`SmsWebhooks`),
 /// and in which format.
@@ -86,6 +108,12 @@ pub(super) fn request<'a>(
             webhooks: callback_url.map(|url| Webhooks {
                 delivery: DeliveryWebhook { url },
                 content_type: "application/json",
+            }),
+            options: http::seconds_left(sms).map(|secs| MessageOptions {
+                validity_period: ValidityPeriod {
+                    amount: secs.min(MAX_VALIDITY_SECS),
+                    time_unit: "SECONDS",
+                },
             }),
         }],
         options: RequestOptions {
@@ -302,6 +330,35 @@ mod tests {
                 "details": {"messageCount": 1}
             }]
         })
+    }
+
+    #[test]
+    fn expires_at_goes_as_the_messages_validity_period_in_seconds_at_most_48_hours() {
+        // SmsMessageOptions.validityPeriod {amount, timeUnit} ("Validity
+        // period longer than 48h is not supported"): the Java SDK's
+        // SmsValidityPeriod, infobip/infobip-api-java-client.
+        let now = std::time::SystemTime::now();
+        for (left, most) in [(600u64, 601u64), (72 * 3600, 48 * 3600)] {
+            let at = crate::domain::rfc3339(now + Duration::from_secs(left));
+            let body = format!(
+                r#"{{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"hi","expiresAt":"{at}"}}"#
+            );
+            let sms = SendSms::from_json(body.as_bytes()).unwrap();
+            let json = serde_json::to_value(request(&sms, "MKOPA", None)).unwrap();
+            let period = &json["messages"][0]["options"]["validityPeriod"];
+            assert_eq!(period["timeUnit"], "SECONDS");
+            let amount = period["amount"].as_u64().unwrap();
+            assert!(
+                amount <= most && amount + 2 >= most.min(left),
+                "{left}: {amount}"
+            );
+        }
+        let sms = SendSms::from_json(
+            br#"{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"hi"}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_value(request(&sms, "MKOPA", None)).unwrap();
+        assert!(json["messages"][0].get("options").is_none());
     }
 
     #[test]

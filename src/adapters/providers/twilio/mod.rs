@@ -166,6 +166,7 @@ impl SmsService for TwilioProvider {
             from,
             self.messaging_service_sid.as_deref(),
             self.status_callback.as_deref(),
+            http::seconds_left(sms),
         );
         let request = self
             .client

@@ -94,6 +94,9 @@ use super::super::http;
 use crate::domain::mask_numbers;
 use crate::ports::{Accepted, ProviderError};
 
+/// Twilio's longest validity period (<https://www.twilio.com/docs/api/errors/90007>).
+pub(super) const MAX_VALIDITY_SECS: u64 = 36_000;
+
 /// The form-encoded body of one message.
 pub(super) fn form(
     to: &str,
@@ -101,6 +104,7 @@ pub(super) fn form(
     from: Option<&str>,
     messaging_service_sid: Option<&str>,
     status_callback: Option<&str>,
+    validity_secs: Option<u64>,
 ) -> String {
     let mut form = url::form_urlencoded::Serializer::new(String::new());
     form.append_pair("To", to);
@@ -113,6 +117,14 @@ pub(super) fn form(
     form.append_pair("Body", body);
     if let Some(url) = status_callback {
         form.append_pair("StatusCallback", url);
+    }
+    // ValidityPeriod: whole seconds, 1 to 36,000 (Twilio's default);
+    // https://www.twilio.com/docs/api/errors/90007
+    if let Some(secs) = validity_secs {
+        form.append_pair(
+            "ValidityPeriod",
+            &secs.clamp(1, MAX_VALIDITY_SECS).to_string(),
+        );
     }
     form.finish()
 }
@@ -538,6 +550,7 @@ mod tests {
                 "Paid: 100% & thanks",
                 Some("MKOPA"),
                 None,
+                None,
                 None
             ),
             "To=%2B254712345678&From=MKOPA&Body=Paid%3A+100%25+%26+thanks"
@@ -548,6 +561,7 @@ mod tests {
                 "hi",
                 None,
                 Some("MG00000000000000000000000000000000"),
+                None,
                 None
             ),
             "To=%2B254712345678&MessagingServiceSid=MG00000000000000000000000000000000&Body=hi"
@@ -561,9 +575,18 @@ mod tests {
                 "hi",
                 Some("MKOPA"),
                 None,
-                Some("https://sms.example.com/v1/callbacks/twilio")
+                Some("https://sms.example.com/v1/callbacks/twilio"),
+                None
             ),
             "To=%2B254712345678&From=MKOPA&Body=hi&StatusCallback=https%3A%2F%2Fsms.example.com%2Fv1%2Fcallbacks%2Ftwilio"
         );
+        // ValidityPeriod: "between 1 and 36,000" seconds
+        // (https://www.twilio.com/docs/api/errors/90007).
+        for (left, sent) in [(600, "600"), (1, "1"), (36_000, "36000"), (90_000, "36000")] {
+            assert_eq!(
+                form("+254712345678", "hi", Some("MKOPA"), None, None, Some(left)),
+                format!("To=%2B254712345678&From=MKOPA&Body=hi&ValidityPeriod={sent}")
+            );
+        }
     }
 }

@@ -41,6 +41,10 @@ pub(super) fn client_ref(key: &str) -> Cow<'_, str> {
     Cow::Owned(format!("{prefix}~{digest}"))
 }
 
+/// Vonage's shortest and longest `ttl`, in milliseconds.
+const MIN_TTL_MS: u64 = 20_000;
+const MAX_TTL_MS: u64 = 604_800_000;
+
 /// The form body of one message (`from`, `to`, `text`, `type`,
 /// `client-ref`, and `callback` when the instance has a callback URL);
 /// `default_from` is the instance's sender.
@@ -61,6 +65,13 @@ pub(super) fn form(sms: &SendSms, default_from: &str, callback: Option<&str>) ->
         .append_pair("client-ref", &client_ref(sms.idempotency_key.as_str()));
     if let Some(callback) = callback {
         form.append_pair("callback", callback);
+    }
+    // ttl: milliseconds, 20,000 to 604,800,000 (Vonage's SDKs check the
+    // same range: vonage-python-sdk sms/requests.py; the field is in
+    // https://developer.vonage.com/en/api/sms).
+    if let Some(secs) = http::seconds_left(sms) {
+        let ttl = secs.saturating_mul(1000).clamp(MIN_TTL_MS, MAX_TTL_MS);
+        form.append_pair("ttl", &ttl.to_string());
     }
     form.finish()
 }
@@ -448,6 +459,35 @@ mod tests {
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
         );
+    }
+
+    #[test]
+    fn expires_at_goes_as_the_ttl_in_milliseconds_within_vonages_range() {
+        let now = std::time::SystemTime::now();
+        for (left, ttl) in [(600, "600000"), (5, "20000"), (30 * 24 * 3600, "604800000")] {
+            let at = crate::domain::rfc3339(
+                now + std::time::Duration::from_secs(left) + std::time::Duration::from_millis(500),
+            );
+            let sms = sms(&format!(
+                r#"{{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"hi","expiresAt":"{at}"}}"#
+            ));
+            let sent = fields(&form(&sms, "MKOPA", None));
+            let got = sent
+                .iter()
+                .find(|(n, _)| n == "ttl")
+                .map(|(_, v)| v.as_str());
+            // rfc3339 keeps whole seconds: 600.5 s left rounds to 600 or 601.
+            let expected: u64 = ttl.parse().unwrap();
+            let got: u64 = got.expect("ttl").parse().unwrap();
+            assert!(
+                got == expected || got == expected + 1000 && left == 600,
+                "{left}: {got}"
+            );
+        }
+        let plain = sms(r#"{"idempotencyKey":"k-1","phoneNumber":"+254712345678","text":"hi"}"#);
+        assert!(fields(&form(&plain, "MKOPA", None))
+            .iter()
+            .all(|(n, _)| n != "ttl"));
     }
 
     #[test]
