@@ -835,3 +835,26 @@ async fn a_two_part_message_is_delivered_only_once_both_parts_are_and_a_bad_rece
     assert!(app.broker.deliveries(1, QUIET).await.is_empty());
     app.cleanup().await;
 }
+
+#[test]
+fn a_callback_url_longer_than_vonage_takes_stops_the_start_naming_the_key() {
+    // `callback`: at most 100 characters (vonage-python-sdk sms/requests.py).
+    let load = |public_url: &str| {
+        let extra = [
+            ("SMS__HTTP__PUBLIC_URL", public_url),
+            ("SMS__PROVIDERS__VONAGE__CALLBACK_TOKEN", CALLBACK_TOKEN),
+        ];
+        let map: std::collections::HashMap<String, String> =
+            env("http://127.0.0.1:9", &extra).into_iter().collect();
+        let source = sms_service::config::environment().source(Some(map));
+        Settings::load_from(None, source)
+    };
+    let long = format!("https://{}.example.com", "s".repeat(80));
+    let error = load(&long).err().expect("refused").to_string();
+    assert!(
+        error.contains("providers.vonage.callback_token: its callback URL"),
+        "{error}"
+    );
+    assert!(!error.contains(CALLBACK_TOKEN), "never the token: {error}");
+    assert!(load("https://sms.example.com").is_ok());
+}

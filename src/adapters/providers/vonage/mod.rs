@@ -137,6 +137,9 @@ pub struct VonageProvider {
     callback_auth: callback::CallbackAuth,
 }
 
+/// The longest `callback` URL Vonage takes.
+const MAX_CALLBACK_CHARS: usize = 100;
+
 impl VonageProvider {
     /// The adapter of a `kind = "vonage"` instance: `api_key`,
     /// `api_secret` and `from` are required, `signature_secret`,
@@ -182,6 +185,21 @@ impl VonageProvider {
                 .clone()
                 .filter(|s| !s.expose_secret().trim().is_empty())
         };
+        // `callback` is at most 100 characters (vonage-python-sdk's
+        // sms/requests.py checks the same): a longer one would refuse
+        // every message, so it is a start-up error.
+        if let Some(url) = instance.callback_url.as_deref() {
+            if url.len() > MAX_CALLBACK_CHARS {
+                return Err(format!(
+                    "{}: its callback URL (http.public_url + /v1/callbacks/{}, plus the \
+                     callback_token) is {} characters; Vonage takes at most {MAX_CALLBACK_CHARS}: \
+                     shorten http.public_url or the token",
+                    instance.key("callback_token"),
+                    instance.name,
+                    url.len()
+                ));
+            }
+        }
         let callback_auth = callback::CallbackAuth {
             signing: configured(&s.signature_secret).map(|secret| (secret, method)),
             token: configured(&s.callback_token),
