@@ -6,9 +6,11 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 # Only what the build reads: the manifest, the lock file, .cargo/, the
-# sources, and config/ (src/config.rs embeds config/default.toml with include_str!).
-# Cargo.toml names no tests/, benches/ or build script, so they are not needed.
-COPY Cargo.toml Cargo.lock ./
+# sources, config/ (src/config.rs embeds config/default.toml with include_str!),
+# and build.rs with proto/ (the gRPC door's code is generated from them, in
+# Rust: no protoc needed). Cargo.toml names no tests/ or benches/.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
 # .cargo/config.toml: build flags of the allocator (lazy commit, lower RSS).
 COPY .cargo ./.cargo
 COPY config ./config
@@ -38,9 +40,10 @@ COPY --from=builder /usr/local/bin/sms-service /usr/local/bin/sms-service
 # them with SMS__SECTION__KEY variables, or mount a file and pass --config PATH.
 COPY config/default.toml /etc/sms-service/default.toml
 ENV SMS__HTTP__BIND=0.0.0.0:8080
+ENV SMS__GRPC__BIND=0.0.0.0:50051
 # Numeric, so that Kubernetes' runAsNonRoot can check it (10001 is sms).
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 50051
 # No HEALTHCHECK here: the image has no curl, and the port to probe depends on
 # the command (run: 8080, fake-provider: its --bind). docker-compose.yml has
 # bash-based checks; use GET /healthz and GET /readyz from orchestrators.

@@ -1,5 +1,6 @@
 //! Wiring: builds the adapters from [`Settings`], hands them to the core,
-//! and runs the processing loop and the HTTP API until shutdown.
+//! and runs the processing loop, the HTTP API and the gRPC door until
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +12,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::adapters::grpc::{self, GrpcState, WatchLimits};
 use crate::adapters::http::{self, ApiAccess, HttpState};
 use crate::adapters::{providers, rabbitmq::RabbitMq, redis::RedisStore, redis_durability};
 use crate::breaker::CircuitBreaker;
 use crate::config::{ProviderKind, Settings};
+use crate::front_door::FrontDoor;
 use crate::notification::{Notifier, ProviderGuard, Providers};
 use crate::ports::{CacheService, SmsService};
 use crate::processing::QueueProcessingService;
+
+/// How long the gRPC door may take to close its connections at shutdown
+/// (a health watch never ends by itself); then they are dropped.
+pub const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
 /// How often the depths of the command and dead-letter queues are read
 /// into their gauges.
@@ -27,6 +34,8 @@ pub const QUEUE_DEPTHS_EVERY: Duration = Duration::from_secs(5);
 pub struct RunningApp {
     /// Where the HTTP API listens (useful when bound to port 0).
     pub http_addr: SocketAddr,
+    /// Where the gRPC door listens; `None` when `grpc.bind` is empty.
+    pub grpc_addr: Option<SocketAddr>,
     /// Fire to stop the service gracefully.
     pub shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -125,13 +134,31 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         Duration::from_millis(settings.redis.timeout_ms),
         Duration::from_millis(settings.amqp.reconnect_delay_ms),
     );
+    let grpc_listener = match settings.grpc.bind.as_str() {
+        "" => None,
+        bind => Some(
+            grpc::bind(bind)
+                .await
+                .with_context(|| format!("grpc.bind: cannot listen on {bind}"))?,
+        ),
+    };
     let depths = broker.clone();
-    let state = HttpState {
-        cache: store,
-        redis_address,
+    let door = FrontDoor {
+        cache: store.clone(),
         queue: Arc::new(broker.clone()),
-        events: Arc::new(broker),
         consuming: processing.consuming(),
+        redis_address,
+    };
+    let grpc_state = GrpcState {
+        door: door.clone(),
+        api_access: ApiAccess::new(&settings.http.api_keys, &settings.grpc.bind),
+        max_message_bytes: settings.http.max_body_bytes,
+        watch_limits: WatchLimits::default(),
+    };
+    let state = HttpState {
+        door,
+        cache: store,
+        events: Arc::new(broker),
         metrics,
         generic_reporters,
         providers: Arc::new(callback_providers),
@@ -156,6 +183,23 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     ));
     let http_task = tokio::spawn(http::serve(listener, state, http_shutdown.clone()));
     info!(%http_addr, "HTTP API listening");
+    let grpc_addr = grpc_listener.as_ref().map(|(_, addr)| *addr);
+    let grpc_task = grpc_listener.map(|(listener, grpc_addr)| {
+        if matches!(grpc_state.api_access, ApiAccess::Closed) {
+            warn!(
+                bind = %settings.grpc.bind,
+                "no http.api_keys configured and grpc.bind is not loopback: \
+                 sms.v1.SmsService answers UNAUTHENTICATED to everyone"
+            );
+        }
+        info!(%grpc_addr, "gRPC door listening");
+        let shutdown = http_shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = grpc::serve(listener, grpc_state, shutdown).await {
+                warn!(error = %e, "the gRPC door stopped");
+            }
+        })
+    });
     // On the side, so start-up never waits for Redis or the broker.
     tokio::spawn(until(http_shutdown.clone(), redis_check));
     tokio::spawn(watch_queue_depths(
@@ -177,10 +221,19 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         let _ = heartbeat.await;
         // The API stays up while draining so probes see the shutdown.
         http_shutdown.cancel();
+        if let Some(mut grpc_task) = grpc_task {
+            if tokio::time::timeout(GRPC_DRAIN, &mut grpc_task)
+                .await
+                .is_err()
+            {
+                grpc_task.abort();
+            }
+        }
         let _ = http_task.await;
     });
     Ok(RunningApp {
         http_addr,
+        grpc_addr,
         shutdown,
         task,
     })

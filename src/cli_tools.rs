@@ -7,6 +7,7 @@
 //! `amqp.command_queue` is an error rather than a new queue nobody reads)
 //! and publishes to it; `events` binds a temporary queue of its own to the
 //! event exchanges. Neither declares the service's topology unless asked.
+//! `status` asks a running service's HTTP API, as a producer would.
 
 use std::future::Future;
 use std::io::Write;
@@ -30,6 +31,67 @@ use crate::ports::QueueClient;
 
 /// The longest `send` waits for the broker, connecting included.
 const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The longest `status` waits for the service's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The status document of `key` (`GET /v1/messages/{key}`), asked of the
+/// service at `url`, else at `http.bind` (a wildcard bind asked on
+/// loopback), with `api_key` as the bearer key. `None`: the service does
+/// not know the key.
+pub async fn status(
+    settings: &Settings,
+    url: Option<&str>,
+    api_key: Option<&str>,
+    key: &str,
+) -> anyhow::Result<Option<Value>> {
+    let base = match url {
+        Some(url) => url.to_owned(),
+        None => format!("http://{}", local_address(&settings.http.bind)),
+    };
+    let mut target = url::Url::parse(&base).with_context(|| format!("{base} is not a URL"))?;
+    target
+        .path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("{base} cannot be a base URL"))?
+        .pop_if_empty()
+        .extend(["v1", "messages", key]);
+    let client = reqwest::Client::builder().timeout(STATUS_TIMEOUT).build()?;
+    let mut request = client.get(target);
+    if let Some(api_key) = api_key {
+        request = request.bearer_auth(api_key);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("asking the service at {base}"))?;
+    let code = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    match code {
+        200 => Ok(Some(body)),
+        404 if body["error"] == "unknown_key" => Ok(None),
+        401 => anyhow::bail!(
+            "the service at {base} refused: {} (give --api-key or SMS_API_KEY)",
+            body["detail"].as_str().unwrap_or("401")
+        ),
+        code => anyhow::bail!("the service at {base} answered {code}: {body}"),
+    }
+}
+
+/// Where to reach a service bound to `bind` from this machine: a wildcard
+/// address (`0.0.0.0`, `[::]`) is asked on loopback.
+fn local_address(bind: &str) -> String {
+    match bind.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let loopback: std::net::IpAddr = if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(loopback, addr.port()).to_string()
+        }
+        _ => bind.to_owned(),
+    }
+}
 
 /// Opens a connection of the operator's own to `amqp.url`, and a channel.
 pub(crate) async fn open(settings: &Settings) -> anyhow::Result<(Connection, Channel)> {
@@ -342,5 +404,18 @@ mod tests {
         assert_eq!(json["providerMessageId"], "msg-7f3a");
         assert_eq!(json["segments"], 1);
         assert!(!masked_json("SmsSent", SENT).contains("254712345678"));
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::local_address;
+
+    #[test]
+    fn a_wildcard_bind_is_asked_on_loopback() {
+        assert_eq!(local_address("0.0.0.0:8080"), "127.0.0.1:8080");
+        assert_eq!(local_address("[::]:8080"), "[::1]:8080");
+        assert_eq!(local_address("127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(local_address("10.1.2.3:80"), "10.1.2.3:80");
     }
 }

@@ -37,6 +37,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub processing: ProcessingConfig,
     pub http: HttpSettings,
+    pub grpc: GrpcSettings,
     pub log: LogSettings,
 }
 
@@ -192,6 +193,15 @@ pub struct HttpSettings {
     pub api_keys: Vec<SecretString>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSettings {
+    /// Address of the gRPC front door (`sms.v1.SmsService`, health,
+    /// reflection); empty turns it off. Its calls take the keys of
+    /// `http.api_keys`, open without one on a loopback address only.
+    pub bind: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -322,6 +332,12 @@ impl Settings {
         }
         if self.http.bind.parse::<SocketAddr>().is_err() {
             return bad("http.bind", "must be an address like 127.0.0.1:8080");
+        }
+        if !self.grpc.bind.is_empty() && self.grpc.bind.parse::<SocketAddr>().is_err() {
+            return bad(
+                "grpc.bind",
+                "must be an address like 127.0.0.1:50051, or empty to turn the gRPC door off",
+            );
         }
         // Name the key by its position: its value is a secret.
         for (i, key) in self.http.api_keys.iter().enumerate() {
@@ -687,6 +703,7 @@ mod tests {
         assert_eq!(s.provider.kind, ProviderKind::Generic);
         assert_eq!(s.provider.base_url, "http://127.0.0.1:9000");
         assert_eq!(s.http.bind, "127.0.0.1:8080");
+        assert_eq!(s.grpc.bind, "127.0.0.1:50051");
         assert_eq!(s.amqp.command_queue, "sms.send");
         assert_eq!(s.amqp.dead_letter_queue, "sms.send.dead");
         assert_eq!(s.redis.idempotency_ttl_secs, 86_400);
@@ -713,12 +730,20 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_grpc_bind_turns_the_grpc_door_off() {
+        assert_eq!(load(&[("SMS__GRPC__BIND", "")]).unwrap().grpc.bind, "");
+        let any = load(&[("SMS__GRPC__BIND", "0.0.0.0:50051")]).unwrap();
+        assert_eq!(any.grpc.bind, "0.0.0.0:50051");
+    }
+
+    #[test]
     fn bad_values_are_refused_naming_the_key() {
         for (var, value, key) in [
             ("SMS__AMQP__URL", "not a url", "amqp.url"),
             ("SMS__REDIS__URL", "http://x", "redis.url"),
             ("SMS__PROVIDER__BASE_URL", "ftp://x", "provider.base_url"),
             ("SMS__HTTP__BIND", "localhost", "http.bind"),
+            ("SMS__GRPC__BIND", "localhost:50051", "grpc.bind"),
             (
                 "SMS__PROCESSING__MAX_IN_FLIGHT",
                 "0",

@@ -16,7 +16,9 @@
 //!   to the notification step with bounded concurrency and settles each
 //!   delivery (ack, requeue, dead-letter); graceful shutdown.
 //! - [`adapters`]: RabbitMQ (lapin), Redis, providers (reqwest; one folder
-//!   each: send and delivery-report callbacks), HTTP (axum).
+//!   each: send and delivery-report callbacks), HTTP (axum), gRPC (tonic).
+//! - [`front_door`]: what the HTTP and gRPC doors share: submitting a
+//!   command, reading a key's status, readiness.
 //! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
 //! - [`cli_tools`], [`dead_letters`]: the operator's one-shot commands
 //!   (`send`, `events`; list, replay and reset dead letters, `forget`).
@@ -40,6 +42,7 @@ pub mod config;
 pub mod dead_letters;
 pub mod domain;
 pub mod fake_provider;
+pub mod front_door;
 pub mod notification;
 pub mod ports;
 pub mod processing;

@@ -105,6 +105,18 @@ enum Command {
         /// The idempotency key.
         key: String,
     },
+    /// Print a message's status document (GET /v1/messages/{key} of the
+    /// running service). Exit 0 when found, 1 when the key is unknown.
+    Status {
+        /// The idempotency key.
+        key: String,
+        /// The service's HTTP API (default: http://{http.bind}).
+        #[arg(long)]
+        url: Option<String>,
+        /// A key of http.api_keys, sent as a bearer key.
+        #[arg(long, env = "SMS_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
     /// Serve a fake of a provider's API, in its dialect.
     FakeProvider {
         /// Address to listen on.
@@ -252,6 +264,17 @@ fn main() -> ExitCode {
             }
             Command::DeadLetters { action } => dead_letters(settings, action).await,
             Command::Forget { key } => forget(settings, key).await,
+            Command::Status { key, url, api_key } => {
+                let found =
+                    cli_tools::status(&settings, url.as_deref(), api_key.as_deref(), &key).await?;
+                match found {
+                    Some(document) => {
+                        println!("{}", serde_json::to_string_pretty(&document)?);
+                        Ok(())
+                    }
+                    None => anyhow::bail!("{key}: no message with this key"),
+                }
+            }
             Command::FakeProvider {
                 bind,
                 kind,
@@ -301,6 +324,7 @@ impl Command {
                 | Command::Events { .. }
                 | Command::DeadLetters { .. }
                 | Command::Forget { .. }
+                | Command::Status { .. }
         )
     }
 }

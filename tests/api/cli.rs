@@ -1,5 +1,5 @@
 //! The operator's commands, mostly through the real binary: `events`,
-//! `send`, `dead-letters`, `forget`, `fake-provider`, and what a bare
+//! `send`, `dead-letters`, `forget`, `status`, `fake-provider`, and what a bare
 //! `sms-service` does.
 
 use std::io::{BufRead, BufReader, Read};
@@ -618,4 +618,60 @@ async fn the_fake_provider_on_a_busy_port_says_which_address() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains(&address), "{stderr}");
+}
+
+#[tokio::test]
+async fn status_prints_the_status_document_and_exits_1_for_an_unknown_key() {
+    const API_KEY: &str = "test-status-api-key-0123456789";
+    let mut app = crate::helpers::spawn_app_with(&[("SMS__HTTP__API_KEYS", API_KEY)]).await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "status-msg-1"})))
+        .mount(&app.provider)
+        .await;
+    app.publish(&command("status-1", "+254712345678", "hi"))
+        .await;
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    let env = env_of(&app);
+    let url = app.base_url.clone();
+    // The binary asks the in-process service: off the runtime's thread.
+    let status = |args: Vec<String>, key: Option<&'static str>| {
+        let mut env = env.clone();
+        env.extend(key.map(|k| ("SMS_API_KEY".to_owned(), k.to_owned())));
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&env, &args)
+        })
+    };
+    let args = |key: &str| vec!["status".into(), key.into(), "--url".into(), url.clone()];
+
+    let found = status(args("status-1"), Some(API_KEY)).await.unwrap();
+    assert!(found.status.success(), "{}", text(&found.stderr));
+    let document: Value = serde_json::from_slice(&found.stdout).expect("stdout is JSON");
+    assert_eq!(document["idempotencyKey"], "status-1");
+    assert_eq!(document["status"], "sent");
+    assert_eq!(document["providerMessageId"], "status-msg-1");
+
+    let with_flag = [args("status-1"), vec!["--api-key".into(), API_KEY.into()]].concat();
+    assert!(status(with_flag, None).await.unwrap().status.success());
+
+    let unknown = status(args("status-never-seen"), Some(API_KEY))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        text(&unknown.stderr).contains("status-never-seen: no message with this key"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    let refused = status(args("status-1"), None).await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("SMS_API_KEY"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let usage = status(vec!["status".into()], None).await.unwrap();
+    assert_eq!(usage.status.code(), Some(2), "no KEY is a usage error");
+    app.cleanup().await;
 }

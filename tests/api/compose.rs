@@ -33,7 +33,7 @@ async fn the_compose_stack_sends_and_reports_delivery() {
     init_logs();
     let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
     let compose = &YamlLoader::load_from_str(&text).unwrap()[0];
-    let (fake_1, fake_2, http) = (free_port(), free_port(), free_port());
+    let (fake_1, fake_2, http, grpc) = (free_port(), free_port(), free_port(), free_port());
     let swap = |value: &str| {
         value
             .replace("rabbitmq:5672", "127.0.0.1:5672")
@@ -43,6 +43,7 @@ async fn the_compose_stack_sends_and_reports_delivery() {
                 &format!("http://127.0.0.1:{http}"),
             )
             .replace("0.0.0.0:8080", &format!("127.0.0.1:{http}"))
+            .replace("0.0.0.0:50051", &format!("127.0.0.1:{grpc}"))
             .replace(
                 "http://fake-provider-2:9000",
                 &format!("http://127.0.0.1:{fake_2}"),
@@ -97,6 +98,12 @@ async fn the_compose_stack_sends_and_reports_delivery() {
             .unwrap(),
     );
     wait_http(&format!("http://127.0.0.1:{http}/readyz")).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", grpc))
+            .await
+            .is_ok(),
+        "the gRPC door listens on SMS__GRPC__BIND"
+    );
 
     broker
         .publish_command(

@@ -89,6 +89,8 @@ impl Names {
             ("SMS__RETRY__REQUEUE_DELAY_MS", "100"),
             ("SMS__PROCESSING__SHUTDOWN_GRACE_MS", "3000"),
             ("SMS__HTTP__BIND", "127.0.0.1:0"),
+            // Never the default port: tests run side by side.
+            ("SMS__GRPC__BIND", "127.0.0.1:0"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -9,6 +9,7 @@ mod delivery;
 mod docs;
 mod e2e;
 mod failover;
+mod grpc;
 mod helpers;
 mod observability;
 mod ops;

@@ -8,6 +8,9 @@
 //! compared with every digest in constant time (`subtle`): neither the
 //! time taken nor an early exit tells a caller how much of a key, or which
 //! key, it got right, and the keys' lengths do not show either.
+//!
+//! The gRPC door applies the same rules ([`ApiAccess::check`]) to its
+//! `authorization` metadata, with `grpc.bind` for the loopback rule.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -87,13 +90,56 @@ pub fn is_loopback(bind: &str) -> bool {
         .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// The text after `Bearer ` in `Authorization` (the scheme in any case).
-fn bearer(request: &Request) -> Option<&str> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+/// Why a caller may not act on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No key is configured and the door is reachable from outside.
+    NoKeyConfigured,
+    /// No `Bearer` credentials were presented.
+    NoKey,
+    /// The key presented is not one of the configured keys.
+    WrongKey,
+}
+
+impl Denial {
+    /// What the caller is told; `bind_setting` names the door's address
+    /// setting (`http.bind`, `grpc.bind`).
+    pub fn detail(self, bind_setting: &str) -> String {
+        match self {
+            Self::NoKeyConfigured => format!(
+                "no API key is configured (http.api_keys) and {bind_setting} is not a loopback address"
+            ),
+            Self::NoKey => "send Authorization: Bearer <API key>".to_owned(),
+            Self::WrongKey => "API key not accepted".to_owned(),
+        }
+    }
+
+    /// The HTTP `WWW-Authenticate` challenge.
+    fn challenge(self) -> &'static str {
+        match self {
+            Self::WrongKey => "Bearer realm=\"sms-service\", error=\"invalid_token\"",
+            Self::NoKeyConfigured | Self::NoKey => "Bearer realm=\"sms-service\"",
+        }
+    }
+}
+
+impl ApiAccess {
+    /// Whether a caller whose `Authorization` header (or gRPC
+    /// `authorization` metadata) is `authorization` may act on messages.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Denial> {
+        match (self, authorization.and_then(bearer)) {
+            (Self::OpenOnLoopback, _) => Ok(()),
+            (Self::Closed, _) => Err(Denial::NoKeyConfigured),
+            (Self::Keys(_), None) => Err(Denial::NoKey),
+            (Self::Keys(_), Some(key)) if !self.accepts(key) => Err(Denial::WrongKey),
+            (Self::Keys(_), Some(_)) => Ok(()),
+        }
+    }
+}
+
+/// The text after `Bearer ` in an `Authorization` value (the scheme in
+/// any case).
+fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -109,31 +155,19 @@ pub async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Response {
-    let access = &state.api_access;
-    let refusal = match (access, bearer(&request)) {
-        (ApiAccess::OpenOnLoopback, _) => None,
-        (ApiAccess::Closed, _) => Some((
-            "no API key is configured (http.api_keys) and http.bind is not a loopback address",
-            "Bearer realm=\"sms-service\"",
-        )),
-        (ApiAccess::Keys(_), None) => Some((
-            "send Authorization: Bearer <API key>",
-            "Bearer realm=\"sms-service\"",
-        )),
-        (ApiAccess::Keys(_), Some(key)) if !access.accepts(key) => Some((
-            "API key not accepted",
-            "Bearer realm=\"sms-service\", error=\"invalid_token\"",
-        )),
-        (ApiAccess::Keys(_), Some(_)) => None,
-    };
-    match refusal {
-        None => next.run(request).await,
-        Some((detail, challenge)) => {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.api_access.check(authorization) {
+        Ok(()) => next.run(request).await,
+        Err(denial) => {
+            let detail = denial.detail("http.bind");
             debug!(path = request.uri().path(), detail, "request refused: 401");
             let mut response = problem(StatusCode::UNAUTHORIZED, "unauthorized", detail);
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
+                HeaderValue::from_static(denial.challenge()),
             );
             response.into_response()
         }
@@ -196,5 +230,22 @@ mod tests {
             !ApiAccess::new(&configured, "127.0.0.1:8080").accepts(""),
             "configured keys apply on loopback too"
         );
+    }
+
+    #[test]
+    fn check_reads_the_bearer_scheme_in_any_case_and_names_why_it_refuses() {
+        let access = keys(&["first-key-0123456789"]);
+        assert_eq!(access.check(Some("Bearer first-key-0123456789")), Ok(()));
+        assert_eq!(access.check(Some("bearer  first-key-0123456789 ")), Ok(()));
+        assert_eq!(access.check(None), Err(Denial::NoKey));
+        assert_eq!(access.check(Some("Basic Zm9vOmJhcg==")), Err(Denial::NoKey));
+        assert_eq!(access.check(Some("Bearer ")), Err(Denial::NoKey));
+        assert_eq!(access.check(Some("Bearer nope")), Err(Denial::WrongKey));
+        let closed = ApiAccess::new(&[], "0.0.0.0:50051");
+        assert_eq!(closed.check(None), Err(Denial::NoKeyConfigured));
+        assert!(Denial::NoKeyConfigured
+            .detail("grpc.bind")
+            .contains("grpc.bind is not a loopback address"));
+        assert_eq!(ApiAccess::new(&[], "127.0.0.1:50051").check(None), Ok(()));
     }
 }

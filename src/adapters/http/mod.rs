@@ -23,21 +23,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use self::auth::ApiAccess;
-use crate::domain::{CommandError, SendSms};
-use crate::ports::{
-    Admission, CacheService, EventBus, EventMeta, MessageStatus, QueueClient, SmsService,
-};
-use crate::processing::Consuming;
+use crate::front_door::{event_meta, status_document, FrontDoor, Refusal};
+use crate::ports::{CacheService, EventBus, SmsService};
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
+    /// Submission, status and readiness, shared with the gRPC door.
+    pub door: FrontDoor,
+    /// The store, for delivery reports.
     pub cache: Arc<dyn CacheService>,
-    /// `host:port` of Redis, for readiness reasons.
-    pub redis_address: String,
-    pub queue: Arc<dyn QueueClient>,
     pub events: Arc<dyn EventBus>,
-    pub consuming: Arc<Consuming>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The generic instances whose ids generic delivery reports name, in
     /// order, each with its callback secret (a report to an instance with
@@ -110,36 +106,8 @@ fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Respon
         .into_response()
 }
 
-/// Why the service is not ready, if it is not: not connected to RabbitMQ
-/// or not consuming, or Redis not answering a write within 2 s. Sets the
-/// `sms_ready` gauge to what it finds, so that `/readyz` and every scrape
-/// of `/metrics` both report it.
-async fn readiness(state: &HttpState) -> Result<(), String> {
-    let mut reasons = Vec::new();
-    if !state.queue.is_connected() {
-        reasons.push("not connected to RabbitMQ".to_owned());
-    } else if !state.consuming.get() {
-        reasons.push("not consuming commands".to_owned());
-    }
-    match tokio::time::timeout(Duration::from_secs(2), state.cache.ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => reasons.push(format!("Redis at {}: {e}", state.redis_address)),
-        Err(_) => reasons.push(format!(
-            "Redis at {}: no answer within 2 s",
-            state.redis_address
-        )),
-    }
-    let ready = reasons.is_empty();
-    metrics::gauge!("sms_ready").set(if ready { 1.0 } else { 0.0 });
-    if ready {
-        Ok(())
-    } else {
-        Err(reasons.join("; "))
-    }
-}
-
 async fn ready(State(state): State<HttpState>) -> Response {
-    match readiness(&state).await {
+    match state.door.readiness().await {
         Ok(()) => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -152,7 +120,7 @@ async fn ready(State(state): State<HttpState>) -> Response {
 /// The Prometheus page, with `sms_ready` checked first: a scrape sees the
 /// readiness of the moment, whether or not anything polls `/readyz`.
 async fn render_metrics(State(state): State<HttpState>) -> Response {
-    let _ = readiness(&state).await;
+    let _ = state.door.readiness().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -161,107 +129,46 @@ async fn render_metrics(State(state): State<HttpState>) -> Response {
 }
 
 async fn status(State(state): State<HttpState>, Path(key): Path<String>) -> Response {
-    if key.len() > crate::domain::MAX_KEY_LEN {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "unknown_key",
-            "no message with this key",
-        );
-    }
-    match state.cache.status(&key).await {
-        Ok(Some(s)) => Json(status_document(&key, &s)).into_response(),
-        Ok(None) => problem(
-            StatusCode::NOT_FOUND,
-            "unknown_key",
-            "no message with this key",
-        ),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        ),
+    match state.door.status(&key).await {
+        Ok(s) => Json(status_document(&key, &s)).into_response(),
+        Err(refusal) => refuse(refusal),
     }
 }
 
-/// Validates a SendSms body and publishes it, as sent, to the command queue.
+/// Validates a SendSms body and publishes it, as sent, to the command queue
+/// ([`FrontDoor::submit`]).
 async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let command = match SendSms::from_json(&body) {
-        Ok(command) => command,
-        Err(CommandError::Malformed(detail)) => {
-            return problem(StatusCode::BAD_REQUEST, "invalid_command", detail)
-        }
-        Err(CommandError::Invalid { reason, detail, .. }) => {
-            return problem(StatusCode::BAD_REQUEST, reason.as_str(), detail)
-        }
-    };
-    let text_header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(256).collect::<String>())
-    };
-    let meta = EventMeta {
-        correlation_id: text_header("x-correlation-id"),
-        traceparent: text_header("traceparent"),
-    };
-    let key = &command.idempotency_key;
-    // Known from this moment: the status route answers for it at once, and
-    // a reused key with another payload is refused before it is queued.
-    let admission = match state.cache.admit(key, &command.fingerprint()).await {
-        Ok(admission) => admission,
-        Err(e) => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                e.to_string(),
-            )
-        }
-    };
-    if admission == Admission::Conflict {
-        let mut answer = match state.cache.status(key.as_str()).await {
-            Ok(Some(known)) => status_document(key.as_str(), &known),
-            _ => json!({"idempotencyKey": key.as_str()}),
-        };
-        answer["error"] = json!("idempotency_key_reused");
-        answer["detail"] = json!("this key was used for another message");
-        return (StatusCode::CONFLICT, Json(answer)).into_response();
-    }
-    match state.queue.publish_command(&body, &meta).await {
-        Ok(()) => (
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let meta = event_meta(header("x-correlation-id"), header("traceparent"));
+    match state.door.submit(&body, &meta).await {
+        Ok(key) => (
             StatusCode::ACCEPTED,
             Json(json!({"idempotencyKey": key.as_str()})),
         )
             .into_response(),
-        Err(e) => {
-            if admission == Admission::New {
-                // Not queued: the key is not taken. If this fails too the
-                // status says `processing` until the client retries.
-                let _ = state.cache.withdraw(key).await;
-            }
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                e.to_string(),
-            )
-        }
+        Err(refusal) => refuse(refusal),
     }
 }
 
-/// The status document of a key, as the status route answers it.
-fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
-    let mut doc = json!({
-        "idempotencyKey": key,
-        "status": s.status,
-        "providerMessageId": s.provider_message_id,
-        "attempts": s.attempts,
-        "updatedAt": s.updated_at,
-        "provider": s.provider,
-        "deliveryStatus": s.delivery_status.map(|d| d.as_str()),
-        "history": s.history,
-    });
-    if let Some(reason) = &s.reason {
-        doc["reason"] = json!(reason);
-        doc["detail"] = json!(s.detail);
+/// A front door's refusal as HTTP: the status code and the JSON error; a
+/// reused key also shows the key's status document.
+fn refuse(refusal: Refusal) -> Response {
+    let status = match &refusal {
+        Refusal::Invalid { .. } => StatusCode::BAD_REQUEST,
+        Refusal::KeyReused { .. } => StatusCode::CONFLICT,
+        Refusal::UnknownKey => StatusCode::NOT_FOUND,
+        Refusal::StoreUnavailable(_) | Refusal::BrokerUnavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    if let Refusal::KeyReused { key, known } = &refusal {
+        let mut answer = match known {
+            Some(known) => status_document(key.as_str(), known),
+            None => json!({"idempotencyKey": key.as_str()}),
+        };
+        answer["error"] = json!(refusal.error());
+        answer["detail"] = json!(refusal.detail());
+        return (status, Json(answer)).into_response();
     }
-    doc
+    problem(status, refusal.error(), refusal.detail())
 }

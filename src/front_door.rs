@@ -1,0 +1,229 @@
+//! What the HTTP and gRPC doors share, so that the two answer alike: a
+//! command submitted at either is validated by the same rules, admitted
+//! and queued the same way ([`FrontDoor::submit`]), a key's status is read
+//! once ([`FrontDoor::status`]), and readiness means one thing
+//! ([`FrontDoor::readiness`]). Each door only translates its wire (JSON
+//! and HTTP status codes; protobuf and gRPC codes) to and from these.
+//!
+//! Uses the ports only, no adapter crate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::domain::{CommandError, DeliveryStatus, IdempotencyKey, SendSms, MAX_KEY_LEN};
+use crate::ports::{Admission, CacheService, EventMeta, MessageStatus, QueueClient};
+use crate::processing::Consuming;
+
+/// The longest `x-correlation-id` or `traceparent` a door passes on.
+const MAX_META_CHARS: usize = 256;
+
+/// How long readiness waits for Redis to take a write.
+pub const READY_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the doors act on.
+#[derive(Clone)]
+pub struct FrontDoor {
+    pub cache: Arc<dyn CacheService>,
+    pub queue: Arc<dyn QueueClient>,
+    /// Whether the processing loop consumes commands, for readiness.
+    pub consuming: Arc<Consuming>,
+    /// `host:port` of Redis, for readiness reasons.
+    pub redis_address: String,
+}
+
+/// Why a door refuses a request. Each door maps it to its own code: HTTP
+/// 400, 409, 404, 503; gRPC `INVALID_ARGUMENT`, `ALREADY_EXISTS`,
+/// `NOT_FOUND`, `UNAVAILABLE`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Not a valid command (section 2.3): `error` is the `SmsFailed`
+    /// reason that would apply, `invalid_command` for a malformed one.
+    Invalid { error: &'static str, detail: String },
+    /// The key is known with another payload: nothing was queued.
+    KeyReused {
+        key: IdempotencyKey,
+        /// The key's status, when it could be read.
+        known: Option<MessageStatus>,
+    },
+    /// No message with this key.
+    UnknownKey,
+    /// Redis did not answer.
+    StoreUnavailable(String),
+    /// The broker did not take (or confirm) the command.
+    BrokerUnavailable(String),
+}
+
+impl Refusal {
+    /// The `error` code both doors show.
+    pub fn error(&self) -> &'static str {
+        match self {
+            Self::Invalid { error, .. } => error,
+            Self::KeyReused { .. } => "idempotency_key_reused",
+            Self::UnknownKey => "unknown_key",
+            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::BrokerUnavailable(_) => "broker_unavailable",
+        }
+    }
+
+    /// The human-readable detail both doors show.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Invalid { detail, .. } => detail.clone(),
+            Self::KeyReused { .. } => "this key was used for another message".to_owned(),
+            Self::UnknownKey => "no message with this key".to_owned(),
+            Self::StoreUnavailable(detail) | Self::BrokerUnavailable(detail) => detail.clone(),
+        }
+    }
+}
+
+/// The context a door passes from its request onto the command:
+/// `x-correlation-id` and `traceparent`, each cut to 256 characters.
+pub fn event_meta(correlation_id: Option<&str>, traceparent: Option<&str>) -> EventMeta {
+    let cut = |v: &str| v.chars().take(MAX_META_CHARS).collect::<String>();
+    EventMeta {
+        correlation_id: correlation_id.map(cut),
+        traceparent: traceparent.map(cut),
+    }
+}
+
+impl FrontDoor {
+    /// Validates a SendSms body with the rules of the queue (section 2),
+    /// admits its key, and publishes the body unchanged with confirm.
+    /// Admission first: the key's status answers at once, and a key reused
+    /// with another payload is refused before anything is queued. A new
+    /// admission whose publish fails is withdrawn, so the key is unknown
+    /// again. Answers the key once the broker confirmed the command.
+    pub async fn submit(&self, body: &[u8], meta: &EventMeta) -> Result<IdempotencyKey, Refusal> {
+        let command = SendSms::from_json(body).map_err(|e| match e {
+            CommandError::Malformed(detail) => Refusal::Invalid {
+                error: "invalid_command",
+                detail,
+            },
+            CommandError::Invalid { reason, detail, .. } => Refusal::Invalid {
+                error: reason.as_str(),
+                detail,
+            },
+        })?;
+        let key = command.idempotency_key.clone();
+        let admission = self
+            .cache
+            .admit(&key, &command.fingerprint())
+            .await
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        if admission == Admission::Conflict {
+            let known = self.cache.status(key.as_str()).await.ok().flatten();
+            return Err(Refusal::KeyReused { key, known });
+        }
+        match self.queue.publish_command(body, meta).await {
+            Ok(()) => Ok(key),
+            Err(e) => {
+                if admission == Admission::New {
+                    // Not queued: the key is not taken. If this fails too the
+                    // status says `processing` until the client retries.
+                    let _ = self.cache.withdraw(&key).await;
+                }
+                Err(Refusal::BrokerUnavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// The status of a key: [`Refusal::UnknownKey`] for a key never seen,
+    /// expired, or too long to be one.
+    pub async fn status(&self, key: &str) -> Result<MessageStatus, Refusal> {
+        if key.len() > MAX_KEY_LEN {
+            return Err(Refusal::UnknownKey);
+        }
+        match self.cache.status(key).await {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err(Refusal::UnknownKey),
+            Err(e) => Err(Refusal::StoreUnavailable(e.to_string())),
+        }
+    }
+
+    /// Ready: connected to the broker, consuming, and Redis takes a write
+    /// within [`READY_REDIS_TIMEOUT`]. Otherwise every reason, joined. Sets
+    /// the `sms_ready` gauge to what it finds, so that `/readyz`, every
+    /// scrape of `/metrics` and gRPC health checking all report it.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if !self.queue.is_connected() {
+            reasons.push("not connected to RabbitMQ".to_owned());
+        } else if !self.consuming.get() {
+            reasons.push("not consuming commands".to_owned());
+        }
+        match tokio::time::timeout(READY_REDIS_TIMEOUT, self.cache.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => reasons.push(format!("Redis at {}: {e}", self.redis_address)),
+            Err(_) => reasons.push(format!(
+                "Redis at {}: no answer within 2 s",
+                self.redis_address
+            )),
+        }
+        let ready = reasons.is_empty();
+        metrics::gauge!("sms_ready").set(if ready { 1.0 } else { 0.0 });
+        if ready {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
+    }
+}
+
+/// Whether a status ends the message's lifecycle: `failed`, or a final
+/// delivery status (`delivered`, `undelivered`, `rejected`, `expired`,
+/// `unknown`). `processing` and `sent` may still change.
+pub fn is_final(status: &str) -> bool {
+    status == "failed" || DeliveryStatus::parse(status).is_some_and(DeliveryStatus::is_final)
+}
+
+/// The status document of a key as JSON (section 7.4).
+pub fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
+    let mut doc = json!({
+        "idempotencyKey": key,
+        "status": s.status,
+        "providerMessageId": s.provider_message_id,
+        "attempts": s.attempts,
+        "updatedAt": s.updated_at,
+        "provider": s.provider,
+        "deliveryStatus": s.delivery_status.map(|d| d.as_str()),
+        "history": s.history,
+    });
+    if let Some(reason) = &s.reason {
+        doc["reason"] = json!(reason);
+        doc["detail"] = json!(s.detail);
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_and_final_delivery_statuses_end_a_watch_and_the_others_do_not() {
+        for status in [
+            "failed",
+            "delivered",
+            "undelivered",
+            "rejected",
+            "expired",
+            "unknown",
+        ] {
+            assert!(is_final(status), "{status}");
+        }
+        for status in ["processing", "sent", "accepted", ""] {
+            assert!(!is_final(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn request_context_is_cut_to_256_characters() {
+        let long = "x".repeat(300);
+        let meta = event_meta(Some(&long), Some("00-abc-01"));
+        assert_eq!(meta.correlation_id.unwrap().len(), 256);
+        assert_eq!(meta.traceparent.as_deref(), Some("00-abc-01"));
+        assert_eq!(event_meta(None, None), EventMeta::default());
+    }
+}
