@@ -22,6 +22,12 @@ use crate::notification::{Notifier, ProviderGuard, Providers};
 use crate::ports::{CacheService, SmsService};
 use crate::processing::QueueProcessingService;
 
+/// How often the sweeper looks for unconfirmed delivery reports.
+const REPORT_SWEEP: Duration = Duration::from_secs(10);
+/// How old an unconfirmed delivery report must be before the sweeper
+/// publishes it: time enough for its callback's own publish, or the
+/// provider's retry, to have confirmed it.
+const REPORT_SWEEP_AGE: Duration = Duration::from_secs(30);
 /// How long the gRPC door may take to close its connections at shutdown
 /// (a health watch never ends by itself); then they are dropped.
 pub const GRPC_DRAIN: Duration = Duration::from_secs(5);
@@ -114,6 +120,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     // The liveness record outlives processing: it is deleted only once
     // nothing of this instance is still working on a key.
     let alive = CancellationToken::new();
+    // Delivery reports whose event a callback or a send could not confirm
+    // are published here, whether or not their provider calls again.
+    let sweeper = tokio::spawn({
+        let (notifier, alive) = (notifier.clone(), alive.clone());
+        async move {
+            let mut tick = tokio::time::interval(REPORT_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = alive.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                notifier.republish_reports(REPORT_SWEEP_AGE, 100).await;
+            }
+        }
+    });
     let heartbeat = tokio::spawn({
         let (notifier, alive) = (notifier.clone(), alive.clone());
         async move { notifier.keep_alive(alive).await }
@@ -219,6 +241,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         processing.run(processing_shutdown).await;
         alive.cancel();
         let _ = heartbeat.await;
+        let _ = sweeper.await;
         // The API stays up while draining so probes see the shutdown.
         http_shutdown.cancel();
         if let Some(mut grpc_task) = grpc_task {

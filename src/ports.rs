@@ -594,6 +594,15 @@ pub trait CacheService: Send + Sync {
         key: &str,
         status: DeliveryStatus,
     ) -> Result<(), CacheError>;
+    /// SmsDeliveryReports recorded at least `older_than` ago and still not
+    /// confirmed (their callback got a 5xx and the provider never sent it
+    /// again, or their send's step could not publish them), at most
+    /// `limit`: the sweeper publishes them.
+    async fn unpublished_reports(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<DeliveryReport>, CacheError>;
     /// Writes `instance`'s liveness record for `ttl`: while it exists, the
     /// instance's leases are respected until they run out.
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError>;

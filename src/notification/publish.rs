@@ -44,8 +44,12 @@ impl Notifier {
                         sent_at: r.sent_at.clone(),
                     };
                     self.events.publish_sent(&event, meta).await?;
+                    // Never holds the send: what is not confirmed here the
+                    // sweeper publishes (republish_reports).
                     if reported {
-                        self.publish_pending_report(key.as_str()).await?;
+                        if let Err(e) = self.publish_pending_report(key.as_str()).await {
+                            warn!(error = %e, "delivery report of a parked callback not published yet; the sweeper will");
+                        }
                     }
                     Ok(())
                 }
@@ -113,6 +117,44 @@ impl Notifier {
             .mark_report_published(key, report.status)
             .await
             .map_err(unavailable)
+    }
+
+    /// Publishes the SmsDeliveryReports recorded at least `older_than` ago
+    /// and still not confirmed, at most `limit`; how many went out. Every
+    /// instance runs it now and then: a callback answered 5xx that its
+    /// provider never sends again, or a report a send's step could not
+    /// publish, is published all the same.
+    pub async fn republish_reports(&self, older_than: Duration, limit: usize) -> usize {
+        let reports = match self.cache.unpublished_reports(older_than, limit).await {
+            Ok(reports) => reports,
+            Err(e) => {
+                warn!(error = %e, "cannot list unconfirmed delivery reports");
+                return 0;
+            }
+        };
+        let mut published = 0;
+        for report in reports {
+            match self.events.publish_delivery(&report).await {
+                Ok(()) | Err(QueueError::Unroutable(_)) => {}
+                Err(e) => {
+                    warn!(error = %e, "unconfirmed delivery report still not published");
+                    break;
+                }
+            }
+            let key = report.idempotency_key.as_str();
+            if self
+                .cache
+                .mark_report_published(key, report.status)
+                .await
+                .is_ok()
+            {
+                published += 1;
+            }
+        }
+        if published > 0 {
+            info!(published, "unconfirmed delivery reports published");
+        }
+        published
     }
 
     /// What to do when an event was not confirmed. Unroutable (no queue is

@@ -86,7 +86,12 @@ impl Notifier {
             }
             // Checked before every call: a retry from a delay tier too.
             if a.cmd.expires_at.is_some_and(|at| at <= SystemTime::now()) {
-                let detail = "expiresAt passed before it could be sent".to_owned();
+                let mut detail = "expiresAt passed before it could be sent".to_owned();
+                if let Some(pinned) = &a.retry.pinned_provider {
+                    detail.push_str(&format!(
+                        "; an earlier call to {pinned} was ambiguous and may have sent it"
+                    ));
+                }
                 return self.fail(a, FailureReason::Expired, detail).await;
             }
             let instance = self.providers.get(a.route.current);

@@ -72,8 +72,12 @@ impl Ledger {
                 && e.error_code == report.error_code
         });
         if seen {
+            // The very report that set the final status, not confirmed.
             return self.delivery.as_ref().is_some_and(|(d, p)| {
-                d.status == report.status && p == part && !self.delivery_published
+                p == part
+                    && d.provider_status == report.provider_status
+                    && d.error_code == report.error_code
+                    && !self.delivery_published
             });
         }
         self.history.push((
@@ -568,7 +572,12 @@ impl CacheService for MemoryCache {
     ) -> Result<ReportOutcome, CacheError> {
         self.check()?;
         let id = (provider.to_owned(), report.provider_message_id.clone());
-        let Some(key) = self.pids.lock().unwrap().get(&id).cloned() else {
+        // Locked in record_sent's order (entries, pids, parked) and held
+        // throughout, so a send recorded meanwhile finds what was parked,
+        // as the Redis script is atomic.
+        let mut entries = self.entries.lock().unwrap();
+        let pids = self.pids.lock().unwrap();
+        let Some(key) = pids.get(&id).cloned() else {
             if park_ttl.is_none() {
                 return Ok(ReportOutcome::Unmatched);
             }
@@ -580,7 +589,7 @@ impl CacheService for MemoryCache {
             }
             return Ok(ReportOutcome::Parked);
         };
-        let mut entries = self.entries.lock().unwrap();
+        drop(pids);
         let Some(entry) = entries.get_mut(&key) else {
             return Ok(ReportOutcome::Unmatched);
         };
@@ -605,6 +614,20 @@ impl CacheService for MemoryCache {
         self.check()?;
         let entries = self.entries.lock().unwrap();
         Ok(entries.get(key).and_then(|e| e.ledger.pending()))
+    }
+
+    async fn unpublished_reports(
+        &self,
+        _older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<DeliveryReport>, CacheError> {
+        self.check()?;
+        let entries = self.entries.lock().unwrap();
+        Ok(entries
+            .values()
+            .filter_map(|e| e.ledger.pending())
+            .take(limit)
+            .collect())
     }
 
     async fn mark_report_published(

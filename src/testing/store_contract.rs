@@ -825,6 +825,48 @@ impl Case<'_> {
             ReportOutcome::Unchanged,
             "a later success never hides a part's failure"
         );
+        // A part unknown, then the last part delivered: that last report
+        // ends it `unknown`; unconfirmed, its repeat publishes it again.
+        let (five, six) = (format!("{}-p5", self.unique), format!("{}-p6", self.unique));
+        let (key, _) = self.sent_in_parts("unknown-part", &[&five, &six]).await;
+        assert_eq!(
+            self.report("p5", Unknown, "unknown").await,
+            ReportOutcome::Unchanged
+        );
+        let ReportOutcome::Publish(event) = self.report("p6", Delivered, "delivered").await else {
+            panic!("all parts final: no event");
+        };
+        assert_eq!(event.status, Unknown);
+        assert!(
+            matches!(self.report("p6", Delivered, "delivered").await, ReportOutcome::Publish(e) if e.status == Unknown),
+            "the repeat of the report that ended it publishes it again"
+        );
+        let unconfirmed = self
+            .store
+            .unpublished_reports(Duration::ZERO, 1000)
+            .await
+            .unwrap();
+        assert!(
+            unconfirmed
+                .iter()
+                .any(|r| r.idempotency_key == key.as_str() && r.status == Unknown),
+            "the sweeper finds it"
+        );
+        self.store
+            .mark_report_published(key.as_str(), Unknown)
+            .await
+            .unwrap();
+        let unconfirmed = self
+            .store
+            .unpublished_reports(Duration::ZERO, 1000)
+            .await
+            .unwrap();
+        assert!(
+            unconfirmed
+                .iter()
+                .all(|r| r.idempotency_key != key.as_str()),
+            "confirmed: gone"
+        );
     }
 
     async fn a_pin_outlives_the_claim_that_set_it(&self) {

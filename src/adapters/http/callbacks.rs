@@ -224,12 +224,11 @@ async fn record_all(
                 info!(provider = instance, provider_message_id = %report.provider_message_id,
                     "delivery report for an id not recorded yet: kept until its send is");
             }
+            // A message whose record is gone: the rest of a batch goes on.
+            ReportOutcome::Unmatched if park_ttl.is_some() => counted("unmatched"),
             ReportOutcome::Unmatched => {
                 // Part 1's route tries each generic instance: it counts
                 // the report once, when none knows it.
-                if park_ttl.is_some() {
-                    counted("unmatched");
-                }
                 return problem(
                     StatusCode::NOT_FOUND,
                     "unknown_id",

@@ -54,6 +54,7 @@ struct Scripts {
     release: Script,
     record_report: Script,
     mark_report_published: Script,
+    unpublished_reports: Script,
 }
 
 /// Most reports kept in a key's history.
@@ -109,6 +110,7 @@ impl RedisStore {
                 release: Script::new(scripts::RELEASE),
                 record_report: Script::new(&scripts::record_report()),
                 mark_report_published: Script::new(scripts::MARK_REPORT_PUBLISHED),
+                unpublished_reports: Script::new(scripts::UNPUBLISHED_REPORTS),
             },
         })
     }
@@ -137,6 +139,12 @@ impl RedisStore {
 
     fn park_key(&self, provider: &str, provider_message_id: &str) -> String {
         format!("{}:park:{provider}:{provider_message_id}", self.prefix)
+    }
+
+    /// The keys whose SmsDeliveryReport is not confirmed yet, by when
+    /// their final status was set.
+    fn unpublished_key(&self) -> String {
+        format!("{}:dlr:unpublished", self.prefix)
     }
 
     fn alive_key(&self, instance: &str) -> String {
@@ -234,6 +242,24 @@ fn sent_record(f: &HashMap<String, String>) -> SentRecord {
         attempts: number(f, "attempts"),
         sent_at: field(f, "sent_at"),
     }
+}
+
+/// A report as the scripts list it: key, phone, provider, provider
+/// message id, status, provider status, error code, permanent, at.
+fn report_of(f: &[String]) -> Result<DeliveryReport, CacheError> {
+    let status = DeliveryStatus::parse(&f[4])
+        .ok_or_else(|| CacheError(format!("bad delivery status {:?}", f[4])))?;
+    Ok(DeliveryReport {
+        idempotency_key: f[0].clone(),
+        phone_number: f[1].clone(),
+        provider: f[2].clone(),
+        provider_message_id: f[3].clone(),
+        status,
+        provider_status: f[5].clone(),
+        error_code: Some(f[6].clone()).filter(|c| !c.is_empty()),
+        permanent: f[7] == "1",
+        reported_at: f[8].clone(),
+    })
 }
 
 /// A history entry as the scripts store it.
@@ -409,6 +435,7 @@ impl CacheService for RedisStore {
             self.park_key(&r.provider, ""),
         );
         let cap = HISTORY_CAP.to_string();
+        let unpublished = self.unpublished_key();
         let args = [
             owner.id.as_str(),
             &lease,
@@ -425,6 +452,7 @@ impl CacheService for RedisStore {
             &pid_prefix,
             &park_prefix,
             &cap,
+            &unpublished,
         ];
         let written: i64 = self
             .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
@@ -578,6 +606,7 @@ impl CacheService for RedisStore {
         let (msg_prefix, hist_prefix) = (self.msg_key(""), self.hist_key(""));
         let park_ttl = park_ttl.map_or(0, |t| t.as_secs().max(1)).to_string();
         let (hist_cap, park_cap) = (HISTORY_CAP.to_string(), PARK_CAP.to_string());
+        let unpublished = self.unpublished_key();
         let args = [
             msg_prefix.as_str(),
             &hist_prefix,
@@ -590,25 +619,14 @@ impl CacheService for RedisStore {
             &park_ttl,
             &hist_cap,
             &park_cap,
+            &unpublished,
         ];
         let answer: Vec<String> = self
             .run(&self.scripts.record_report, &[&pid, &park], &args)
             .await?;
         Ok(match answer.first().map(String::as_str) {
             Some("publish") if answer.len() == 10 => {
-                let status = DeliveryStatus::parse(&answer[5])
-                    .ok_or_else(|| CacheError(format!("bad delivery status {:?}", answer[5])))?;
-                ReportOutcome::Publish(DeliveryReport {
-                    idempotency_key: answer[1].clone(),
-                    phone_number: answer[2].clone(),
-                    provider: answer[3].clone(),
-                    provider_message_id: answer[4].clone(),
-                    status,
-                    provider_status: answer[6].clone(),
-                    error_code: Some(answer[7].clone()).filter(|c| !c.is_empty()),
-                    permanent: answer[8] == "1",
-                    reported_at: answer[9].clone(),
-                })
+                ReportOutcome::Publish(report_of(&answer[1..])?)
             }
             Some("parked") => ReportOutcome::Parked,
             Some("unmatched") => ReportOutcome::Unmatched,
@@ -629,14 +647,31 @@ impl CacheService for RedisStore {
         key: &str,
         status: DeliveryStatus,
     ) -> Result<(), CacheError> {
-        let msg = self.msg_key(key);
+        let (msg, unpublished) = (self.msg_key(key), self.unpublished_key());
         self.run::<i64>(
             &self.scripts.mark_report_published,
-            &[&msg],
-            &[status.as_str()],
+            &[&msg, &unpublished],
+            &[status.as_str(), key],
         )
         .await
         .map(drop)
+    }
+
+    async fn unpublished_reports(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<DeliveryReport>, CacheError> {
+        let (unpublished, msg_prefix) = (self.unpublished_key(), self.msg_key(""));
+        let (age, limit) = (older_than.as_millis().to_string(), limit.to_string());
+        let flat: Vec<String> = self
+            .run(
+                &self.scripts.unpublished_reports,
+                &[&unpublished],
+                &[&msg_prefix, &age, &limit],
+            )
+            .await?;
+        flat.chunks_exact(9).map(report_of).collect()
     }
 
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {

@@ -137,12 +137,15 @@ redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
 const APPLY: &str = r#"
 local FINAL = {delivered=true, undelivered=true, rejected=true, expired=true, unknown=true}
 local FAILURE = {undelivered=true, rejected=true, expired=true}
-local function apply(msg, hist, part, st, pst, code, perm, at, cap, ttl)
+local function apply(msg, hist, part, st, pst, code, perm, at, cap, ttl, key, unpub)
   for _, e in ipairs(redis.call('LRANGE', hist, 0, -1)) do
     local d = cjson.decode(e)
     if d.part == part and d.status == st and d.providerStatus == pst and d.errorCode == code then
-      local h = redis.call('HMGET', msg, 'delivery', 'd_published', 'd_part')
-      if h[1] == st and h[2] == '0' and h[3] == part then return 'publish' end
+      -- The very report that set the final status (of a part, for a
+      -- message in parts), its event not confirmed: publish it again.
+      local h = redis.call('HMGET', msg, 'd_published', 'd_part', 'd_provider_status',
+        'd_error_code')
+      if h[1] == '0' and h[2] == part and h[3] == pst and h[4] == code then return 'publish' end
       return 'unchanged'
     end
   end
@@ -168,6 +171,9 @@ local function apply(msg, hist, part, st, pst, code, perm, at, cap, ttl)
   if not final then return 'unchanged' end
   redis.call('HSET', msg, 'delivery', final, 'd_provider_status', pst, 'd_error_code', code,
     'd_permanent', perm, 'd_at', at, 'd_part', part, 'd_published', '0', 'updated_at', at)
+  -- Until its event is confirmed, the sweeper finds it here.
+  local t = redis.call('TIME')
+  redis.call('ZADD', unpub, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), key)
   return 'publish'
 end
 "#;
@@ -175,7 +181,7 @@ end
 /// `record_sent(key, pid_key, hist_key; owner, lease_ms, provider,
 /// provider_message_id, segments, attempts, sent_at, ttl_secs,
 /// idempotency_key, instance, phone, parts, pid_prefix, park_prefix,
-/// hist_cap)`: 1 written, 2 written and parked reports set a final status
+/// hist_cap, unpublished_key)`: 1 written, 2 written and parked reports set a final status
 /// (its event to publish), 0 fenced. `parts` lists every part's id, one
 /// per line; each gets its own provider-id key.
 pub fn record_sent() -> String {
@@ -197,10 +203,14 @@ for part in string.gmatch(ARGV[12], '[^\n]+') do
   if part ~= ARGV[4] then redis.call('SET', ARGV[13] .. part, ARGV[9], 'EX', ARGV[8]) end
   local park = ARGV[14] .. part
   for _, e in ipairs(redis.call('LRANGE', park, 0, -1)) do
-    local r = cjson.decode(e)
-    if apply(KEYS[1], KEYS[3], part, r.status, r.providerStatus, r.errorCode, r.permanent, r.at,
-        ARGV[15], ARGV[8]) == 'publish' then
-      answer = 2
+    -- A parked entry that cannot be applied is dropped: this write is
+    -- retried until it succeeds, and must never fail for a report.
+    local ok, r = pcall(cjson.decode, e)
+    if ok and type(r) == 'table' then
+      local applied, result = pcall(apply, KEYS[1], KEYS[3], part, tostring(r.status),
+        tostring(r.providerStatus), tostring(r.errorCode), tostring(r.permanent), tostring(r.at),
+        ARGV[15], ARGV[8], ARGV[9], ARGV[16])
+      if applied and result == 'publish' then answer = 2 end
     end
   end
   redis.call('DEL', park)
@@ -212,7 +222,7 @@ return answer
 
 /// `record_report(pid_key, park_key; msg_prefix, hist_prefix, part, status,
 /// provider_status, error_code, permanent, at, park_ttl_secs, hist_cap,
-/// park_cap)`: `{'publish', key, phone, provider, provider_message_id,
+/// park_cap, unpublished_key)`: `{'publish', key, phone, provider, provider_message_id,
 /// status, provider_status, error_code, permanent, at}`, `{'unchanged'}`,
 /// `{'parked'}` (no message has this id yet: kept for `park_ttl_secs`,
 /// at most `park_cap` reports; never when `park_ttl_secs` is 0), or
@@ -233,8 +243,8 @@ local msg, hist = ARGV[1] .. key, ARGV[2] .. key
 if redis.call('EXISTS', msg) == 0 then return {{'unmatched'}} end
 local ttl = redis.call('TTL', msg)
 if ttl < 1 then ttl = 1 end
-if apply(msg, hist, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10], ttl)
-    ~= 'publish' then
+if apply(msg, hist, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10], ttl,
+    key, ARGV[12]) ~= 'publish' then
   return {{'unchanged'}}
 end
 local h = redis.call('HMGET', msg, 'phone', 'provider', 'provider_message_id', 'delivery',
@@ -245,12 +255,39 @@ return {{'publish', key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h
     )
 }
 
-/// `mark_report_published(key; status)`: the SmsDeliveryReport of final
-/// `status` is confirmed.
+/// `mark_report_published(key, unpublished_key; status, idempotency_key)`:
+/// the SmsDeliveryReport of final `status` is confirmed.
 pub const MARK_REPORT_PUBLISHED: &str = r#"
 if redis.call('HGET', KEYS[1], 'delivery') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'd_published', '1')
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
+"#;
+
+/// `unpublished_reports(unpublished_key; msg_prefix, before_ms, limit)`:
+/// keys whose final status was set before `before_ms` (Redis clock: now
+/// minus the age asked) and whose SmsDeliveryReport is not confirmed, each
+/// as `key, phone, provider, provider_message_id, status, provider_status,
+/// error_code, permanent, at`; entries whose key is gone or confirmed are
+/// dropped from the index.
+pub const UNPUBLISHED_REPORTS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]),
+    'LIMIT', 0, tonumber(ARGV[3]))) do
+  local h = redis.call('HMGET', ARGV[1] .. key, 'phone', 'provider', 'provider_message_id',
+    'delivery', 'd_provider_status', 'd_error_code', 'd_permanent', 'd_at', 'd_published')
+  if h[4] and h[9] == '0' then
+    for _, v in ipairs({key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h[6] or '',
+        h[7] or '0', h[8] or ''}) do
+      table.insert(out, v)
+    end
+  else
+    redis.call('ZREM', KEYS[1], key)
+  end
+end
+return out
 "#;
 
 /// `record_failed(key; owner, lease_ms, reason, detail, attempts, failed_at,

@@ -35,7 +35,8 @@
 //!   retry it for nothing; the account's own report subscription applies.
 //!   No `intermediateReport`: the final report is what the service needs.
 //!   The reports: [`callback`].
-//! - Validity is not sent: the command has none yet.
+//! - A command's `expiresAt` goes as `options.validityPeriod` (the
+//!   seconds left, at most 48 h).
 //!
 //! **Deduplication.** Infobip does not document that a resend with the same
 //! `messageId` is answered like the first. Its status code

@@ -21,9 +21,8 @@
 //! (`{http.public_url}/v1/callbacks/{name}`), and Twilio posts its status
 //! changes there, signed with the Auth Token (`X-Twilio-Signature`); how
 //! they are authenticated and what each status becomes: `callback.rs`.
-//! Without `http.public_url` no `StatusCallback` is sent. The validity
-//! period (`ValidityPeriod`) is not sent yet: the service has no expiry
-//! setting for it.
+//! Without `http.public_url` no `StatusCallback` is sent. A command's
+//! `expiresAt` goes as `ValidityPeriod` (the seconds left, 1 to 36,000).
 
 pub mod callback;
 mod send;

@@ -39,8 +39,8 @@
 //!     Vonage sends them to the dashboard's URL, which must then be the
 //!     same. The URL may hold the path token: it is never logged.
 //!
-//!   `ttl` (from `expiresAt`) is not sent yet: the command does not carry
-//!   it.
+//!   `ttl`: a command's `expiresAt`, the milliseconds left, 20,000 to
+//!   604,800,000.
 //!
 //! Vonage does not deduplicate on `client-ref` (the reference calls it
 //! "your own reference" and says nothing more): a retry after an ambiguous
