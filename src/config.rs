@@ -39,6 +39,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub grpc: GrpcSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +218,31 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// How traces are exported (`[telemetry]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP base URL, as `OTEL_EXPORTER_OTLP_ENDPOINT` takes it; empty: no
+    /// traces are recorded or exported.
+    pub otlp_endpoint: String,
+    #[serde(deserialize_with = "explain::choice")]
+    pub otlp_protocol: OtlpProtocol,
+    /// Finished spans waiting for export at most; past it they are dropped
+    /// (and counted), so a slow collector never slows the service.
+    pub max_queued_spans: usize,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    /// Protobuf over HTTP, to `{otlp_endpoint}/v1/traces`.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// gRPC (plaintext), to `otlp_endpoint`.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -326,6 +352,25 @@ impl Settings {
             if url.query().is_some() || url.fragment().is_some() {
                 return bad("http.public_url", "must have no query or fragment");
             }
+        }
+        if !self.telemetry.otlp_endpoint.is_empty() {
+            let (key, endpoint) = ("telemetry.otlp_endpoint", &self.telemetry.otlp_endpoint);
+            check_url(key, endpoint, &["http", "https"])?;
+            let url = url::Url::parse(endpoint).expect("checked above");
+            if url.query().is_some() || url.fragment().is_some() {
+                return bad(key, "must have no query or fragment");
+            }
+            // The gRPC exporter is built without TLS.
+            if self.telemetry.otlp_protocol == OtlpProtocol::Grpc && url.scheme() == "https" {
+                return bad(
+                    key,
+                    "https is not supported with telemetry.otlp_protocol = \"grpc\" (plaintext only); \
+                     use \"http/protobuf\" for an https collector",
+                );
+            }
+        }
+        if self.telemetry.max_queued_spans == 0 || self.telemetry.max_queued_spans > 1_000_000 {
+            return bad("telemetry.max_queued_spans", "must be 1 to 1000000");
         }
         if self.http.report_park_ttl_secs == 0 {
             return bad("http.report_park_ttl_secs", "must be at least 1");
@@ -690,6 +735,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("retry.tiers_ms"), "{err}");
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_a_bad_collector_setting_names_its_key() {
+        let defaults = load(&[]).unwrap();
+        assert_eq!(defaults.telemetry.otlp_endpoint, "");
+        assert_eq!(defaults.telemetry.otlp_protocol, OtlpProtocol::HttpProtobuf);
+        let grpc = load(&[
+            ("SMS__TELEMETRY__OTLP_ENDPOINT", "http://collector:4317"),
+            ("SMS__TELEMETRY__OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap();
+        assert_eq!(grpc.telemetry.otlp_protocol, OtlpProtocol::Grpc);
+        for (vars, key, why) in [
+            (
+                vec![("SMS__TELEMETRY__OTLP_PROTOCOL", "http/json")],
+                "telemetry.otlp_protocol",
+                "\"http/protobuf\" or \"grpc\"",
+            ),
+            (
+                vec![("SMS__TELEMETRY__OTLP_ENDPOINT", "collector:4318")],
+                "telemetry.otlp_endpoint",
+                "scheme",
+            ),
+            (
+                vec![("SMS__TELEMETRY__OTLP_ENDPOINT", "http://c:4318/?x=1")],
+                "telemetry.otlp_endpoint",
+                "query",
+            ),
+            (
+                vec![
+                    ("SMS__TELEMETRY__OTLP_ENDPOINT", "https://collector:4317"),
+                    ("SMS__TELEMETRY__OTLP_PROTOCOL", "grpc"),
+                ],
+                "telemetry.otlp_endpoint",
+                "http/protobuf",
+            ),
+            (
+                vec![("SMS__TELEMETRY__MAX_QUEUED_SPANS", "0")],
+                "telemetry.max_queued_spans",
+                "1 to",
+            ),
+        ] {
+            let err = load(&vars).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(why), "{vars:?}: {err}");
+        }
     }
 
     #[test]

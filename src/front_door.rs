@@ -16,7 +16,8 @@ use crate::domain::{CommandError, DeliveryStatus, IdempotencyKey, SendSms, MAX_K
 use crate::ports::{Admission, CacheService, EventMeta, MessageStatus, QueueClient};
 use crate::processing::Consuming;
 
-/// The longest `x-correlation-id` or `traceparent` a door passes on.
+/// The longest `x-correlation-id`, `traceparent` or `tracestate` a door
+/// passes on.
 const MAX_META_CHARS: usize = 256;
 
 /// How long readiness waits for Redis to take a write.
@@ -79,13 +80,44 @@ impl Refusal {
 }
 
 /// The context a door passes from its request onto the command:
-/// `x-correlation-id` and `traceparent`, each cut to 256 characters.
-pub fn event_meta(correlation_id: Option<&str>, traceparent: Option<&str>) -> EventMeta {
+/// `x-correlation-id`, `traceparent` and `tracestate`, each cut to 256
+/// characters. (When traces are recorded, the command carries the
+/// request's span instead of the caller's: see [`request_span`].)
+pub fn event_meta(
+    correlation_id: Option<&str>,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> EventMeta {
     let cut = |v: &str| v.chars().take(MAX_META_CHARS).collect::<String>();
     EventMeta {
         correlation_id: correlation_id.map(cut),
         traceparent: traceparent.map(cut),
+        tracestate: tracestate.map(cut),
     }
+}
+
+/// The span of one request to a door (`name`: `POST /v1/messages`,
+/// `sms.v1.SmsService/Send`), continuing the caller's trace (its
+/// `traceparent` and `tracestate`); a command submitted in it carries its
+/// context, so the command's processing joins the caller's trace. The
+/// door records its answer on it (`http.response.status_code` or
+/// `rpc.grpc.status_code`), [`FrontDoor::submit`] the key.
+pub fn request_span(
+    name: &'static str,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        otel.name = name,
+        otel.kind = "server",
+        http.response.status_code = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        key = tracing::field::Empty,
+        provider = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, traceparent, tracestate);
+    span
 }
 
 impl FrontDoor {
@@ -107,6 +139,7 @@ impl FrontDoor {
             },
         })?;
         let key = command.idempotency_key.clone();
+        tracing::Span::current().record("key", key.as_str());
         let admission = self
             .cache
             .admit(&key, &command.fingerprint())
@@ -221,9 +254,10 @@ mod tests {
     #[test]
     fn request_context_is_cut_to_256_characters() {
         let long = "x".repeat(300);
-        let meta = event_meta(Some(&long), Some("00-abc-01"));
+        let meta = event_meta(Some(&long), Some("00-abc-01"), Some(&long));
         assert_eq!(meta.correlation_id.unwrap().len(), 256);
         assert_eq!(meta.traceparent.as_deref(), Some("00-abc-01"));
-        assert_eq!(event_meta(None, None), EventMeta::default());
+        assert_eq!(meta.tracestate.unwrap().len(), 256);
+        assert_eq!(event_meta(None, None, None), EventMeta::default());
     }
 }

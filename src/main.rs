@@ -206,17 +206,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.command.is_one_shot() {
-        init_one_shot_logs();
-    } else if let Err(e) = sms_service::telemetry::init_logs(&settings.log) {
-        // A filter that hides every log is a bad setting like any other.
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime");
+    let mut traces = sms_service::telemetry::Traces::default();
+    if cli.command.is_one_shot() {
+        init_one_shot_logs();
+    } else {
+        // Inside the runtime: the gRPC trace exporter needs one.
+        let _runtime = runtime.enter();
+        match sms_service::telemetry::init_logs(&settings.log, &settings.telemetry) {
+            Ok(pipeline) => traces = pipeline,
+            // A filter that hides every log is a bad setting like any other.
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run => run(settings).await,
@@ -306,6 +314,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // While the runtime still runs: the gRPC exporter's connection lives on it.
+    traces.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

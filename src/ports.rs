@@ -16,8 +16,11 @@ use crate::domain::{
 pub struct EventMeta {
     /// The AMQP `correlation_id` of the command.
     pub correlation_id: Option<String>,
-    /// The W3C `traceparent` header of the command.
+    /// The W3C `traceparent` header of the command: its producer's span,
+    /// the parent of the command's trace here.
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` header that came with `traceparent`.
+    pub tracestate: Option<String>,
 }
 
 // ---------------------------------------------------------------- queue
@@ -648,6 +651,22 @@ pub enum Outcome {
     Failed(String),
     /// No event possible (malformed): dead-letter with this reason.
     DeadLetter(String),
+}
+
+impl Outcome {
+    /// The outcome's name, as the `consume` span says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Duplicate => "duplicate",
+            Self::RetryAfter(_) => "retry_after",
+            Self::HandBack => "hand_back",
+            Self::Delay { .. } => "delay",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Failed(_) => "failed",
+            Self::DeadLetter(_) => "dead_letter",
+        }
+    }
 }
 
 /// The core decision for one command: claim, send, record, publish.

@@ -24,11 +24,13 @@ use futures_util::FutureExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use tracing::{error, info, warn};
 
 use crate::breaker::CircuitBreaker;
 use crate::ports::{
-    DeliveryStream, Inbound, InboundMessage, NotificationService, Outcome, QueueClient,
+    DeliveryStream, EventMeta, Inbound, InboundMessage, NotificationService, Outcome, QueueClient,
+    RetryState,
 };
 
 /// Limits of the loop.
@@ -312,8 +314,39 @@ async fn hand_back_prefetched(stream: &mut dyn DeliveryStream) {
     }
 }
 
-/// Runs one command to its outcome and settles its delivery.
-async fn settle(mut message: InboundMessage, s: &Settler) {
+/// The span one command is handled and settled in: a child of the
+/// producer's span when the command carries a `traceparent`, else the
+/// root of a trace of its own. The step records the key and the masked
+/// number on it, the loop the outcome.
+pub fn consume_span(meta: &EventMeta, redelivered: bool, retry: &RetryState) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consume",
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        key = tracing::field::Empty,
+        to = tracing::field::Empty,
+        correlation_id = meta.correlation_id,
+        traceparent = meta.traceparent,
+        redelivered,
+        delays = i64::from(retry.delays),
+        outcome = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(
+        &span,
+        meta.traceparent.as_deref(),
+        meta.tracestate.as_deref(),
+    );
+    span
+}
+
+/// Runs one command to its outcome and settles its delivery, in its
+/// [`consume_span`].
+async fn settle(message: InboundMessage, s: &Settler) {
+    let span = consume_span(&message.meta, message.redelivered, &message.retry);
+    settle_in_span(message, s).instrument(span).await;
+}
+
+async fn settle_in_span(mut message: InboundMessage, s: &Settler) {
     let started = Instant::now();
     s.in_flight.increment(1.0);
     let inbound = Inbound {
@@ -326,18 +359,31 @@ async fn settle(mut message: InboundMessage, s: &Settler) {
     // Not cancelled from outside: the step stops only where it is safe
     // (never between a provider call and recording its answer).
     let outcome = s.notifier.handle(inbound).await;
+    tracing::Span::current().record("outcome", outcome.name());
     let handle = &mut message.handle;
     let settled = match &outcome {
         Outcome::Sent | Outcome::Duplicate => handle.ack().await,
         Outcome::Failed(reason) | Outcome::DeadLetter(reason) => {
-            let result = handle.dead_letter(&message.body, reason).await;
+            let span = tracing::info_span!("dead_letter", otel.kind = "producer");
+            let result = handle
+                .dead_letter(&message.body, reason)
+                .instrument(span)
+                .await;
             if result.is_ok() {
                 metrics::counter!("sms_dead_lettered_total").increment(1);
             }
             result
         }
         Outcome::Delay { delay, retry } => {
-            let result = handle.delay(&message.body, *delay, retry).await;
+            let span = tracing::info_span!(
+                "delay",
+                otel.kind = "producer",
+                delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            );
+            let result = handle
+                .delay(&message.body, *delay, retry)
+                .instrument(span)
+                .await;
             if result.is_ok() {
                 metrics::counter!("sms_retries_scheduled_total").increment(1);
             }

@@ -1,4 +1,4 @@
-//! Logs and metrics. Logs go to stderr, human-readable or JSON; `RUST_LOG`
+//! Logs, metrics and traces. Logs go to stderr, human-readable or JSON; `RUST_LOG`
 //! overrides the configured level, and a filter that would hide everything
 //! (a misspelt level) stops start-up instead; the log targets of
 //! dependencies that print message contents ([`PAYLOAD_TARGETS`]) stay at
@@ -6,7 +6,14 @@
 //! process-wide Prometheus recorder, rendered by `/metrics`: every metric
 //! is described once here ([`METRICS`]), and every counter is exported at 0
 //! from the start with each label value it can take, so `increase()` sees
-//! the first failure.
+//! the first failure. Traces ([`traces`]) are exported over OTLP when
+//! `telemetry.otlp_endpoint` is set.
+
+mod traces;
+
+#[cfg(feature = "test-support")]
+pub use traces::record_in_memory;
+pub use traces::{continue_trace, trace_filter, trace_headers, Traces};
 
 use std::ffi::OsStr;
 use std::io::IsTerminal;
@@ -18,10 +25,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::{Directive, LevelFilter};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{ConfigError, LogFormat, LogSettings};
+use crate::config::{ConfigError, LogFormat, LogSettings, TelemetrySettings};
 use crate::domain::{DeliveryStatus, FailureReason};
 
 /// Log targets of dependencies that print what a message carries: lapin
@@ -42,18 +50,32 @@ pub const PAYLOAD_TARGETS: [&str; 3] = [
 /// directive naming lapin (`RUST_LOG=info,lapin=debug`) brings them back.
 const QUIET: &str = "lapin=off,amq_protocol=warn";
 
-/// Installs the log subscriber; later calls do nothing. A `RUST_LOG` that
+/// Installs the log subscriber, and the trace exporter when
+/// `telemetry.otlp_endpoint` is set (inside a tokio runtime: the gRPC
+/// exporter needs one); later calls do nothing. A `RUST_LOG` that
 /// is set (and not blank) wins over `log.level`; either one that cannot be
-/// parsed, or names no level, is a configuration error naming it.
-pub fn init_logs(settings: &LogSettings) -> Result<(), ConfigError> {
+/// parsed, or names no level, is a configuration error naming it. Traces
+/// have their own filter ([`trace_filter`]), whatever the log level.
+pub fn init_logs(
+    settings: &LogSettings,
+    telemetry: &TelemetrySettings,
+) -> Result<Traces, ConfigError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(&settings.level, rust_log.as_deref())?;
     let ansi = colours(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let _ = subscriber(settings.format, filter, ansi, std::io::stderr).try_init();
-    Ok(())
+    let (traces, pipeline) = match traces::otlp_layer(telemetry)? {
+        Some((layer, pipeline)) => (Some(layer), pipeline),
+        None => (None, Traces::default()),
+    };
+    let layers: Vec<traces::BoxedLayer> =
+        std::iter::once(log_layer(settings.format, filter, ansi, std::io::stderr))
+            .chain(traces)
+            .collect();
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(pipeline)
 }
 
 /// The filter from `RUST_LOG` when set, else from `log.level`, after
@@ -128,20 +150,26 @@ pub fn subscriber<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    Box::new(tracing_subscriber::registry().with(log_layer(format, filter, ansi, writer)))
+}
+
+/// The log layer of [`subscriber`], filtered by `filter` alone (a trace
+/// layer beside it has its own filter).
+fn log_layer<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) -> traces::BoxedLayer
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
     match format {
-        LogFormat::Json => Box::new(
-            builder
-                .with_ansi(false)
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(true)
-                .finish(),
-        ),
-        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Json => layer
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => layer.with_ansi(ansi).with_filter(filter).boxed(),
     }
 }
 
@@ -183,6 +211,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_in_flight", Gauge, "Commands being processed now, including those waiting for the rate limit or a send slot."),
         ("sms_send_concurrency_limit", Gauge, "The adaptive limit on commands in their send phase at once."),
         ("sms_processing_duration_seconds", Histogram, "Time from taking a command to settling it."),
+        ("sms_trace_spans_dropped_total", Counter, "Finished spans dropped unexported because telemetry.max_queued_spans were already waiting for the trace collector."),
         ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
         ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
         ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::publish::Event;
 use super::{Attempt, Notifier};
@@ -26,13 +26,19 @@ impl Notifier {
         let owner = self.next_owner();
         let asked = tokio::time::Instant::now();
         let fingerprint = cmd.fingerprint();
+        let span = tracing::info_span!("claim", claim = tracing::field::Empty);
         let claim = match self
             .cache
             .claim(&cmd.idempotency_key, &owner, &fingerprint)
+            .instrument(span.clone())
             .await
         {
-            Ok(claim) => claim,
+            Ok(claim) => {
+                span.record("claim", claim_name(&claim));
+                claim
+            }
             Err(e) => {
+                span.record("claim", "store_unavailable");
                 warn!(error = %e, "cannot claim key; pausing");
                 return Outcome::StoreUnavailable;
             }
@@ -217,7 +223,13 @@ impl Notifier {
             attempts: 0,
             failed_at: rfc3339(std::time::SystemTime::now()),
         };
-        match self.cache.record_invalid(&key, &record).await {
+        let span = tracing::info_span!("record", record = "invalid");
+        match self
+            .cache
+            .record_invalid(&key, &record)
+            .instrument(span)
+            .await
+        {
             Ok(InvalidVerdict::Known) => {
                 self.meters.duplicates.increment(1);
                 info!(
@@ -266,7 +278,13 @@ impl Notifier {
             attempts: 0,
             failed_at: record.failed_at.clone(),
         };
-        if let Err(e) = self.events.publish_failed(&event, message.meta).await {
+        let span = tracing::info_span!("publish", otel.kind = "producer", event = "SmsFailed");
+        let published = self
+            .events
+            .publish_failed(&event, message.meta)
+            .instrument(span)
+            .await;
+        if let Err(e) = published {
             return self.unpublished(&e, message.retry);
         }
         self.held_write(|| self.cache.mark_invalid_published(key))
@@ -276,6 +294,21 @@ impl Notifier {
         metrics::counter!("sms_failed_total", "reason" => reason.as_str()).increment(1);
         info!(reason = reason.as_str(), "invalid command");
         Outcome::Failed(reason_text)
+    }
+}
+
+/// What the store answered, as the `claim` span says it.
+fn claim_name(claim: &Claim) -> &'static str {
+    match claim {
+        Claim::Send {
+            took_over: true, ..
+        } => "send_took_over",
+        Claim::Send { .. } => "send",
+        Claim::PublishSent(_) => "publish_sent",
+        Claim::PublishFailed(_) => "publish_failed",
+        Claim::AlreadySent => "already_sent",
+        Claim::AlreadyFailed(_) => "already_failed",
+        Claim::Busy { .. } => "busy",
     }
 }
 

@@ -244,7 +244,8 @@ impl Notifier {
 
 #[async_trait]
 impl NotificationService for Notifier {
-    #[tracing::instrument(skip_all, fields(key, to, correlation_id = message.meta.correlation_id, traceparent = message.meta.traceparent))]
+    /// Runs in the command's `consume` span (the processing loop opens it),
+    /// and records the key and the masked number on it.
     async fn handle(&self, message: Inbound<'_>) -> Outcome {
         self.meters.received.increment(1);
         if message.body.len() > self.settings.max_body_bytes {

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::claim::one_more_delay;
 use super::{now_ms, Attempt, Notifier};
@@ -66,11 +66,14 @@ impl Notifier {
                 }
             }
         };
-        let attempts = match event {
-            Event::Sent(r, _) => r.attempts,
-            Event::Failed(r) => r.attempts,
+        let (attempts, name) = match event {
+            Event::Sent(r, _) => (r.attempts, "SmsSent"),
+            Event::Failed(r) => (r.attempts, "SmsFailed"),
         };
-        if let Err(e) = self.renewing(a, publishing).await {
+        // Covers the wait for the broker's confirm; the event carries this
+        // span's context as its `traceparent`.
+        let span = tracing::info_span!("publish", otel.kind = "producer", event = name);
+        if let Err(e) = self.renewing(a, publishing.instrument(span)).await {
             self.release(key, a.owner, attempts).await;
             return self.unpublished(&e, &a.retry);
         }

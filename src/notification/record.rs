@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::publish::Event;
 use super::{Attempt, Notifier};
@@ -32,10 +32,13 @@ impl Notifier {
         // The store vouches for the claim as of when the write was sent,
         // not when its answer came back (the process may pause between).
         let asked = tokio::time::Instant::now();
-        match self
+        let span = tracing::info_span!("record", record = "sent", written = tracing::field::Empty);
+        let written = self
             .held_write(|| self.cache.record_sent(key, owner, &record))
-            .await
-        {
+            .instrument(span.clone())
+            .await;
+        span.record("written", written != Recorded::Fenced);
+        match written {
             written @ (Recorded::Written | Recorded::WrittenReported) => {
                 a.owned_at = asked;
                 let reported = written == Recorded::WrittenReported;
@@ -62,10 +65,18 @@ impl Notifier {
         let key = &a.cmd.idempotency_key;
         let owner = a.owner;
         let asked = tokio::time::Instant::now();
-        match self
+        let span = tracing::info_span!(
+            "record",
+            record = "failed",
+            reason = reason.as_str(),
+            written = tracing::field::Empty
+        );
+        let written = self
             .held_write(|| self.cache.record_failed(key, owner, &record))
-            .await
-        {
+            .instrument(span.clone())
+            .await;
+        span.record("written", written != Recorded::Fenced);
+        match written {
             Recorded::Written | Recorded::WrittenReported => {
                 a.owned_at = asked;
                 self.publish_outcome(a, Event::Failed(&record)).await

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::claim::one_more_delay;
 use super::{now_ms, Attempt, Notifier, Route};
@@ -99,12 +99,29 @@ impl Notifier {
             a.calls += 1;
             a.route.calls_here += 1;
             let started = Instant::now();
-            let call = instance.sms.send(a.cmd);
+            // The adapter notes the HTTP status on it and sends its context
+            // to the provider (`traceparent`).
+            let span = tracing::info_span!(
+                "provider_call",
+                otel.kind = "client",
+                provider = instance.sms.name(),
+                attempt = i64::from(a.retry.attempts),
+                class = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let call = instance.sms.send(a.cmd).instrument(span.clone());
             let result = self.renewing(a, call).await;
             instance
                 .meters
                 .seconds
                 .record(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(_) => span.record("class", "accepted"),
+                Err(e) => span
+                    .record("class", e.class())
+                    .record("otel.status_code", "error"),
+            };
             let error = match result {
                 Ok(accepted) => return self.accepted(a, accepted).await,
                 Err(error) => error,

@@ -124,6 +124,7 @@ impl Harness {
         let meta = EventMeta {
             correlation_id: Some("c-1".into()),
             traceparent: None,
+            tracestate: None,
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let inbound = Inbound {
@@ -133,7 +134,9 @@ impl Harness {
             retry,
             stop: &stop,
         };
-        self.notifier.handle(inbound).await
+        // In the span the processing loop runs it in.
+        let span = crate::processing::consume_span(&meta, redelivered, retry);
+        tracing::Instrument::instrument(self.notifier.handle(inbound), span).await
     }
 }
 

@@ -24,3 +24,4 @@ mod proxy;
 mod resilience;
 mod startup;
 mod store;
+mod traces;

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::adapters::http::ApiAccess;
-use crate::front_door::{event_meta, is_final, FrontDoor, Refusal};
+use crate::front_door::{event_meta, is_final, request_span, FrontDoor, Refusal};
 use crate::ports::MessageStatus;
 
 use self::proto::sms_service_server::{SmsService, SmsServiceServer};
@@ -203,12 +203,23 @@ impl SmsService for GrpcDoor {
         &self,
         request: Request<proto::SendRequest>,
     ) -> Result<Response<proto::SendResponse>, Status> {
-        let meta = event_meta(
-            text(request.metadata(), "x-correlation-id"),
-            text(request.metadata(), "traceparent"),
-        );
+        let metadata = request.metadata();
+        let (traceparent, tracestate) =
+            (text(metadata, "traceparent"), text(metadata, "tracestate"));
+        let meta = event_meta(text(metadata, "x-correlation-id"), traceparent, tracestate);
+        let span = request_span("sms.v1.SmsService/Send", traceparent, tracestate);
         let body = command_body(request.get_ref());
-        let key = self.door.submit(&body, &meta).await.map_err(refuse)?;
+        let answer = self
+            .door
+            .submit(&body, &meta)
+            .instrument(span.clone())
+            .await
+            .map_err(refuse);
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        span.record("rpc.grpc.status_code", code as i64);
+        let key = answer?;
         Ok(Response::new(proto::SendResponse {
             idempotency_key: key.as_str().to_owned(),
         }))

@@ -19,11 +19,12 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::{problem, HttpState};
 use crate::adapters::providers::generic;
 use crate::domain::rfc3339;
+use crate::front_door::request_span;
 use crate::ports::{CallbackError, CallbackRequest, ProviderReport, QueueError, ReportOutcome};
 
 /// `/v1/callbacks/{instance}`.
@@ -43,7 +44,13 @@ pub async fn callback(
         headers,
         body,
     };
-    provider_callback(&state, &instance, None, &request).await
+    let route = "/v1/callbacks/{instance}";
+    let span = callback_span(route, &instance, &request.headers);
+    let response = provider_callback(&state, &instance, None, &request)
+        .instrument(span.clone())
+        .await;
+    super::answered(&span, &response);
+    response
 }
 
 /// `/v1/callbacks/{instance}/{token}`.
@@ -63,7 +70,25 @@ pub async fn callback_with_token(
         headers,
         body,
     };
-    provider_callback(&state, &instance, Some(&token), &request).await
+    // The route's template: the path holds the secret token.
+    let route = "/v1/callbacks/{instance}/{token}";
+    let span = callback_span(route, &instance, &request.headers);
+    let response = provider_callback(&state, &instance, Some(&token), &request)
+        .instrument(span.clone())
+        .await;
+    super::answered(&span, &response);
+    response
+}
+
+/// A callback's span: a trace of its own (or the caller's, if it sent a
+/// `traceparent`), naming the instance; the key of each message it reports
+/// on is recorded on it, which finds the send's trace (the service keeps
+/// no trace id with a message, so the two are not linked).
+fn callback_span(route: &'static str, instance: &str, headers: &HeaderMap) -> tracing::Span {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let span = request_span(route, header("traceparent"), header("tracestate"));
+    span.record("provider", instance);
+    span
 }
 
 /// A callback as axum gave it.
@@ -183,7 +208,13 @@ async fn record_all(
         };
         match outcome {
             ReportOutcome::Publish(event) => {
-                match state.events.publish_delivery(&event).await {
+                tracing::Span::current().record("key", event.idempotency_key.as_str());
+                let span = tracing::info_span!(
+                    "publish",
+                    otel.kind = "producer",
+                    event = "SmsDeliveryReport"
+                );
+                match state.events.publish_delivery(&event).instrument(span).await {
                     Ok(()) => {}
                     // Nobody subscribes to delivery reports: recorded, and
                     // a 5xx would only make the provider retry in vain.
@@ -248,6 +279,20 @@ pub async fn delivery_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let span = request_span(
+        "POST /v1/delivery-reports",
+        header("traceparent"),
+        header("tracestate"),
+    );
+    let response = generic_report(state, headers, body)
+        .instrument(span.clone())
+        .await;
+    super::answered(&span, &response);
+    response
+}
+
+async fn generic_report(state: HttpState, headers: HeaderMap, body: Bytes) -> Response {
     if state.generic_reporters.is_empty() {
         return problem(
             StatusCode::NOT_FOUND,

@@ -21,9 +21,10 @@ use secrecy::SecretString;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use self::auth::ApiAccess;
-use crate::front_door::{event_meta, status_document, FrontDoor, Refusal};
+use crate::front_door::{event_meta, request_span, status_document, FrontDoor, Refusal};
 use crate::ports::{CacheService, EventBus, SmsService};
 
 /// What the handlers share.
@@ -136,18 +137,33 @@ async fn status(State(state): State<HttpState>, Path(key): Path<String>) -> Resp
 }
 
 /// Validates a SendSms body and publishes it, as sent, to the command queue
-/// ([`FrontDoor::submit`]).
+/// ([`FrontDoor::submit`]), in the request's span ([`request_span`]).
 async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let meta = event_meta(header("x-correlation-id"), header("traceparent"));
-    match state.door.submit(&body, &meta).await {
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+    let meta = event_meta(header("x-correlation-id"), traceparent, tracestate);
+    let span = request_span("POST /v1/messages", traceparent, tracestate);
+    let submitted = state
+        .door
+        .submit(&body, &meta)
+        .instrument(span.clone())
+        .await;
+    let response = match submitted {
         Ok(key) => (
             StatusCode::ACCEPTED,
             Json(json!({"idempotencyKey": key.as_str()})),
         )
             .into_response(),
         Err(refusal) => refuse(refusal),
-    }
+    };
+    answered(&span, &response);
+    response
+}
+
+/// Records a request's answer on its span.
+fn answered(span: &tracing::Span, response: &Response) {
+    let status = i64::from(response.status().as_u16());
+    span.record("http.response.status_code", status);
 }
 
 /// A front door's refusal as HTTP: the status code and the JSON error; a

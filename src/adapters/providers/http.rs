@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::RETRY_AFTER;
+use reqwest::header::{HeaderMap, HeaderName, RETRY_AFTER};
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -59,8 +59,25 @@ pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
         .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
-/// Reads at most [`MAX_ANSWER_BYTES`] of an answer.
+/// The W3C trace context of the provider call (`traceparent`, and
+/// `tracestate` when there is one), for every adapter's request builder
+/// (`.headers(http::trace_headers())`): the provider's side of a call can
+/// join the message's trace. Empty when no trace is recorded.
+pub fn trace_headers() -> HeaderMap {
+    crate::telemetry::trace_headers()
+        .into_iter()
+        .filter_map(|(name, value)| Some((HeaderName::from_static(name), value.parse().ok()?)))
+        .collect()
+}
+
+/// Reads at most [`MAX_ANSWER_BYTES`] of an answer. Every adapter reads
+/// its answers through here, so this is where the HTTP status is noted on
+/// the provider call's span.
 pub async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    tracing::Span::current().record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         let room = MAX_ANSWER_BYTES - body.len();

@@ -81,16 +81,20 @@ impl DeliveryStream for RabbitStream {
             acker,
             ..
         } = delivery;
+        let trace_header = |name: &str| {
+            properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(header_text)
+        };
         let meta = EventMeta {
             correlation_id: properties
                 .correlation_id()
                 .as_ref()
                 .map(|c| bounded(c.as_str())),
-            traceparent: properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("traceparent"))
-                .and_then(header_text),
+            traceparent: trace_header("traceparent"),
+            tracestate: trace_header("tracestate"),
         };
         let retry = retry_state(
             properties.headers().as_ref(),
@@ -299,6 +303,7 @@ impl DeliveryHandle for RabbitDelivery {
         // When, for `dead-letters list` (the command's own `timestamp` is kept).
         let now = std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
         headers.insert("x-sms-dead-lettered-at".into(), AMQPValue::Timestamp(now));
+        super::stamp_trace(&mut headers);
         // Persistent whatever the command was: a dead letter is kept for people.
         let properties = self
             .properties
@@ -335,6 +340,8 @@ impl DeliveryHandle for RabbitDelivery {
             }
             None => {}
         }
+        // Its next delivery continues the command's trace from here.
+        super::stamp_trace(&mut headers);
         // The tier's own TTL caps the wait; a shorter per-message expiry
         // spreads retries (jitter) within the tier.
         let expiration = delay.min(tier.delay).as_millis().max(1).to_string();

@@ -552,15 +552,43 @@ fn traced_properties(meta: &EventMeta) -> BasicProperties {
     if let Some(correlation_id) = &meta.correlation_id {
         properties = properties.with_correlation_id(correlation_id.as_str().into());
     }
-    if let Some(traceparent) = &meta.traceparent {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(traceparent.as_str().into()),
-        );
+    let mut headers = FieldTable::default();
+    // The command's own trace headers, passed on when no trace is
+    // recorded here; the current span's replace them when one is.
+    let passed_on = [
+        ("traceparent", &meta.traceparent),
+        ("tracestate", &meta.tracestate),
+    ];
+    for (name, value) in passed_on {
+        if let Some(value) = value {
+            headers.insert(name.into(), AMQPValue::LongString(value.as_str().into()));
+        }
+    }
+    stamp_trace(&mut headers);
+    if !headers.inner().is_empty() {
         properties = properties.with_headers(headers);
     }
     properties
+}
+
+/// Writes the W3C trace context of the current span (the publish of a
+/// command's event, delay or dead letter, in the command's trace) over
+/// the trace headers in `headers`, when traces are recorded; otherwise
+/// they stay as they are (the command's own, passed on).
+pub(super) fn stamp_trace(headers: &mut FieldTable) {
+    let current = crate::telemetry::trace_headers();
+    if current.is_empty() {
+        return;
+    }
+    // A tracestate belongs to its traceparent: the old one goes with it.
+    if headers.contains_key("tracestate") {
+        let mut rest = headers.inner().clone();
+        rest.remove("tracestate");
+        *headers = FieldTable::from(rest);
+    }
+    for (name, value) in current {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
 }
 
 /// Properties of an event: also typed, keyed and timestamped.

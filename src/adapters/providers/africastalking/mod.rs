@@ -119,6 +119,7 @@ impl SmsService for AfricasTalkingProvider {
             .header("apiKey", self.api_key.clone())
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .headers(http::trace_headers())
             .body(body);
         let response = request
             .send()

@@ -153,6 +153,7 @@ impl SmsService for GenericProvider {
             .client
             .post(self.url.clone())
             .header("Idempotency-Key", sms.idempotency_key.as_str())
+            .headers(http::trace_headers())
             .json(&body);
         if let Some(authorization) = &self.authorization {
             request = request.header(AUTHORIZATION, authorization.clone());

@@ -201,6 +201,7 @@ impl SmsService for InfobipProvider {
             .post(self.url.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(ACCEPT, "application/json")
+            .headers(http::trace_headers())
             .json(&body)
             .send()
             .await

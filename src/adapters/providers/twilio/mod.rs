@@ -172,6 +172,7 @@ impl SmsService for TwilioProvider {
             .post(self.url.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, FORM)
+            .headers(http::trace_headers())
             .body(body);
         match request.send().await {
             Ok(response) => self.answer(response).await,

@@ -249,6 +249,7 @@ impl SmsService for VonageProvider {
                 &self.from,
                 self.callback_url.as_ref().map(|url| url.expose_secret()),
             ))
+            .headers(http::trace_headers())
             .send()
             .await
             .map_err(|e| http::transport_error(&e))?;
