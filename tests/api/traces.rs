@@ -339,3 +339,57 @@ async fn a_command_submitted_over_http_joins_the_callers_trace() {
     assert_private(&trace);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_command_sent_over_grpc_joins_the_callers_trace() {
+    use sms_service::adapters::grpc::proto::sms_service_client::SmsServiceClient;
+    use sms_service::adapters::grpc::proto::SendRequest;
+
+    let (exporter, _recording) = telemetry::record_in_memory();
+    let mut app = crate::helpers::spawn_app_with(&[("SMS__GRPC__BIND", "127.0.0.1:0")]).await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "msg-t5"})))
+        .mount(&app.provider)
+        .await;
+    let addr = app.app.as_ref().unwrap().grpc_addr.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SmsServiceClient::new(channel);
+    let caller = "00-0af7651916cd43dd8448eb211c80319d-b7ad6b7169203332-01";
+    let mut request = tonic::Request::new(SendRequest {
+        idempotency_key: "trace-5".into(),
+        phone_number: PHONE.into(),
+        text: TEXT.into(),
+        ..SendRequest::default()
+    });
+    let metadata = request.metadata_mut();
+    metadata.insert("traceparent", caller.parse().unwrap());
+    metadata.insert("tracestate", "vendor=5".parse().unwrap());
+    client.send(request).await.expect("Send succeeds");
+    let sent = app.broker.sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1);
+
+    let consume = consumes(&exporter, "trace-5", 1).await.remove(0);
+    let trace = in_trace(&exporter, trace_of(caller));
+    let request = trace
+        .iter()
+        .find(|s| s.name == "sms.v1.SmsService/Send")
+        .expect("the call's span");
+    assert_eq!(
+        request.parent_span_id,
+        SpanId::from_hex("b7ad6b7169203332").unwrap()
+    );
+    assert_eq!(text(request, "key"), "trace-5");
+    assert_eq!(
+        attribute(request, "rpc.grpc.status_code"),
+        Some(Value::I64(0))
+    );
+    assert_eq!(consume.parent_span_id, request.span_context.span_id());
+    assert_eq!(sent[0].header("tracestate").as_deref(), Some("vendor=5"));
+    assert_private(&trace);
+    app.cleanup().await;
+}
