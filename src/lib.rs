@@ -19,7 +19,7 @@
 //!   each: send and delivery-report callbacks), HTTP (axum), gRPC (tonic).
 //! - [`front_door`]: what the HTTP and gRPC doors share: submitting a
 //!   command, reading a key's status, readiness.
-//! - [`config`], [`telemetry`], [`app`]: settings, logs and metrics, wiring.
+//! - [`config`], [`telemetry`], [`app`]: settings, logs, metrics and traces, wiring.
 //! - [`cli_tools`], [`dead_letters`]: the operator's one-shot commands
 //!   (`send`, `events`; list, replay and reset dead letters, `forget`).
 //! - [`fake_provider`]: a fake SMS provider in each provider's dialect

@@ -44,6 +44,8 @@ async fn the_compose_stack_sends_and_reports_delivery() {
             )
             .replace("0.0.0.0:8080", &format!("127.0.0.1:{http}"))
             .replace("0.0.0.0:50051", &format!("127.0.0.1:{grpc}"))
+            // No collector: the service must not notice.
+            .replace("http://jaeger:4318", "http://127.0.0.1:9")
             .replace(
                 "http://fake-provider-2:9000",
                 &format!("http://127.0.0.1:{fake_2}"),
