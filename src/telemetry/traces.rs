@@ -367,6 +367,55 @@ mod tests {
         exporter.get_finished_spans().unwrap().remove(0)
     }
 
+    fn settings(endpoint: String, protocol: OtlpProtocol) -> TelemetrySettings {
+        TelemetrySettings {
+            otlp_endpoint: endpoint,
+            otlp_protocol: protocol,
+            max_queued_spans: 16,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_reach_the_collector_as_otlp_protobuf_over_http() {
+        use tracing_subscriber::layer::SubscriberExt;
+        use wiremock::matchers::{header, method, path};
+        let collector = wiremock::MockServer::start().await;
+        wiremock::Mock::given(method("POST"))
+            .and(path("/v1/traces"))
+            .and(header("content-type", "application/x-protobuf"))
+            .respond_with(wiremock::ResponseTemplate::new(200))
+            .expect(1)
+            .mount(&collector)
+            .await;
+        // A trailing slash is not doubled.
+        let endpoint = format!("{}/", collector.uri());
+        let (layer, traces) = otlp_layer(&settings(endpoint, OtlpProtocol::HttpProtobuf))
+            .unwrap()
+            .expect("an endpoint sets traces up");
+        assert!(traces.enabled());
+        {
+            let _recording = tracing::subscriber::set_default(Registry::default().with(layer));
+            tracing::info_span!("consume").in_scope(|| {
+                assert!(trace_headers()[0].0 == "traceparent");
+            });
+        }
+        // Shutting down exports what is queued; it blocks, as at exit.
+        tokio::task::spawn_blocking(move || traces.shutdown())
+            .await
+            .unwrap();
+        collector.verify().await;
+    }
+
+    #[tokio::test]
+    async fn the_grpc_exporter_is_built_inside_the_runtime_and_no_endpoint_sets_nothing_up() {
+        let grpc = settings("http://127.0.0.1:9".into(), OtlpProtocol::Grpc);
+        let (_, traces) = otlp_layer(&grpc).unwrap().expect("set up");
+        assert!(traces.enabled());
+        let off = settings(String::new(), OtlpProtocol::HttpProtobuf);
+        assert!(otlp_layer(&off).unwrap().is_none());
+        assert!(!Traces::default().enabled());
+    }
+
     #[test]
     fn a_full_queue_drops_and_counts_new_spans_instead_of_waiting() {
         let dropped = Arc::new(AtomicU64::new(0));
