@@ -137,7 +137,14 @@ impl Notifier {
         };
         let mut published = 0;
         for report in reports {
-            match self.events.publish_delivery(&report).await {
+            // A trace of its own: the callback's is long over.
+            let span = tracing::info_span!(
+                "publish",
+                otel.kind = "producer",
+                event = "SmsDeliveryReport",
+                key = report.idempotency_key.as_str()
+            );
+            match self.events.publish_delivery(&report).instrument(span).await {
                 Ok(()) | Err(QueueError::Unroutable(_)) => {}
                 Err(e) => {
                     warn!(error = %e, "unconfirmed delivery report still not published");
