@@ -214,8 +214,11 @@ fn main() -> ExitCode {
     if cli.command.is_one_shot() {
         init_one_shot_logs();
     } else {
-        // Inside the runtime: the gRPC trace exporter needs one.
+        // Inside the runtime: the gRPC trace exporter needs one. The
+        // metrics recorder first: the exporter's dropped-spans counter is
+        // taken from it (before it is installed, a counter counts nothing).
         let _runtime = runtime.enter();
+        sms_service::telemetry::metrics();
         match sms_service::telemetry::init_logs(&settings.log, &settings.telemetry) {
             Ok(pipeline) => traces = pipeline,
             // A filter that hides every log is a bad setting like any other.

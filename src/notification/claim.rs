@@ -43,6 +43,8 @@ impl Notifier {
                 return Outcome::StoreUnavailable;
             }
         };
+        // The claim step ends here, not with the command.
+        drop(span);
         let mut attempt = Attempt {
             cmd,
             owner: &owner,

@@ -38,6 +38,7 @@ impl Notifier {
             .instrument(span.clone())
             .await;
         span.record("written", written != Recorded::Fenced);
+        drop(span); // the record ends here; publishing has a span of its own
         match written {
             written @ (Recorded::Written | Recorded::WrittenReported) => {
                 a.owned_at = asked;
@@ -76,6 +77,7 @@ impl Notifier {
             .instrument(span.clone())
             .await;
         span.record("written", written != Recorded::Fenced);
+        drop(span); // the record ends here; publishing has a span of its own
         match written {
             Recorded::Written | Recorded::WrittenReported => {
                 a.owned_at = asked;

@@ -122,6 +122,8 @@ impl Notifier {
                     .record("class", e.class())
                     .record("otel.status_code", "error"),
             };
+            // The call ends here: recording and backoff are not part of it.
+            drop(span);
             let error = match result {
                 Ok(accepted) => return self.accepted(a, accepted).await,
                 Err(error) => error,

@@ -117,7 +117,13 @@ pub async fn serve(
     let access = state.api_access.clone();
     let door = GrpcDoor::new(state, shutdown.clone());
     let sms = SmsServiceServer::new(door).max_decoding_message_size(max_message_bytes);
+    // Bounded as the HTTP door is (hyper's defaults there): tonic's own
+    // defaults leave streams per connection unlimited.
     tonic::transport::Server::builder()
+        .max_concurrent_streams(200)
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tonic::service::interceptor::InterceptedService::new(
