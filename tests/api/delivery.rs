@@ -4,15 +4,13 @@
 //! its event is confirmed. The service runs in-process against the real
 //! RabbitMQ and Redis with a wiremock provider.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::helpers::{command, spawn_app_with, TestApp};
+use crate::helpers::{command, post_signed_report, spawn_app_with, TestApp};
 use crate::proxy::Proxy;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -31,27 +29,8 @@ async fn provider_accepts(app: &TestApp, id: &str) {
 /// Posts a generic report for `id`, signed with the instance's secret
 /// (with another secret when `forged`).
 async fn report(app: &TestApp, id: &str, status: &str, forged: bool) -> u16 {
-    let body = json!({"id": id, "status": status}).to_string();
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
     let secret = if forged { "another-secret" } else { SECRET };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{timestamp}.{body}").as_bytes());
-    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    app.http
-        .post(format!("{}/v1/callbacks/generic", app.base_url))
-        .header("content-type", "application/json")
-        .header("x-timestamp", timestamp)
-        .header("x-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    post_signed_report(app, "generic", id, status, secret).await
 }
 
 async fn status_of(app: &TestApp, key: &str) -> Value {

@@ -511,3 +511,37 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
         .await
         .expect("Redis on 127.0.0.1:6379 (run scripts/ensure-services)")
 }
+
+/// Posts a generic delivery report `{"id", "status"}` to
+/// `/v1/callbacks/{instance}`, signed with `secret` as the reference says
+/// (`X-Timestamp`, `X-Signature: sha256=<HMAC of "<timestamp>.<body>">`);
+/// the answer's status.
+pub async fn post_signed_report(
+    app: &TestApp,
+    instance: &str,
+    id: &str,
+    status: &str,
+    secret: &str,
+) -> u16 {
+    use hmac::{Hmac, Mac};
+    let body = serde_json::json!({"id": id, "status": status}).to_string();
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    app.http
+        .post(format!("{}/v1/callbacks/{instance}", app.base_url))
+        .header("content-type", "application/json")
+        .header("x-timestamp", timestamp)
+        .header("x-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}

@@ -9,11 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use sms_service::app;
 use sms_service::config::Settings;
 use wiremock::matchers::{method, path};
@@ -21,7 +19,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::e2e::free_port;
-use crate::helpers::{command, init_logs, Names, TestApp, TestBroker};
+use crate::helpers::{command, init_logs, post_signed_report, Names, TestApp, TestBroker};
 
 const WAIT: Duration = Duration::from_secs(15);
 const SECRET: &str = "observability-s3cret";
@@ -284,26 +282,7 @@ base_url = "{b}"
 
 /// Posts a generic delivery report to instance `b`, signed with `secret`.
 async fn report(app: &TestApp, id: &str, secret: &str) -> u16 {
-    let body = json!({"id": id, "status": "delivered"}).to_string();
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{timestamp}.{body}").as_bytes());
-    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    app.http
-        .post(format!("{}/v1/callbacks/b", app.base_url))
-        .header("content-type", "application/json")
-        .header("x-timestamp", timestamp)
-        .header("x-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    post_signed_report(app, "b", id, "delivered", secret).await
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@
 //! broker: otherwise 503, and the provider sends it again (a repeat then
 //! publishes what is still unconfirmed, and nothing else).
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use axum::extract::{Path, RawQuery, State};
@@ -27,10 +28,10 @@ use crate::domain::rfc3339;
 use crate::front_door::request_span;
 use crate::ports::{CallbackError, CallbackRequest, ProviderReport, QueueError, ReportOutcome};
 
-/// `/v1/callbacks/{instance}`.
+/// `/v1/callbacks/{instance}` and `/v1/callbacks/{instance}/{token}`.
 pub async fn callback(
     State(state): State<HttpState>,
-    Path(instance): Path<String>,
+    Path(params): Path<HashMap<String, String>>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
@@ -44,36 +45,16 @@ pub async fn callback(
         headers,
         body,
     };
-    let route = "/v1/callbacks/{instance}";
-    let span = callback_span(route, &instance, &request.headers);
-    let response = provider_callback(&state, &instance, None, &request)
-        .instrument(span.clone())
-        .await;
-    super::answered(&span, &response);
-    response
-}
-
-/// `/v1/callbacks/{instance}/{token}`.
-pub async fn callback_with_token(
-    State(state): State<HttpState>,
-    Path((instance, token)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request = Incoming {
-        method,
-        uri,
-        query,
-        headers,
-        body,
+    let instance = params.get("instance").map_or("", String::as_str);
+    let token = params.get("token").map(String::as_str);
+    // The route's template, never the path: it may hold the secret token.
+    let route = match token {
+        Some(_) => "/v1/callbacks/{instance}/{token}",
+        None => "/v1/callbacks/{instance}",
     };
-    // The route's template: the path holds the secret token.
-    let route = "/v1/callbacks/{instance}/{token}";
-    let span = callback_span(route, &instance, &request.headers);
-    let response = provider_callback(&state, &instance, Some(&token), &request)
+    let known = state.providers.contains_key(instance).then_some(instance);
+    let span = callback_span(route, known, &request.headers);
+    let response = provider_callback(&state, instance, token, &request)
         .instrument(span.clone())
         .await;
     super::answered(&span, &response);
@@ -81,13 +62,20 @@ pub async fn callback_with_token(
 }
 
 /// A callback's span: a trace of its own (or the caller's, if it sent a
-/// `traceparent`), naming the instance; the key of each message it reports
-/// on is recorded on it, which finds the send's trace (the service keeps
-/// no trace id with a message, so the two are not linked).
-fn callback_span(route: &'static str, instance: &str, headers: &HeaderMap) -> tracing::Span {
+/// `traceparent`), naming the instance when it is a configured one (the
+/// path is not trusted); the key of each message it reports on is
+/// recorded on it, which finds the send's trace (the service keeps no
+/// trace id with a message, so the two are not linked).
+fn callback_span(
+    route: &'static str,
+    instance: Option<&str>,
+    headers: &HeaderMap,
+) -> tracing::Span {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let span = request_span(route, header("traceparent"), header("tracestate"));
-    span.record("provider", instance);
+    if let Some(instance) = instance {
+        span.record("provider", instance);
+    }
     span
 }
 

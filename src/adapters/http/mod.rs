@@ -65,7 +65,7 @@ pub fn router(state: HttpState) -> Router {
         )
         .route(
             "/v1/callbacks/{instance}/{token}",
-            get(callbacks::callback_with_token).post(callbacks::callback_with_token),
+            get(callbacks::callback).post(callbacks::callback),
         )
         .merge(message_routes(state.clone()))
         .layer(DefaultBodyLimit::max(limit))
