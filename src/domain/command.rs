@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -103,16 +103,22 @@ pub enum FailureReason {
     RetriesExhausted,
     /// Its `expiresAt` passed before it could be sent.
     Expired,
+    /// A per-recipient limit refused it (`limits.per_recipient`).
+    RecipientRateLimited,
+    /// Cancelled (`DELETE /v1/messages/{key}`) before it was sent.
+    Cancelled,
 }
 
 impl FailureReason {
     /// Every reason, as the `sms_failed_total{reason}` series list them.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::InvalidCommand,
         Self::InvalidPhoneNumber,
         Self::ProviderRejected,
         Self::RetriesExhausted,
         Self::Expired,
+        Self::RecipientRateLimited,
+        Self::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +128,8 @@ impl FailureReason {
             Self::ProviderRejected => "provider_rejected",
             Self::RetriesExhausted => "retries_exhausted",
             Self::Expired => "expired",
+            Self::RecipientRateLimited => "recipient_rate_limited",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -129,6 +137,36 @@ impl FailureReason {
         Self::ALL.into_iter().find(|r| r.as_str() == raw)
     }
 }
+
+/// How urgent a message is (`priority`): `high` commands have a queue and
+/// capacity of their own and bypass quiet hours; `bulk` ones yield to
+/// everything else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    Bulk,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub const ALL: [Self; 3] = [Self::High, Self::Normal, Self::Bulk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Bulk => "bulk",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == raw)
+    }
+}
+
+/// Farthest ahead a `sendAt` may be.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A valid SendSms command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +178,11 @@ pub struct SendSms {
     /// Not sent after this instant (`expiresAt`); passed on as the
     /// provider's validity period where it has one.
     pub expires_at: Option<SystemTime>,
+    /// Not sent before this instant (`sendAt`); at most
+    /// [`MAX_SCHEDULE_AHEAD`] after the command was parsed.
+    pub send_at: Option<SystemTime>,
+    /// `priority`; `normal` when absent.
+    pub priority: Priority,
 }
 
 /// Parses an RFC 3339 time (`2026-12-01T10:00:00Z`, `...+03:00`).
@@ -186,6 +229,10 @@ struct Wire<'a> {
     sender_id: Option<Cow<'a, str>>,
     #[serde(rename = "expiresAt", borrow)]
     expires_at: Option<Cow<'a, str>>,
+    #[serde(rename = "sendAt", borrow)]
+    send_at: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    priority: Option<Cow<'a, str>>,
 }
 
 impl SendSms {
@@ -210,6 +257,16 @@ impl SendSms {
             hash.update(b"expiresAt");
             hash.update(ms.to_be_bytes());
         }
+        if let Some(at) = self.send_at {
+            let ms = at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            hash.update(b"sendAt");
+            hash.update(ms.to_be_bytes());
+        }
+        // The priority decides when and how, not what: a command re-sent
+        // with another priority is the same message, not a reused key.
         hex::encode(hash.finalize())
     }
 
@@ -269,12 +326,41 @@ impl SendSms {
                 })
             })
             .transpose()?;
+        let send_at = match wire.send_at.as_deref() {
+            None => None,
+            Some(raw) => {
+                let at = parse_rfc3339(raw).ok_or_else(|| {
+                    invalid(
+                        FailureReason::InvalidCommand,
+                        "sendAt must be an RFC 3339 time (2026-12-01T10:00:00Z)",
+                    )
+                })?;
+                if at > SystemTime::now() + MAX_SCHEDULE_AHEAD {
+                    return Err(invalid(
+                        FailureReason::InvalidCommand,
+                        "sendAt must be at most 30 days ahead",
+                    ));
+                }
+                Some(at)
+            }
+        };
+        let priority = match wire.priority.as_deref() {
+            None => Priority::Normal,
+            Some(raw) => Priority::parse(raw).ok_or_else(|| {
+                invalid(
+                    FailureReason::InvalidCommand,
+                    "priority must be high, normal or bulk",
+                )
+            })?,
+        };
         Ok(Self {
             idempotency_key: key,
             phone_number,
             text,
             sender_id,
             expires_at,
+            send_at,
+            priority,
         })
     }
 
@@ -303,11 +389,14 @@ impl SendSms {
                 FailureReason::InvalidPhoneNumber,
                 "phoneNumber must be a string".to_owned(),
             )
-        } else if let Some(field) = ["text", "senderId", "expiresAt"].into_iter().find(|f| {
-            object
-                .get(*f)
-                .is_some_and(|v| !v.is_string() && !v.is_null())
-        }) {
+        } else if let Some(field) = ["text", "senderId", "expiresAt", "sendAt", "priority"]
+            .into_iter()
+            .find(|f| {
+                object
+                    .get(*f)
+                    .is_some_and(|v| !v.is_string() && !v.is_null())
+            })
+        {
             (
                 FailureReason::InvalidCommand,
                 format!("{field} must be a string"),
@@ -332,6 +421,12 @@ impl SendSms {
         });
         if let Some(at) = self.expires_at {
             body["expiresAt"] = Value::from(super::rfc3339(at));
+        }
+        if let Some(at) = self.send_at {
+            body["sendAt"] = Value::from(super::rfc3339(at));
+        }
+        if self.priority != Priority::Normal {
+            body["priority"] = Value::from(self.priority.as_str());
         }
         if let Some(sender) = &self.sender_id {
             body["senderId"] = Value::from(sender.as_str());
@@ -404,6 +499,65 @@ mod tests {
         assert_eq!(cmd.idempotency_key.as_str(), "k1");
         assert_eq!(cmd.text.as_str(), "a\nb é");
         assert!(cmd.sender_id.is_none());
+    }
+
+    #[test]
+    fn send_at_is_at_most_30_days_ahead_and_fingerprinted_only_when_given() {
+        let with = |extra: &str| {
+            let body = format!(
+                r#"{{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi"{extra}}}"#
+            );
+            SendSms::from_json(body.as_bytes())
+        };
+        let plain = with("").unwrap();
+        assert_eq!(plain.send_at, None);
+        let soon = SystemTime::now() + Duration::from_secs(3600);
+        let soon_raw = crate::domain::rfc3339(soon);
+        let scheduled = with(&format!(r#","sendAt":"{soon_raw}""#)).unwrap();
+        assert!(scheduled.send_at.is_some());
+        assert_ne!(scheduled.fingerprint(), plain.fingerprint());
+        let again = SendSms::from_json(&scheduled.to_json()).unwrap();
+        assert_eq!(again.send_at, scheduled.send_at);
+
+        let far = crate::domain::rfc3339(SystemTime::now() + Duration::from_secs(31 * 24 * 3600));
+        let (reason, detail) = invalid(&format!(
+            r#"{{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","sendAt":"{far}"}}"#
+        ));
+        assert_eq!(reason, FailureReason::InvalidCommand);
+        assert!(detail.contains("30 days"), "{detail}");
+        let (_, detail) = invalid(
+            r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","sendAt":"tomorrow"}"#,
+        );
+        assert!(detail.contains("sendAt"), "{detail}");
+        let (_, detail) = invalid(
+            r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","sendAt":5}"#,
+        );
+        assert_eq!(detail, "sendAt must be a string");
+    }
+
+    #[test]
+    fn priority_is_high_normal_or_bulk_and_does_not_change_the_fingerprint() {
+        let with = |p: &str| {
+            let body = format!(
+                r#"{{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","priority":"{p}"}}"#
+            );
+            SendSms::from_json(body.as_bytes())
+        };
+        let high = with("high").unwrap();
+        assert_eq!(high.priority, Priority::High);
+        assert_eq!(with("bulk").unwrap().priority, Priority::Bulk);
+        let normal = with("normal").unwrap();
+        assert_eq!(normal.priority, Priority::Normal);
+        assert_eq!(high.fingerprint(), normal.fingerprint());
+        assert_eq!(
+            SendSms::from_json(&high.to_json()).unwrap().priority,
+            Priority::High
+        );
+        let (reason, detail) = invalid(
+            r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","priority":"urgent"}"#,
+        );
+        assert_eq!(reason, FailureReason::InvalidCommand);
+        assert_eq!(detail, "priority must be high, normal or bulk");
     }
 
     #[test]

@@ -8,8 +8,8 @@ mod phone;
 mod segments;
 
 pub use command::{
-    CommandError, FailureReason, IdempotencyKey, MessageText, SendSms, SenderId, MAX_KEY_LEN,
-    MAX_SENDER_LEN, MAX_TEXT_CHARS,
+    CommandError, FailureReason, IdempotencyKey, MessageText, Priority, SendSms, SenderId,
+    MAX_KEY_LEN, MAX_SCHEDULE_AHEAD, MAX_SENDER_LEN, MAX_TEXT_CHARS,
 };
 pub use events::{DeliveryReport, DeliveryStatus, Event, EventKind, SmsFailed, SmsSent};
 pub use phone::{mask_numbers, mask_phone, PhoneNumber};
