@@ -322,10 +322,22 @@ impl Watch {
 
     /// Sends one item; false when the client is gone, or when the watch
     /// must end (shutdown, time limit) while the client is not reading.
+    /// An item is sent only when there is room for it and for the status
+    /// that may end the watch after it, so that [`Watch::end`] always finds
+    /// a slot: a slow reader's stream ends with its status, never as if
+    /// the watch had reached a final status.
     async fn push(&self, item: Result<proto::MessageStatus, Status>) -> bool {
         tokio::select! {
             biased;
-            sent = self.tx.send(item) => sent.is_ok(),
+            permits = self.tx.reserve_many(2) => match permits {
+                Ok(mut permits) => {
+                    if let Some(permit) = permits.next() {
+                        permit.send(item);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
             _ = self.shutdown.cancelled() => {
                 self.end(shutting_down());
                 false
@@ -337,7 +349,8 @@ impl Watch {
         }
     }
 
-    /// Ends the stream with `status`, unless the client stopped reading.
+    /// Ends the stream with `status` (there is always room for it: see
+    /// [`Watch::push`]), unless the client is gone.
     fn end(&self, status: Status) {
         let _ = self.tx.try_send(Err(status));
     }
@@ -548,5 +561,36 @@ mod tests {
             tonic::Code::NotFound,
             "the permit came back"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_whose_client_reads_slowly_still_ends_with_its_status() {
+        let (door, shutdown) = door(admitted("slow-reader").await, WatchLimits::default());
+        let (tx, rx) = mpsc::channel(4);
+        let watch = Watch {
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            door: door.door.clone(),
+            key: "slow-reader".into(),
+            tx,
+            limits: WatchLimits::default(),
+            deadline: Instant::now() + Duration::from_secs(3600),
+            shutdown: shutdown.clone(),
+        };
+        let status = door.door.status("slow-reader").await.unwrap();
+        let pushing = tokio::spawn(async move {
+            // More changes than the channel holds, none read yet.
+            for _ in 0..10 {
+                if !watch.push(Ok(message("slow-reader", status.clone()))).await {
+                    return;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shutdown.cancel();
+        pushing.await.unwrap();
+        let items = drain(ReceiverStream::new(rx)).await;
+        assert!(items.len() > 1, "{items:?}");
+        let end = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable, "{items:?}");
     }
 }
