@@ -369,8 +369,9 @@ impl Settings {
                 );
             }
         }
-        if self.telemetry.max_queued_spans == 0 || self.telemetry.max_queued_spans > 1_000_000 {
-            return bad("telemetry.max_queued_spans", "must be 1 to 1000000");
+        // A finished span is about 1 KiB: the queue stays under ~100 MiB.
+        if self.telemetry.max_queued_spans == 0 || self.telemetry.max_queued_spans > 100_000 {
+            return bad("telemetry.max_queued_spans", "must be 1 to 100000");
         }
         if self.http.report_park_ttl_secs == 0 {
             return bad("http.report_park_ttl_secs", "must be at least 1");
@@ -776,6 +777,11 @@ mod tests {
                 vec![("SMS__TELEMETRY__MAX_QUEUED_SPANS", "0")],
                 "telemetry.max_queued_spans",
                 "1 to",
+            ),
+            (
+                vec![("SMS__TELEMETRY__MAX_QUEUED_SPANS", "100001")],
+                "telemetry.max_queued_spans",
+                "1 to 100000",
             ),
         ] {
             let err = load(&vars).unwrap_err().to_string();

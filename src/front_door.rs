@@ -92,7 +92,7 @@ pub fn event_meta(
     EventMeta {
         correlation_id: correlation_id.map(cut),
         traceparent: traceparent.map(cut),
-        tracestate: tracestate.map(cut),
+        tracestate: tracestate.and_then(crate::telemetry::bounded_tracestate),
     }
 }
 
@@ -252,12 +252,13 @@ mod tests {
     }
 
     #[test]
-    fn request_context_is_cut_to_256_characters() {
+    fn request_context_is_bounded_and_tracestate_keeps_whole_members() {
         let long = "x".repeat(300);
-        let meta = event_meta(Some(&long), Some("00-abc-01"), Some(&long));
+        let state = format!("a={long},b={long}");
+        let meta = event_meta(Some(&long), Some("00-abc-01"), Some(&state));
         assert_eq!(meta.correlation_id.unwrap().len(), 256);
         assert_eq!(meta.traceparent.as_deref(), Some("00-abc-01"));
-        assert_eq!(meta.tracestate.unwrap().len(), 256);
+        assert_eq!(meta.tracestate.unwrap(), format!("a={long}"));
         assert_eq!(event_meta(None, None, None), EventMeta::default());
     }
 }

@@ -333,6 +333,9 @@ pub struct SentRecord {
     pub segments: u32,
     pub attempts: u32,
     pub sent_at: String,
+    /// The W3C `traceparent` of the span that sent it, when its trace was
+    /// recorded: the span of a callback that reports on it links to it.
+    pub traceparent: Option<String>,
 }
 
 /// What was recorded when a key failed for good.
@@ -456,7 +459,11 @@ pub enum ReportOutcome {
     /// It moved the message to a final status whose SmsDeliveryReport is
     /// not confirmed yet (this report, or a repeat of the one that did):
     /// publish it, then [`CacheService::mark_report_published`].
-    Publish(DeliveryReport),
+    Publish {
+        report: DeliveryReport,
+        /// The send's `traceparent` ([`SentRecord::traceparent`]).
+        send_trace: Option<String>,
+    },
     /// A repeat, a step back, a change to a final status, or a step that
     /// ends nothing (`sent`): kept in the history where new, no event.
     Unchanged,

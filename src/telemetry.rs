@@ -13,7 +13,9 @@ mod traces;
 
 #[cfg(feature = "test-support")]
 pub use traces::record_in_memory;
-pub use traces::{continue_trace, trace_filter, trace_headers, Traces};
+pub use traces::{
+    bounded_tracestate, continue_trace, link_to, trace_filter, trace_headers, Traces,
+};
 
 use std::ffi::OsStr;
 use std::io::IsTerminal;
@@ -212,6 +214,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_send_concurrency_limit", Gauge, "The adaptive limit on commands in their send phase at once."),
         ("sms_processing_duration_seconds", Histogram, "Time from taking a command to settling it."),
         ("sms_trace_spans_dropped_total", Counter, "Finished spans dropped unexported because telemetry.max_queued_spans were already waiting for the trace collector."),
+        ("sms_trace_export_failures_total", Counter, "Span batches the trace collector refused or did not answer for; their spans are lost."),
         ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
         ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
         ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),

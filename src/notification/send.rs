@@ -337,6 +337,9 @@ impl Notifier {
                 .unwrap_or_else(|| count_segments(a.cmd.text.as_str()).1),
             attempts: a.retry.attempts,
             sent_at: rfc3339(SystemTime::now()),
+            traceparent: crate::telemetry::trace_headers()
+                .into_iter()
+                .find_map(|(name, value)| (name == "traceparent").then_some(value)),
         };
         self.sent(a, record).await
     }

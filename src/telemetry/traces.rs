@@ -18,7 +18,7 @@
 //! reaches a span attribute.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,6 +172,50 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>, tracestat
     }
 }
 
+/// Links `span` to the span a `traceparent` names (a callback's span to
+/// the send it reports on): another trace, related but not a parent.
+/// Nothing when it is not a valid W3C `traceparent` or no trace is
+/// recorded.
+pub fn link_to(span: &tracing::Span, traceparent: &str) {
+    let carrier = Carrier {
+        traceparent,
+        tracestate: None,
+    };
+    let linked = TraceContextPropagator::new().extract(&carrier);
+    let linked = linked.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
+/// The longest `tracestate` kept: W3C Trace Context asks to propagate at
+/// least 512 characters (https://www.w3.org/TR/trace-context/#tracestate-limits).
+pub const MAX_TRACESTATE_CHARS: usize = 512;
+
+/// A `tracestate` bounded to [`MAX_TRACESTATE_CHARS`] by dropping whole
+/// list-members from the end, never cutting one in the middle (a cut
+/// member would be passed on as a vendor's corrupted value); at most 32
+/// members, as the specification allows. `None` when nothing is left.
+pub fn bounded_tracestate(raw: &str) -> Option<String> {
+    let mut kept = String::new();
+    for member in raw
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .take(32)
+    {
+        let extra = member.len() + usize::from(!kept.is_empty());
+        if kept.len() + extra > MAX_TRACESTATE_CHARS {
+            break;
+        }
+        if !kept.is_empty() {
+            kept.push(',');
+        }
+        kept.push_str(member);
+    }
+    (!kept.is_empty()).then_some(kept)
+}
+
 /// The W3C trace context of the current span, as headers to send on:
 /// `traceparent`, and `tracestate` when there is one. Empty when no trace
 /// is recorded (no `telemetry.otlp_endpoint`).
@@ -244,6 +288,8 @@ impl Bounded<BatchSpanProcessor> {
         let exporter = Leaving {
             inner: exporter,
             waiting: waiting.clone(),
+            failures: metrics::counter!("sms_trace_export_failures_total"),
+            failing: AtomicBool::new(false),
         };
         let config = BatchConfigBuilder::default()
             .with_max_queue_size(capacity)
@@ -302,6 +348,12 @@ impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
 struct Leaving<E> {
     inner: E,
     waiting: Arc<AtomicUsize>,
+    /// Batches the collector refused or did not answer for
+    /// (`sms_trace_export_failures_total`): their spans are lost.
+    failures: metrics::Counter,
+    /// Whether the last export failed: the log says when exports start
+    /// failing and when they work again, not once per batch.
+    failing: AtomicBool,
 }
 
 impl<E: SpanExporter> SpanExporter for Leaving<E> {
@@ -315,7 +367,28 @@ impl<E: SpanExporter> SpanExporter for Leaving<E> {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 Some(n.saturating_sub(left))
             });
-        self.inner.export(batch)
+        async move {
+            let result = self.inner.export(batch).await;
+            match &result {
+                Err(e) => {
+                    self.failures.increment(1);
+                    if !self.failing.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            error = %e,
+                            spans = left,
+                            "trace export failed: spans are lost until the collector answers \
+                             (counted in sms_trace_export_failures_total)"
+                        );
+                    }
+                }
+                Ok(()) => {
+                    if self.failing.swap(false, Ordering::AcqRel) {
+                        tracing::info!("trace export works again");
+                    }
+                }
+            }
+            result
+        }
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -334,6 +407,31 @@ impl<E: SpanExporter> SpanExporter for Leaving<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_tracestate_loses_whole_members_from_its_end() {
+        let member = |i: usize| format!("v{i}={}", "x".repeat(40));
+        let many: Vec<String> = (0..20).map(member).collect();
+        let kept = bounded_tracestate(&many.join(",")).unwrap();
+        assert!(kept.len() <= MAX_TRACESTATE_CHARS, "{}", kept.len());
+        let members: Vec<&str> = kept.split(',').collect();
+        assert_eq!(members.len(), 11);
+        assert!(members.iter().enumerate().all(|(i, m)| *m == member(i)));
+        assert_eq!(
+            bounded_tracestate(" a=1 ,, b=2").as_deref(),
+            Some("a=1,b=2")
+        );
+        assert_eq!(bounded_tracestate(&"y".repeat(600)), None);
+        assert_eq!(bounded_tracestate(""), None);
+        let small: Vec<String> = (0..40).map(|i| format!("k{i}=1")).collect();
+        assert_eq!(
+            bounded_tracestate(&small.join(","))
+                .unwrap()
+                .split(',')
+                .count(),
+            32
+        );
+    }
     use std::sync::atomic::AtomicU64;
     use std::sync::Mutex;
 
@@ -434,6 +532,8 @@ mod tests {
         let leaving = Leaving {
             inner: opentelemetry_sdk::trace::InMemorySpanExporter::default(),
             waiting: bounded.waiting.clone(),
+            failures: metrics::Counter::noop(),
+            failing: AtomicBool::new(false),
         };
         let batch = std::mem::take(&mut *bounded.inner.0.lock().unwrap());
         futures_util::FutureExt::now_or_never(leaving.export(batch))
@@ -442,6 +542,44 @@ mod tests {
         bounded.on_end(span_data());
         assert_eq!(bounded.inner.0.lock().unwrap().len(), 1);
         assert_eq!(dropped.load(Ordering::Relaxed), 3);
+    }
+
+    /// An exporter whose collector refuses every other batch.
+    #[derive(Debug, Default)]
+    struct Flaky(AtomicUsize);
+
+    impl SpanExporter for Flaky {
+        async fn export(&self, _: Vec<SpanData>) -> OTelSdkResult {
+            match self.0.fetch_add(1, Ordering::Relaxed) % 2 {
+                0 => Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    "collector answered 503".into(),
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn failed_exports_are_counted_and_still_take_their_spans_off_the_queue() {
+        let failed = Arc::new(AtomicU64::new(0));
+        let waiting = Arc::new(AtomicUsize::new(3));
+        let leaving = Leaving {
+            inner: Flaky::default(),
+            waiting: waiting.clone(),
+            failures: metrics::Counter::from_arc(failed.clone()),
+            failing: AtomicBool::new(false),
+        };
+        let export = |n| {
+            let batch = (0..n).map(|_| span_data()).collect();
+            futures_util::FutureExt::now_or_never(leaving.export(batch)).unwrap()
+        };
+        assert!(export(2).is_err());
+        assert!(leaving.failing.load(Ordering::Relaxed));
+        assert!(export(1).is_ok());
+        assert!(!leaving.failing.load(Ordering::Relaxed));
+        assert!(export(1).is_err());
+        assert_eq!(failed.load(Ordering::Relaxed), 2);
+        assert_eq!(waiting.load(Ordering::Relaxed), 0);
     }
 
     #[test]

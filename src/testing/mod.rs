@@ -603,9 +603,10 @@ impl CacheService for MemoryCache {
             &sent,
             &key,
         ) {
-            return Ok(ReportOutcome::Publish(
-                entry.ledger.pending().expect("just set"),
-            ));
+            return Ok(ReportOutcome::Publish {
+                report: entry.ledger.pending().expect("just set"),
+                send_trace: sent.traceparent.clone(),
+            });
         }
         Ok(ReportOutcome::Unchanged)
     }

@@ -92,8 +92,12 @@ fn sent(attempts: u32) -> SentRecord {
         segments: 1,
         attempts,
         sent_at: "2026-12-01T10:00:00Z".into(),
+        traceparent: Some(SEND_TRACE.into()),
     }
 }
+
+/// The trace a send was recorded in.
+const SEND_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn failed() -> FailedRecord {
     FailedRecord {
@@ -647,9 +651,14 @@ impl Case<'_> {
             ReportOutcome::Unchanged,
             "sent is no change"
         );
-        let ReportOutcome::Publish(event) = self.report("fwd", Delivered, "DELIVRD").await else {
+        let ReportOutcome::Publish {
+            report: event,
+            send_trace,
+        } = self.report("fwd", Delivered, "DELIVRD").await
+        else {
             panic!("delivered: no event");
         };
+        assert_eq!(send_trace.as_deref(), Some(SEND_TRACE), "the send's trace");
         assert_eq!(
             (event.idempotency_key.as_str(), event.phone_number.as_str()),
             (key.as_str(), "+254712345678")
@@ -707,12 +716,12 @@ impl Case<'_> {
         let (key, _) = self.sent_in_parts("again", &[&id]).await;
         assert!(matches!(
             self.report("again", Undelivered, "failed").await,
-            ReportOutcome::Publish(_)
+            ReportOutcome::Publish { .. }
         ));
         assert!(
             matches!(
                 self.report("again", Undelivered, "failed").await,
-                ReportOutcome::Publish(_)
+                ReportOutcome::Publish { .. }
             ),
             "its event was never confirmed: the provider's retry publishes it"
         );
@@ -809,14 +818,18 @@ impl Case<'_> {
             self.report("p2", Delivered, "delivered").await,
             ReportOutcome::Unchanged
         );
-        let ReportOutcome::Publish(event) = self.report("p1", Delivered, "delivered").await else {
+        let ReportOutcome::Publish { report: event, .. } =
+            self.report("p1", Delivered, "delivered").await
+        else {
             panic!("every part delivered: no event");
         };
         assert_eq!((event.status, event.provider_message_id), (Delivered, one));
         assert_eq!(event.idempotency_key, key.as_str());
         let (three, four) = (format!("{}-p3", self.unique), format!("{}-p4", self.unique));
         self.sent_in_parts("failed-part", &[&three, &four]).await;
-        let ReportOutcome::Publish(event) = self.report("p4", Undelivered, "failed").await else {
+        let ReportOutcome::Publish { report: event, .. } =
+            self.report("p4", Undelivered, "failed").await
+        else {
             panic!("a failed part: no event");
         };
         assert_eq!(event.status, Undelivered);
@@ -833,12 +846,14 @@ impl Case<'_> {
             self.report("p5", Unknown, "unknown").await,
             ReportOutcome::Unchanged
         );
-        let ReportOutcome::Publish(event) = self.report("p6", Delivered, "delivered").await else {
+        let ReportOutcome::Publish { report: event, .. } =
+            self.report("p6", Delivered, "delivered").await
+        else {
             panic!("all parts final: no event");
         };
         assert_eq!(event.status, Unknown);
         assert!(
-            matches!(self.report("p6", Delivered, "delivered").await, ReportOutcome::Publish(e) if e.status == Unknown),
+            matches!(self.report("p6", Delivered, "delivered").await, ReportOutcome::Publish { report: e, .. } if e.status == Unknown),
             "the repeat of the report that ended it publishes it again"
         );
         let unconfirmed = self

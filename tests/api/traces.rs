@@ -393,3 +393,116 @@ async fn a_command_sent_over_grpc_joins_the_callers_trace() {
     assert_private(&trace);
     app.cleanup().await;
 }
+
+/// The value of an unlabelled counter on a metrics page (0 when absent).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_binary_counts_dropped_spans_and_failed_exports_when_its_collector_is_away() {
+    use crate::e2e::{free_port, service, wait_http, Proc};
+    use crate::helpers::{init_logs, Names, TestBroker};
+    init_logs();
+    let names = Names::unique();
+    let provider_port = free_port();
+    let http_port = free_port();
+    let provider_url = format!("http://127.0.0.1:{provider_port}");
+    let mut env = names.env(&provider_url);
+    env.extend([
+        ("SMS__HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
+        // Nobody listens there: every export fails.
+        (
+            "SMS__TELEMETRY__OTLP_ENDPOINT".into(),
+            format!("http://127.0.0.1:{}", free_port()),
+        ),
+        // A command makes more spans than this: some are dropped.
+        ("SMS__TELEMETRY__MAX_QUEUED_SPANS".into(), "2".into()),
+    ]);
+    let mut broker = TestBroker::connect(&names).await;
+    let fake = [
+        "fake-provider",
+        "--bind",
+        &format!("127.0.0.1:{provider_port}"),
+    ];
+    let _fake = Proc(service(&env, &fake).spawn().unwrap());
+    wait_http(&format!("{provider_url}/healthz")).await;
+    let _svc = Proc(service(&env, &["run"]).spawn().unwrap());
+    let base = format!("http://127.0.0.1:{http_port}");
+    wait_http(&format!("{base}/readyz")).await;
+
+    for i in 0..3 {
+        let body = command(&format!("away-{i}"), PHONE, TEXT);
+        broker.publish_command(&body, Default::default()).await;
+    }
+    assert_eq!(broker.sent(3, WAIT).await.len(), 3, "the pipeline ran on");
+
+    // The batch processor exports every 5 s.
+    let (mut dropped, mut failed) = (0.0, 0.0);
+    for _ in 0..40 {
+        let page = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        dropped = counter(&page, "sms_trace_spans_dropped_total");
+        failed = counter(&page, "sms_trace_export_failures_total");
+        if dropped > 0.0 && failed > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(dropped > 0.0, "dropped spans are counted");
+    assert!(failed > 0.0, "failed exports are counted");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_delivery_report_callback_links_to_the_trace_of_its_send() {
+    let (exporter, _recording) = telemetry::record_in_memory();
+    let mut app =
+        crate::helpers::spawn_app_with(&[("SMS__PROVIDER__CALLBACK_SECRET", "link-s3cret")]).await;
+    Mock::given(method("POST"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "msg-link"})))
+        .expect(1)
+        .mount(&app.provider)
+        .await;
+    let body = command("trace-link", PHONE, TEXT);
+    app.broker
+        .publish_command(&body, traced(PRODUCER, "vendor=1"))
+        .await;
+    assert_eq!(app.broker.sent(1, WAIT).await.len(), 1);
+    let consume = consumes(&exporter, "trace-link", 1).await.remove(0);
+
+    let answer =
+        crate::helpers::post_signed_report(&app, "generic", "msg-link", "delivered", "link-s3cret")
+            .await;
+    assert_eq!(answer, 204);
+    let is_callback = |s: &&SpanData| s.name == "/v1/callbacks/{instance}";
+    let spans = spans_until(&exporter, |spans| spans.iter().any(|s| is_callback(&s))).await;
+    let callback = spans.iter().find(is_callback).unwrap();
+    assert_ne!(
+        callback.span_context.trace_id(),
+        producer_trace(),
+        "a trace of its own"
+    );
+    let links: Vec<_> = callback
+        .links
+        .iter()
+        .map(|l| l.span_context.clone())
+        .collect();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0].trace_id(), producer_trace());
+    assert_eq!(links[0].span_id(), consume.span_context.span_id());
+    app.cleanup().await;
+}

@@ -195,8 +195,15 @@ async fn record_all(
                 .increment(1);
         };
         match outcome {
-            ReportOutcome::Publish(event) => {
-                tracing::Span::current().record("key", event.idempotency_key.as_str());
+            ReportOutcome::Publish {
+                report: event,
+                send_trace,
+            } => {
+                let span = tracing::Span::current();
+                span.record("key", event.idempotency_key.as_str());
+                if let Some(send) = send_trace {
+                    crate::telemetry::link_to(&span, &send);
+                }
                 let span = tracing::info_span!(
                     "publish",
                     otel.kind = "producer",

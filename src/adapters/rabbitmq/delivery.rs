@@ -94,7 +94,12 @@ impl DeliveryStream for RabbitStream {
                 .as_ref()
                 .map(|c| bounded(c.as_str())),
             traceparent: trace_header("traceparent"),
-            tracestate: trace_header("tracestate"),
+            tracestate: properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("tracestate"))
+                .and_then(header_str)
+                .and_then(crate::telemetry::bounded_tracestate),
         };
         let retry = retry_state(
             properties.headers().as_ref(),
@@ -214,12 +219,16 @@ fn header_number(value: &AMQPValue) -> Option<u64> {
 
 /// A header value as text, if it is text of a sane length.
 fn header_text(value: &AMQPValue) -> Option<String> {
-    let text = match value {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?,
-        AMQPValue::ShortString(s) => s.as_str(),
-        _ => return None,
-    };
-    Some(bounded(text))
+    header_str(value).map(bounded)
+}
+
+/// A header value as text, if it is text.
+fn header_str(value: &AMQPValue) -> Option<&str> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 fn bounded(text: &str) -> String {

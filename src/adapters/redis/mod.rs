@@ -241,6 +241,7 @@ fn sent_record(f: &HashMap<String, String>) -> SentRecord {
         segments: number(f, "segments"),
         attempts: number(f, "attempts"),
         sent_at: field(f, "sent_at"),
+        traceparent: f.get("tp").filter(|t| !t.is_empty()).cloned(),
     }
 }
 
@@ -453,6 +454,7 @@ impl CacheService for RedisStore {
             &park_prefix,
             &cap,
             &unpublished,
+            r.traceparent.as_deref().unwrap_or_default(),
         ];
         let written: i64 = self
             .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
@@ -625,9 +627,10 @@ impl CacheService for RedisStore {
             .run(&self.scripts.record_report, &[&pid, &park], &args)
             .await?;
         Ok(match answer.first().map(String::as_str) {
-            Some("publish") if answer.len() == 10 => {
-                ReportOutcome::Publish(report_of(&answer[1..])?)
-            }
+            Some("publish") if answer.len() == 11 => ReportOutcome::Publish {
+                report: report_of(&answer[1..10])?,
+                send_trace: Some(answer[10].clone()).filter(|t| !t.is_empty()),
+            },
             Some("parked") => ReportOutcome::Parked,
             Some("unmatched") => ReportOutcome::Unmatched,
             Some("unchanged") => ReportOutcome::Unchanged,

@@ -181,7 +181,7 @@ end
 /// `record_sent(key, pid_key, hist_key; owner, lease_ms, provider,
 /// provider_message_id, segments, attempts, sent_at, ttl_secs,
 /// idempotency_key, instance, phone, parts, pid_prefix, park_prefix,
-/// hist_cap, unpublished_key)`: 1 written, 2 written and parked reports set a final status
+/// hist_cap, unpublished_key, traceparent)`: 1 written, 2 written and parked reports set a final status
 /// (its event to publish), 0 fenced. `parts` lists every part's id, one
 /// per line; each gets its own provider-id key.
 pub fn record_sent() -> String {
@@ -194,7 +194,7 @@ if mine[1] == 'sent' and mine[2] == ARGV[1] and mine[3] and mine[4] == '0' then 
 {FENCE}
 redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1], 'holder', ARGV[10],
   'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
-  'sent_at', ARGV[7], 'updated_at', ARGV[7], 'phone', ARGV[11], 'parts', ARGV[12])
+  'sent_at', ARGV[7], 'updated_at', ARGV[7], 'phone', ARGV[11], 'parts', ARGV[12], 'tp', ARGV[17])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 if ARGV[4] == '' then return 1 end
 redis.call('SET', KEYS[2], ARGV[9], 'EX', ARGV[8])
@@ -223,7 +223,7 @@ return answer
 /// `record_report(pid_key, park_key; msg_prefix, hist_prefix, part, status,
 /// provider_status, error_code, permanent, at, park_ttl_secs, hist_cap,
 /// park_cap, unpublished_key)`: `{'publish', key, phone, provider, provider_message_id,
-/// status, provider_status, error_code, permanent, at}`, `{'unchanged'}`,
+/// status, provider_status, error_code, permanent, at, send_traceparent}`, `{'unchanged'}`,
 /// `{'parked'}` (no message has this id yet: kept for `park_ttl_secs`,
 /// at most `park_cap` reports; never when `park_ttl_secs` is 0), or
 /// `{'unmatched'}`.
@@ -248,9 +248,9 @@ if apply(msg, hist, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[1
   return {{'unchanged'}}
 end
 local h = redis.call('HMGET', msg, 'phone', 'provider', 'provider_message_id', 'delivery',
-  'd_provider_status', 'd_error_code', 'd_permanent', 'd_at')
+  'd_provider_status', 'd_error_code', 'd_permanent', 'd_at', 'tp')
 return {{'publish', key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h[6] or '',
-  h[7] or '0', h[8] or ''}}
+  h[7] or '0', h[8] or '', h[9] or ''}}
 "#
     )
 }
