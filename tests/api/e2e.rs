@@ -271,7 +271,19 @@ impl Stack {
         svc
     }
 
-    async fn provider_stats(&self) -> serde_json::Value {
+    /// Another instance beside the first, on an HTTP port of its own: the
+    /// process and its HTTP base URL, once it is ready.
+    pub(crate) async fn start_instance(&self) -> (Proc, String) {
+        let base = format!("http://127.0.0.1:{}", free_port());
+        let mut env = self.env.clone();
+        env.retain(|(k, _)| k != "SMS__HTTP__BIND");
+        env.push(("SMS__HTTP__BIND".into(), base["http://".len()..].to_owned()));
+        let svc = Proc(service(&env, &["run"]).spawn().unwrap());
+        wait_http(&format!("{base}/readyz")).await;
+        (svc, base)
+    }
+
+    pub(crate) async fn provider_stats(&self) -> serde_json::Value {
         reqwest::get(format!("{}/stats", self.provider_url))
             .await
             .unwrap()
@@ -281,7 +293,11 @@ impl Stack {
     }
 }
 
-async fn distinct_sent(broker: &mut TestBroker, n: usize, within: Duration) -> (usize, usize) {
+pub(crate) async fn distinct_sent(
+    broker: &mut TestBroker,
+    n: usize,
+    within: Duration,
+) -> (usize, usize) {
     let deadline = Instant::now() + within;
     let mut keys = std::collections::HashSet::new();
     let mut events = 0;
