@@ -32,8 +32,8 @@ const REPORT_SWEEP_AGE: Duration = Duration::from_secs(30);
 /// (a health watch never ends by itself); then they are dropped.
 pub const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
-/// How often the depths of the command and dead-letter queues are read
-/// into their gauges.
+/// How often the depths of the command, dead-letter and hold queues are
+/// read into their gauges.
 pub const QUEUE_DEPTHS_EVERY: Duration = Duration::from_secs(5);
 
 /// A started service.
@@ -299,7 +299,7 @@ async fn report_redis(store: Arc<RedisStore>, address: String, timeout: Duration
     }
 }
 
-/// Reads the depth of the command and dead-letter queues into their
+/// Reads the depth of the command, dead-letter and hold queues into their
 /// gauges every `every` while connected, until `stop` fires. While not
 /// connected the gauges keep their last value.
 async fn watch_queue_depths(broker: RabbitMq, every: Duration, stop: CancellationToken) {
@@ -315,6 +315,7 @@ async fn watch_queue_depths(broker: RabbitMq, every: Duration, stop: Cancellatio
                 metrics::gauge!("sms_command_queue_messages").set(f64::from(depths.commands));
                 metrics::gauge!("sms_dead_letter_queue_messages")
                     .set(f64::from(depths.dead_letters));
+                metrics::gauge!("sms_held_messages").set(depths.held as f64);
             }
             Ok(Err(e)) => debug!(error = %e, "queue depths not read"),
             Err(_) => debug!("queue depths not read: no answer in time"),

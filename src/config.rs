@@ -56,6 +56,10 @@ pub struct AmqpSettings {
     pub reconnect_delay_ms: u64,
     pub confirm_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// The fixed waits of the hold queues (`<queue>.hold.<wait>`) that park
+    /// commands not yet due; see `adapters::rabbitmq::Topology::hop_for`.
+    #[serde(deserialize_with = "number_list")]
+    pub hold_hops_ms: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -412,11 +416,12 @@ impl Settings {
                 return bad(&format!("amqp.{key}"), "must be 1 to 255 characters");
             }
         }
-        // Delay tiers are named <command_queue>.retry.<delay>.
+        // Delay tiers are named <command_queue>.retry.<delay>, hold
+        // queues <command_queue>.hold.<wait>.
         if self.amqp.command_queue.len() > 230 {
             return bad(
                 "amqp.command_queue",
-                "must be at most 230 characters (its delay tiers add a suffix)",
+                "must be at most 230 characters (its delay tiers and hold queues add a suffix)",
             );
         }
         for (key, value) in [
@@ -524,6 +529,13 @@ impl Settings {
         }
         if self.retry.max_delay_ms < self.retry.base_delay_ms {
             return bad("retry.max_delay_ms", "must be at least retry.base_delay_ms");
+        }
+        let hops = &self.amqp.hold_hops_ms;
+        if hops.is_empty() || hops.len() > 20 || hops.iter().any(|h| *h < 100 || *h > 86_400_000) {
+            return bad(
+                "amqp.hold_hops_ms",
+                "must list 1 to 20 waits of 100 ms to 24 h",
+            );
         }
         let tiers = &self.retry.tiers_ms;
         if tiers.is_empty() || tiers.len() > 20 || tiers.iter().any(|t| *t == 0 || *t > 86_400_000)
@@ -739,6 +751,23 @@ mod tests {
     }
 
     #[test]
+    fn hold_hops_come_from_a_list_of_100_ms_to_24_h() {
+        let defaults = load(&[]).unwrap();
+        assert_eq!(
+            defaults.amqp.hold_hops_ms,
+            [1000, 10_000, 60_000, 600_000, 3_600_000, 28_800_000]
+        );
+        let s = load(&[("SMS__AMQP__HOLD_HOPS_MS", "500,2000")]).unwrap();
+        assert_eq!(s.amqp.hold_hops_ms, [500, 2000]);
+        for bad in ["99", "86400001", ""] {
+            let err = load(&[("SMS__AMQP__HOLD_HOPS_MS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("amqp.hold_hops_ms"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn traces_are_off_by_default_and_a_bad_collector_setting_names_its_key() {
         let defaults = load(&[]).unwrap();
         assert_eq!(defaults.telemetry.otlp_endpoint, "");
@@ -905,6 +934,7 @@ mod tests {
             ("retry.base_delay_ms", &u64_max),
             ("retry.max_delay_ms", &u64_max),
             ("retry.tiers_ms", &u64_max),
+            ("amqp.hold_hops_ms", &u64_max),
             ("retry.requeue_delay_ms", &u64_max),
             ("processing.max_in_flight", &usize_max),
             ("processing.min_sends", &usize_max),

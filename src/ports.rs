@@ -82,6 +82,14 @@ pub trait DeliveryHandle: Send + Sync {
         delay: Duration,
         retry: &RetryState,
     ) -> Result<(), QueueError>;
+    /// Parks the body unchanged, with its headers, durably in the broker
+    /// (with confirm), then acknowledges: it comes back to the queue it was
+    /// delivered from no later than about a second after `until` (sooner
+    /// when `until` is further off than the longest wait the broker keeps
+    /// in one go), to be examined again. Counts no attempt and no retry;
+    /// the caller decides on its return whether it is due, so a hold is
+    /// never early. Nothing of it stays in the process.
+    async fn hold(&mut self, body: &[u8], until: SystemTime) -> Result<(), QueueError>;
 }
 
 /// A subscription to the command queue.
@@ -651,6 +659,10 @@ pub enum Outcome {
     HandBack,
     /// Not now: hand to a delay tier for about `delay`, carrying `retry`.
     Delay { delay: Duration, retry: RetryState },
+    /// Not yet due: park it in the broker until `until` (see
+    /// [`DeliveryHandle::hold`]); no attempt or retry is counted, and it is
+    /// examined afresh when it comes back.
+    Hold { until: SystemTime },
     /// The idempotency store is away: requeue, and take no new work until
     /// it answers again.
     StoreUnavailable,
@@ -669,6 +681,7 @@ impl Outcome {
             Self::RetryAfter(_) => "retry_after",
             Self::HandBack => "hand_back",
             Self::Delay { .. } => "delay",
+            Self::Hold { .. } => "hold",
             Self::StoreUnavailable => "store_unavailable",
             Self::Failed(_) => "failed",
             Self::DeadLetter(_) => "dead_letter",

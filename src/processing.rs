@@ -389,6 +389,21 @@ async fn settle_in_span(mut message: InboundMessage, s: &Settler) {
             }
             result
         }
+        Outcome::Hold { until } => {
+            let ahead = until
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            let span = tracing::info_span!(
+                "hold",
+                otel.kind = "producer",
+                ahead_ms = i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
+            );
+            let result = handle.hold(&message.body, *until).instrument(span).await;
+            if result.is_ok() {
+                metrics::counter!("sms_holds_total").increment(1);
+            }
+            result
+        }
         Outcome::StoreUnavailable => {
             s.pause.notify_one();
             handle.requeue().await
@@ -548,6 +563,61 @@ mod tests {
         run.await.unwrap();
         assert!(queue.closed.load(Ordering::SeqCst));
         assert!(!consuming.get());
+    }
+
+    /// Holds every command until `until` the first time it sees it, and
+    /// says when it saw each.
+    struct HoldOnce {
+        until: std::time::SystemTime,
+        seen: std::sync::Mutex<Vec<(Vec<u8>, tokio::time::Instant)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl NotificationService for HoldOnce {
+        async fn handle(&self, message: Inbound<'_>) -> Outcome {
+            let mut seen = self.seen.lock().unwrap();
+            let again = seen.iter().any(|(body, _)| body == message.body);
+            seen.push((message.body.to_vec(), tokio::time::Instant::now()));
+            if again {
+                Outcome::Sent
+            } else {
+                Outcome::Hold { until: self.until }
+            }
+        }
+        async fn ready(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_command_is_parked_and_comes_back_to_its_queue_when_due() {
+        let queue = MemoryQueue::new();
+        let until = std::time::SystemTime::now() + Duration::from_secs(30);
+        let notifier = Arc::new(HoldOnce {
+            until,
+            seen: Default::default(),
+        });
+        let settings = ProcessingSettings {
+            max_in_flight: 8,
+            shutdown_grace: Duration::from_secs(1),
+            resubscribe_delay: Duration::from_millis(10),
+        };
+        let svc = QueueProcessingService::new(queue.clone(), notifier.clone(), vec![], settings);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        let started = tokio::time::Instant::now();
+        queue.push(&body("later"));
+        settle_all(&queue, 2).await;
+        assert_eq!(queue.settled(), [Settled::Held(until), Settled::Acked]);
+        let seen = notifier.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "examined when taken, and again when back");
+        let back_after = seen[1].1 - started;
+        assert!(
+            back_after >= Duration::from_secs(29) && back_after < Duration::from_secs(31),
+            "{back_after:?}"
+        );
+        shutdown.cancel();
+        run.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -201,6 +201,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_duplicates_total", Counter, "Commands acked or dead-lettered as duplicates of a key already sent, failed or in flight."),
         ("sms_dead_lettered_total", Counter, "Commands copied to the dead-letter queue, poison messages included."),
         ("sms_retries_scheduled_total", Counter, "Commands handed to a broker delay tier, confirmed."),
+        ("sms_holds_total", Counter, "Commands parked in a hold queue of the broker until they are due (sendAt), confirmed; one per hop."),
         ("sms_requeued_total", Counter, "Commands requeued after an unconfirmed event, or handed back after the shutdown grace period."),
         ("sms_amqp_acks_sent_total", Counter, "basic.ack frames sent for commands; one may settle many."),
         ("sms_amqp_stale_deliveries_dropped_total", Counter, "Deliveries read after their channel had died, dropped unprocessed (the broker redelivers them)."),
@@ -217,6 +218,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_trace_export_failures_total", Counter, "Span batches the trace collector refused or did not answer for; their spans are lost."),
         ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
         ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
+        ("sms_held_messages", Gauge, "Commands parked in the hold queues until they are due (sendAt), read every 5 s while connected."),
         ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),
     ]
 };

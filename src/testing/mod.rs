@@ -810,6 +810,9 @@ pub enum Settled {
     Requeued,
     DeadLettered(String),
     Delayed(Duration, RetryState),
+    /// Held until then; it is pushed again at that instant (on tokio's
+    /// clock, counted from the wall clock's now).
+    Held(std::time::SystemTime),
 }
 
 type Log = Arc<Mutex<Vec<(Vec<u8>, Settled)>>>;
@@ -839,18 +842,11 @@ impl MemoryQueue {
 
     /// Pushes a delivery, marked as a broker redelivery or not.
     pub fn push_as(&self, body: &[u8], redelivered: bool) {
-        let message = InboundMessage {
-            body: body.to_vec(),
-            redelivered,
-            meta: EventMeta::default(),
-            retry: RetryState::default(),
-            handle: Box::new(MemoryHandle {
-                body: body.to_vec(),
-                log: self.log.clone(),
-            }),
-        };
         let sender = self.sender.lock().unwrap();
-        sender.as_ref().unwrap().send(message).unwrap();
+        let sender = sender.as_ref().unwrap();
+        sender
+            .send(delivery(body, redelivered, &self.log, sender))
+            .unwrap();
     }
 
     pub fn settled(&self) -> Vec<Settled> {
@@ -863,9 +859,30 @@ impl MemoryQueue {
     }
 }
 
+fn delivery(
+    body: &[u8],
+    redelivered: bool,
+    log: &Log,
+    queue: &tokio::sync::mpsc::UnboundedSender<InboundMessage>,
+) -> InboundMessage {
+    InboundMessage {
+        body: body.to_vec(),
+        redelivered,
+        meta: EventMeta::default(),
+        retry: RetryState::default(),
+        handle: Box::new(MemoryHandle {
+            body: body.to_vec(),
+            log: log.clone(),
+            queue: queue.clone(),
+        }),
+    }
+}
+
 struct MemoryHandle {
     body: Vec<u8>,
     log: Log,
+    /// The queue it came from, for a hold to return it to.
+    queue: tokio::sync::mpsc::UnboundedSender<InboundMessage>,
 }
 
 #[async_trait]
@@ -899,6 +916,21 @@ impl DeliveryHandle for MemoryHandle {
     ) -> Result<(), QueueError> {
         let settled = Settled::Delayed(delay, retry.clone());
         self.log.lock().unwrap().push((self.body.clone(), settled));
+        Ok(())
+    }
+    /// Logs the hold, and pushes the body again (as a fresh delivery) once
+    /// `until` is reached.
+    async fn hold(&mut self, body: &[u8], until: std::time::SystemTime) -> Result<(), QueueError> {
+        let settled = Settled::Held(until);
+        self.log.lock().unwrap().push((self.body.clone(), settled));
+        let left = until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let (body, log, queue) = (body.to_vec(), self.log.clone(), self.queue.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(left).await;
+            let _ = queue.send(delivery(&body, false, &log, &queue));
+        });
         Ok(())
     }
 }

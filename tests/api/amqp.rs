@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -241,6 +242,95 @@ async fn a_command_back_from_a_delay_tier_keeps_its_retry_state() {
         .unwrap();
     let mut back = next(stream.as_mut()).await;
     assert_eq!(back.retry, retry, "the broker's x-death names the tier");
+    back.handle.ack().await.unwrap();
+    stream.close().await;
+    rabbit.close().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_held_command_waits_as_a_persistent_message_in_a_durable_hold_queue_and_comes_back_to_its_queue(
+) {
+    let names = Names::unique();
+    let broker = TestBroker::connect(&names).await;
+    let rabbit = adapter(&names, crate::helpers::AMQP_URL, &[]);
+    rabbit.connect().await.unwrap();
+    broker.publish_many("held-", 1).await;
+    let mut stream = rabbit.consume().await.unwrap();
+    let mut message = next(stream.as_mut()).await;
+    let held_at = Instant::now();
+    let until = std::time::SystemTime::now() + Duration::from_millis(1500);
+    message.handle.hold(&message.body, until).await.unwrap();
+    // Off the command queue and out of the process: in the 1 s hold queue
+    // (the longest wait that ends before it is due).
+    let hold_queue = format!("{}.hold.1s", names.command_queue);
+    let got = broker
+        .channel
+        .basic_get(
+            hold_queue.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("held in the 1 s hold queue");
+    assert_eq!(got.delivery.data, message.body, "the body unchanged");
+    assert_eq!(
+        *got.delivery.properties.delivery_mode(),
+        Some(2),
+        "persistent: it survives a broker restart"
+    );
+    got.delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Durable, with these arguments: declaring it so again is accepted
+    // (a differing declaration would close the channel).
+    for hop_ms in [1000i64, 10_000, 60_000, 600_000, 3_600_000, 28_800_000] {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(hop_ms));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.command_queue.as_str().into()),
+        );
+        let label = match hop_ms {
+            ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+            ms => format!("{}s", ms / 1000),
+        };
+        let queue = format!("{}.hold.{label}", names.command_queue);
+        broker
+            .channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{queue} is durable with the hold arguments: {e}"));
+    }
+    let mut back = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("back within 5 s")
+        .unwrap()
+        .unwrap();
+    assert!(
+        held_at.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        held_at.elapsed()
+    );
+    assert_eq!(back.body, message.body);
+    assert_eq!(back.retry, RetryState::default(), "a hold counts no retry");
     back.handle.ack().await.unwrap();
     stream.close().await;
     rabbit.close().await;

@@ -263,9 +263,11 @@ impl Drop for Leftovers {
                 };
                 let tiers =
                     ["300ms", "600ms"].map(|t| format!("{}.retry.{t}", names.command_queue));
+                let holds = hold_queues(&names.command_queue);
                 for queue in [&names.command_queue, &names.dead_letter_queue]
                     .into_iter()
                     .chain(&tiers)
+                    .chain(&holds)
                 {
                     let _ = channel
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -282,6 +284,14 @@ impl Drop for Leftovers {
         })
         .join();
     }
+}
+
+/// The hold queues of `origin` with the default waits (`amqp.hold_hops_ms`).
+pub fn hold_queues(origin: &str) -> Vec<String> {
+    ["1s", "10s", "1m", "10m", "1h", "8h"]
+        .iter()
+        .map(|wait| format!("{origin}.hold.{wait}"))
+        .collect()
 }
 
 /// A plain AMQP client, as a producer or subscriber would use.

@@ -12,7 +12,7 @@
 //!   one of the service's delay tiers (its `x-death` names the tier), so a
 //!   producer cannot set a command's attempts; their numbers saturate.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::settle::{self, Settle};
-use super::{unavailable, RabbitMq, RetryTier};
+use super::{unavailable, RabbitMq, RetryTier, Topology};
 use crate::domain::mask_numbers;
 use crate::ports::{
     DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError, RetryState,
@@ -39,18 +39,21 @@ pub struct RabbitStream {
     consumer: Consumer,
     channel: Channel,
     broker: RabbitMq,
+    /// The queue this subscription consumes: where a held delivery returns.
+    queue: String,
     /// `None` once closed.
     settle: Option<mpsc::UnboundedSender<Settle>>,
     settling: Option<JoinHandle<()>>,
 }
 
 impl RabbitStream {
-    pub(super) fn new(consumer: Consumer, channel: Channel, broker: RabbitMq) -> Self {
+    pub(super) fn new(consumer: Consumer, channel: Channel, broker: RabbitMq, queue: &str) -> Self {
         let (settle, inbox) = mpsc::unbounded_channel();
         Self {
             consumer,
             channel,
             broker,
+            queue: queue.to_owned(),
             settle: Some(settle),
             settling: Some(tokio::spawn(settle::run(inbox))),
         }
@@ -118,6 +121,7 @@ impl DeliveryStream for RabbitStream {
                 settle,
                 properties,
                 broker: self.broker.clone(),
+                origin: self.queue.clone(),
             }),
         }))
     }
@@ -145,6 +149,9 @@ impl DeliveryStream for RabbitStream {
 
 /// Headers of the service's own, carried through delay tiers.
 const ATTEMPTS: &str = "x-sms-attempts";
+/// When a held command is due (ms since the Unix epoch): for people
+/// looking into a hold queue; the service never reads it back.
+const HELD_UNTIL: &str = "x-sms-held-until-ms";
 const DELAYS: &str = "x-sms-delays";
 const FIRST_ATTEMPT: &str = "x-sms-first-attempt-ms";
 const PINNED: &str = "x-sms-provider";
@@ -242,6 +249,8 @@ struct RabbitDelivery {
     settle: mpsc::UnboundedSender<Settle>,
     properties: BasicProperties,
     broker: RabbitMq,
+    /// The queue it was delivered from, to which a hold returns it.
+    origin: String,
 }
 
 impl RabbitDelivery {
@@ -365,6 +374,41 @@ impl DeliveryHandle for RabbitDelivery {
             .await?;
         self.ack().await
     }
+
+    /// Publishes a persistent copy (body and headers unchanged, plus
+    /// [`HELD_UNTIL`]) to the hold queue of the queue it came from whose
+    /// wait fits the time left ([`Topology::hop_for`]), with confirm, then
+    /// acks. Its per-message expiry is set to that wait (a producer's own
+    /// `expiration` would otherwise make it leave early, or wait behind
+    /// longer ones), so every message of a hold queue leaves in order.
+    async fn hold(&mut self, body: &[u8], until: SystemTime) -> Result<(), QueueError> {
+        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+        let hop = self.broker.topology().hop_for(left);
+        let queue = Topology::hold_queue(&self.origin, hop);
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        let due_ms = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        headers.insert(HELD_UNTIL.into(), AMQPValue::LongLongInt(due_ms));
+        super::stamp_trace(&mut headers);
+        let properties = hold_properties(&self.properties, headers, hop);
+        self.broker.publish("", &queue, body, properties).await?;
+        self.ack().await
+    }
+}
+
+/// The properties of a held copy: the command's own, with `headers`,
+/// persistent whatever the producer chose, expiring after exactly `hop`.
+fn hold_properties(
+    properties: &BasicProperties,
+    headers: FieldTable,
+    hop: Duration,
+) -> BasicProperties {
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_expiration(hop.as_millis().max(1).to_string().as_str().into())
 }
 
 #[cfg(test)]
@@ -448,6 +492,34 @@ mod tests {
             // The core counts on from here without overflowing.
             assert!(retry.attempts.checked_add(1_000).is_some());
         }
+    }
+
+    #[test]
+    fn a_held_copy_is_persistent_keeps_the_commands_headers_and_expires_after_its_wait() {
+        let mut producer_headers = FieldTable::default();
+        producer_headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString("00-a-b-01".into()),
+        );
+        let command = BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_expiration("5".into())
+            .with_correlation_id("c-1".into())
+            .with_headers(producer_headers.clone());
+        let mut headers = producer_headers;
+        headers.insert(HELD_UNTIL.into(), AMQPValue::LongLongInt(1_000));
+        let held = hold_properties(&command, headers.clone(), Duration::from_secs(60));
+        assert_eq!(*held.delivery_mode(), Some(2), "persistent");
+        assert_eq!(
+            held.expiration().as_ref().map(|e| e.as_str()),
+            Some("60000"),
+            "the wait of its hold queue, not the producer's"
+        );
+        assert_eq!(
+            held.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("c-1")
+        );
+        assert_eq!(held.headers().as_ref(), Some(&headers));
     }
 
     #[test]

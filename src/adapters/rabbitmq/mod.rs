@@ -57,6 +57,11 @@ pub struct Topology {
     /// Delay tiers, shortest first: queues whose messages expire back into
     /// the command queue after the tier's delay.
     pub retry_tiers: Vec<RetryTier>,
+    /// The waits of the hold queues, shortest first: every queue the
+    /// service consumes ([`Topology::consumed_queues`]) has one hold queue
+    /// per wait, `<queue>.hold.<wait>`, whose messages all expire after
+    /// that wait back into that queue ([`Topology::hold_queue`]).
+    pub hold_hops: Vec<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +84,13 @@ impl Topology {
         let mut tiers = tiers.to_vec();
         tiers.sort();
         tiers.dedup();
+        let mut hold_hops: Vec<Duration> = s
+            .hold_hops_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
+        hold_hops.sort();
+        hold_hops.dedup();
         Self {
             command_queue: s.command_queue.clone(),
             dead_letter_queue: s.dead_letter_queue.clone(),
@@ -93,7 +105,35 @@ impl Topology {
                     delay,
                 })
                 .collect(),
+            hold_hops,
         }
+    }
+
+    /// The queues the service consumes commands from. Each has hold
+    /// queues of its own, so that a held command comes back to the queue
+    /// it was taken from.
+    pub fn consumed_queues(&self) -> Vec<&str> {
+        vec![self.command_queue.as_str()]
+    }
+
+    /// The hold queue of `origin` that waits `hop`: `<origin>.hold.<wait>`.
+    pub fn hold_queue(origin: &str, hop: Duration) -> String {
+        format!("{origin}.hold.{}", tier_label(hop))
+    }
+
+    /// The wait of the hold queue for a command due in `left`: the longest
+    /// that ends no later than it is due, so that a hold is never early
+    /// (the command comes back, is examined again, and waits once more);
+    /// the shortest when even that one ends after it is due, so that it is
+    /// taken at most that wait late.
+    pub fn hop_for(&self, left: Duration) -> Duration {
+        self.hold_hops
+            .iter()
+            .rev()
+            .find(|hop| **hop <= left)
+            .or(self.hold_hops.first())
+            .copied()
+            .expect("settings validation keeps at least one hold wait")
     }
 
     /// The shortest tier that waits at least `delay`, else the longest.
@@ -187,11 +227,13 @@ fn broker_address(url: &str) -> String {
     }
 }
 
-/// Messages ready in the command and dead-letter queues.
+/// Messages ready in the command and dead-letter queues, and held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepths {
     pub commands: u32,
     pub dead_letters: u32,
+    /// In all the hold queues together: commands parked until they are due.
+    pub held: u64,
 }
 
 impl RabbitMq {
@@ -215,7 +257,7 @@ impl RabbitMq {
         &self.inner.topology
     }
 
-    /// Reads the depth of the command and dead-letter queues with a passive
+    /// Reads the depth of the command, dead-letter and hold queues with a passive
     /// declare, on a channel of its own (a passive declare of a missing
     /// queue closes its channel). Uses the live connection only: never
     /// connects for this.
@@ -230,9 +272,17 @@ impl RabbitMq {
             .map_err(unavailable)?;
         let t = &self.inner.topology;
         let depths = async {
+            let mut held = 0;
+            for origin in t.consumed_queues() {
+                for hop in &t.hold_hops {
+                    let queue = Topology::hold_queue(origin, *hop);
+                    held += u64::from(passive_count(&channel, &queue).await?);
+                }
+            }
             Ok(QueueDepths {
                 commands: passive_count(&channel, &t.command_queue).await?,
                 dead_letters: passive_count(&channel, &t.dead_letter_queue).await?,
+                held,
             })
         }
         .await;
@@ -526,6 +576,15 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
             .await
             .map_err(unavailable)?;
     }
+    for origin in t.consumed_queues() {
+        for hop in &t.hold_hops {
+            let queue = Topology::hold_queue(origin, *hop);
+            channel
+                .queue_declare(queue.as_str().into(), durable, hold_arguments(origin, *hop))
+                .await
+                .map_err(unavailable)?;
+        }
+    }
     for (_, exchange) in &t.exchanges {
         channel
             .exchange_declare(
@@ -541,6 +600,26 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// The arguments of a hold queue: every message in it expires after `hop`
+/// (the same for all, so they expire in the order they came: the head is
+/// always the next due) and is dead-lettered through the default exchange
+/// back to `origin`. No length limit and no overflow policy: a full disk
+/// blocks publishers (the broker's alarm), it never drops a held command.
+fn hold_arguments(origin: &str, hop: Duration) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    let ttl = i64::try_from(hop.as_millis()).unwrap_or(i64::MAX);
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(origin.into()),
+    );
+    arguments
 }
 
 /// Properties every message the service publishes carries: JSON,
@@ -633,7 +712,13 @@ impl QueueClient for RabbitMq {
             .map_err(|_| {
                 QueueError::Unavailable("no subscription within amqp.connect_timeout_ms".into())
             })??;
-        Ok(Box::new(RabbitStream::new(consumer, channel, self.clone())))
+        let queue = &self.inner.topology.command_queue;
+        Ok(Box::new(RabbitStream::new(
+            consumer,
+            channel,
+            self.clone(),
+            queue,
+        )))
     }
 
     async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError> {
@@ -683,5 +768,110 @@ async fn cancel(channel: &Channel, tag: ShortString) {
         .await
     {
         warn!(error = %e, "cancelling the subscription failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(hops_ms: &[u64]) -> Topology {
+        let env = [(
+            "SMS__AMQP__HOLD_HOPS_MS",
+            hops_ms
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )];
+        let map: std::collections::HashMap<String, String> =
+            env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let settings = crate::config::Settings::load_from(
+            None,
+            crate::config::environment().source(Some(map)),
+        )
+        .unwrap();
+        Topology::new(&settings.amqp, &settings.retry_tiers())
+    }
+
+    fn default_topology() -> Topology {
+        topology(&[1000, 10_000, 60_000, 600_000, 3_600_000, 28_800_000])
+    }
+
+    #[test]
+    fn each_consumed_queue_has_a_hold_queue_per_wait_named_after_it() {
+        let t = topology(&[60_000, 1000, 1000, 250]);
+        assert_eq!(
+            t.hold_hops,
+            [250, 1000, 60_000].map(Duration::from_millis),
+            "sorted, each once"
+        );
+        let names: Vec<String> = t
+            .consumed_queues()
+            .into_iter()
+            .flat_map(|q| t.hold_hops.iter().map(move |h| Topology::hold_queue(q, *h)))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "sms.send.hold.250ms",
+                "sms.send.hold.1s",
+                "sms.send.hold.1m"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hold_queue_expires_all_its_messages_after_its_wait_back_into_its_origin() {
+        let arguments = hold_arguments("sms.send.high", Duration::from_secs(10));
+        let get = |name: &str| arguments.inner().get(name).cloned();
+        assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(10_000)));
+        assert_eq!(
+            get("x-dead-letter-exchange"),
+            Some(AMQPValue::LongString("".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("sms.send.high".into()))
+        );
+        // Nothing that could drop or reorder a held command.
+        assert_eq!(arguments.inner().len(), 3, "{arguments:?}");
+    }
+
+    #[test]
+    fn a_hold_never_ends_before_the_command_is_due_and_at_most_the_shortest_wait_after() {
+        let t = default_topology();
+        let shortest = Duration::from_secs(1);
+        let mut hops_for_30_days = 0;
+        for left_ms in [
+            0,
+            1,
+            999,
+            1000,
+            1001,
+            9_999,
+            10_000,
+            61_500,
+            3_000,
+            599_999,
+            3_600_000,
+            3 * 3_600_000 + 7,
+            30 * 86_400_000,
+        ] {
+            let left = Duration::from_millis(left_ms);
+            let hop = t.hop_for(left);
+            assert!(hop <= left || hop == shortest, "{left:?}: {hop:?}");
+            // Held hop after hop, examined on each return, until due.
+            let (mut waited, mut hops) = (Duration::ZERO, 0);
+            while waited < left {
+                waited += t.hop_for(left - waited);
+                hops += 1;
+            }
+            assert!(waited - left < shortest, "{left:?}: {waited:?}");
+            if left_ms == 30 * 86_400_000 {
+                hops_for_30_days = hops;
+            }
+        }
+        assert_eq!(hops_for_30_days, 90, "90 hops of 8 h");
     }
 }
