@@ -7,6 +7,7 @@ FROM rust:1-bookworm AS builder
 WORKDIR /build
 # Only what the build reads: the manifest, the lock file, .cargo/, the
 # sources, config/ (src/config.rs embeds config/default.toml with include_str!),
+# docs/openapi.json (embedded the same way, served at GET /openapi.json),
 # and build.rs with proto/ (the gRPC door's code is generated from them, in
 # Rust: no protoc needed). Cargo.toml names no tests/ or benches/.
 COPY Cargo.toml Cargo.lock build.rs ./
@@ -14,6 +15,7 @@ COPY proto ./proto
 # .cargo/config.toml: build flags of the allocator (lazy commit, lower RSS).
 COPY .cargo ./.cargo
 COPY config ./config
+COPY docs/openapi.json ./docs/openapi.json
 COPY src ./src
 # The cache mounts keep downloaded crates and target/ between builds, so a
 # source change recompiles only this crate. target/ is a cache mount and not

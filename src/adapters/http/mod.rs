@@ -1,7 +1,12 @@
 //! The service's HTTP API (axum): health, readiness, metrics, message
 //! status, command submission and delivery-report callbacks. The message
-//! routes need an API key ([`auth`]); health, readiness and metrics do not;
-//! callbacks authenticate the provider's way ([`callbacks`]).
+//! routes need an API key ([`auth`]); health, readiness, metrics and the
+//! API's own description do not; callbacks authenticate the provider's
+//! way ([`callbacks`]).
+//!
+//! docs/openapi.json describes every route and answer, and is served as it
+//! is at `GET /openapi.json`; tests/api/schemas.rs checks it against this
+//! router and against real answers.
 
 pub mod auth;
 mod callbacks;
@@ -52,10 +57,14 @@ pub struct HttpState {
     pub api_access: ApiAccess,
 }
 
+/// The OpenAPI 3.1 document of this API, docs/openapi.json, compiled in.
+pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+
 pub fn router(state: HttpState) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/v1/delivery-reports", post(callbacks::delivery_report))
@@ -105,6 +114,10 @@ fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Respon
         Json(json!({"error": error, "detail": detail.into()})),
     )
         .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
 async fn ready(State(state): State<HttpState>) -> Response {
