@@ -522,19 +522,11 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
         .expect("Redis on 127.0.0.1:6379 (run scripts/ensure-services)")
 }
 
-/// Posts a generic delivery report `{"id", "status"}` to
-/// `/v1/callbacks/{instance}`, signed with `secret` as the reference says
-/// (`X-Timestamp`, `X-Signature: sha256=<HMAC of "<timestamp>.<body>">`);
-/// the answer's status.
-pub async fn post_signed_report(
-    app: &TestApp,
-    instance: &str,
-    id: &str,
-    status: &str,
-    secret: &str,
-) -> u16 {
+/// `X-Timestamp` (now) and `X-Signature` of a generic delivery report, as
+/// the reference says: `sha256=<hex HMAC-SHA256 under secret of
+/// "<timestamp>.<body>">`.
+pub fn sign_report(body: &str, secret: &str) -> (String, String) {
     use hmac::{Hmac, Mac};
-    let body = serde_json::json!({"id": id, "status": status}).to_string();
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -543,6 +535,21 @@ pub async fn post_signed_report(
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.{body}").as_bytes());
     let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    (timestamp, signature)
+}
+
+/// Posts a generic delivery report `{"id", "status"}` to
+/// `/v1/callbacks/{instance}`, signed with `secret` ([`sign_report`]);
+/// the answer's status.
+pub async fn post_signed_report(
+    app: &TestApp,
+    instance: &str,
+    id: &str,
+    status: &str,
+    secret: &str,
+) -> u16 {
+    let body = serde_json::json!({"id": id, "status": status}).to_string();
+    let (timestamp, signature) = sign_report(&body, secret);
     app.http
         .post(format!("{}/v1/callbacks/{instance}", app.base_url))
         .header("content-type", "application/json")

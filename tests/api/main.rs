@@ -23,6 +23,7 @@ mod providers_vonage;
 mod proxy;
 mod resilience;
 mod scale;
+mod schemas;
 mod startup;
 mod store;
 mod traces;
