@@ -158,14 +158,23 @@ fn violations(validator: &Validator, instance: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Validates a document against its specification's meta-schema.
-fn meta_violations(meta: &str, draft: Draft, doc: &Value) -> Vec<String> {
-    let meta = read_json(meta);
-    let validator = jsonschema::options()
+/// Asserts that `doc` is a valid `spec` document: it fits the
+/// specification's JSON Schema (`meta`, of `draft`), every local `$ref`
+/// in it resolves, and its version is the crate's.
+fn assert_valid_document(doc: &Value, spec: &str, meta: &str, draft: Draft) {
+    let meta = jsonschema::options()
         .with_draft(draft)
-        .build(&meta)
+        .build(&read_json(meta))
         .expect("the meta-schema compiles");
-    violations(&validator, doc)
+    let wrong = violations(&meta, doc);
+    assert!(wrong.is_empty(), "not {spec}:\n{}", wrong.join("\n"));
+    let dangling = dangling_refs(doc);
+    assert!(
+        dangling.is_empty(),
+        "$refs that lead nowhere:\n{}",
+        dangling.join("\n")
+    );
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
 }
 
 // ------------------------------------------------------------ the AsyncAPI document
@@ -235,23 +244,12 @@ fn strings(value: &Value) -> Vec<String> {
 #[test]
 fn the_asyncapi_document_is_valid_asyncapi_3_0_0_and_its_examples_fit_their_schemas() {
     let doc = asyncapi();
-    let wrong = meta_violations(
+    assert_valid_document(
+        &doc,
+        "AsyncAPI 3.0.0",
         "tests/fixtures/meta-schemas/asyncapi-3.0.0.json",
         Draft::Draft7,
-        &doc,
     );
-    assert!(
-        wrong.is_empty(),
-        "not AsyncAPI 3.0.0:\n{}",
-        wrong.join("\n")
-    );
-    let dangling = dangling_refs(&doc);
-    assert!(
-        dangling.is_empty(),
-        "$refs that lead nowhere:\n{}",
-        dangling.join("\n")
-    );
-    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
 
     // An operation's messages are messages of its own channel (the spec's
     // rule, which its JSON Schema cannot express).
@@ -514,19 +512,12 @@ fn the_openapi_document_is_valid_openapi_3_1_and_shares_the_sendsms_schema() {
     let doc = openapi();
     let on_disk = read_json("docs/openapi.json");
     assert_eq!(doc, on_disk, "the service serves docs/openapi.json");
-    let wrong = meta_violations(
+    assert_valid_document(
+        &doc,
+        "OpenAPI 3.1",
         "tests/fixtures/meta-schemas/openapi-3.1.json",
         Draft::Draft202012,
-        &doc,
     );
-    assert!(wrong.is_empty(), "not OpenAPI 3.1:\n{}", wrong.join("\n"));
-    let dangling = dangling_refs(&doc);
-    assert!(
-        dangling.is_empty(),
-        "$refs that lead nowhere:\n{}",
-        dangling.join("\n")
-    );
-    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
 
     // Every schema compiles, and its examples fit it.
     for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
