@@ -16,8 +16,9 @@ use crate::domain::{CommandError, DeliveryStatus, IdempotencyKey, SendSms, MAX_K
 use crate::ports::{Admission, CacheService, EventMeta, MessageStatus, QueueClient};
 use crate::processing::Consuming;
 
-/// The longest `x-correlation-id`, `traceparent` or `tracestate` a door
-/// passes on.
+/// The longest `x-correlation-id` or `traceparent` a door passes on (a
+/// `tracestate` keeps whole members up to 512 characters:
+/// [`crate::telemetry::bounded_tracestate`]).
 const MAX_META_CHARS: usize = 256;
 
 /// How long readiness waits for Redis to take a write.
@@ -80,8 +81,8 @@ impl Refusal {
 }
 
 /// The context a door passes from its request onto the command:
-/// `x-correlation-id`, `traceparent` and `tracestate`, each cut to 256
-/// characters. (When traces are recorded, the command carries the
+/// `x-correlation-id` and `traceparent`, each cut to 256 characters, and
+/// `tracestate`, bounded by whole members to 512. (When traces are recorded, the command carries the
 /// request's span instead of the caller's: see [`request_span`].)
 pub fn event_meta(
     correlation_id: Option<&str>,

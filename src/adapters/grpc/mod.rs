@@ -213,7 +213,11 @@ impl SmsService for GrpcDoor {
         let (traceparent, tracestate) =
             (text(metadata, "traceparent"), text(metadata, "tracestate"));
         let meta = event_meta(text(metadata, "x-correlation-id"), traceparent, tracestate);
-        let span = request_span("sms.v1.SmsService/Send", traceparent, tracestate);
+        let span = request_span(
+            "sms.v1.SmsService/Send",
+            meta.traceparent.as_deref(),
+            meta.tracestate.as_deref(),
+        );
         let body = command_body(request.get_ref());
         let answer = self
             .door

@@ -155,7 +155,11 @@ async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes)
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
     let meta = event_meta(header("x-correlation-id"), traceparent, tracestate);
-    let span = request_span("POST /v1/messages", traceparent, tracestate);
+    let span = request_span(
+        "POST /v1/messages",
+        meta.traceparent.as_deref(),
+        meta.tracestate.as_deref(),
+    );
     let submitted = state
         .door
         .submit(&body, &meta)
