@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::encoding::Smart;
 use super::phone::{mask_phone, PhoneNumber};
 
 /// Longest idempotency key, in characters.
@@ -236,6 +237,20 @@ struct Wire<'a> {
 }
 
 impl SendSms {
+    /// The command with its text smart-encoded ([`Smart`]), when that
+    /// changes the text; `None` when it is sent as written. Its key, and
+    /// the fingerprint the store keeps, stay the received command's.
+    pub fn smart_encoded(&self) -> Option<SendSms> {
+        match Smart::of(self.text.as_str()) {
+            // Smart::of only replaces into a text that obeys these rules.
+            Smart::Replaced { text, .. } => Some(SendSms {
+                text: MessageText(text),
+                ..self.clone()
+            }),
+            _ => None,
+        }
+    }
+
     /// Identifies what the command asks for (not its key): two commands
     /// with one key and different fingerprints are a reused key, not a
     /// duplicate. Hex SHA-256 over the fields, each length-prefixed.
@@ -475,6 +490,33 @@ mod tests {
             Err(CommandError::Malformed(detail)) => detail,
             other => panic!("expected Malformed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_smart_encoded_command_differs_in_its_text_only() {
+        let text = format!("Can\u{2019}t wait \u{2014} {}", "a".repeat(80));
+        let body = serde_json::json!({"idempotencyKey": "k1", "phoneNumber": "+254712345678",
+            "text": text, "senderId": "MKOPA", "priority": "high"});
+        let cmd = SendSms::from_json(body.to_string().as_bytes()).unwrap();
+        let sent = cmd
+            .smart_encoded()
+            .expect("two UCS-2 parts become one GSM-7 part");
+        assert_eq!(
+            sent.text.as_str(),
+            format!("Can't wait - {}", "a".repeat(80))
+        );
+        assert_eq!(
+            SendSms {
+                text: cmd.text.clone(),
+                ..sent
+            },
+            cmd
+        );
+        let short = SendSms::from_json(
+            br#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"Can\u2019t wait"}"#,
+        )
+        .unwrap();
+        assert_eq!(short.smart_encoded(), None, "one part either way");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! of one of these types is valid by construction.
 
 mod command;
+mod encoding;
 mod events;
 mod phone;
 mod segments;
@@ -11,6 +12,7 @@ pub use command::{
     CommandError, FailureReason, IdempotencyKey, MessageText, Priority, SendSms, SenderId,
     MAX_KEY_LEN, MAX_SCHEDULE_AHEAD, MAX_SENDER_LEN, MAX_TEXT_CHARS,
 };
+pub use encoding::{look_alike, Cost, LookAlike, Replacement, Smart, LOOK_ALIKES, MAX_NAMED};
 pub use events::{DeliveryReport, DeliveryStatus, Event, EventKind, SmsFailed, SmsSent};
 pub use phone::{mask_numbers, mask_phone, PhoneNumber};
 pub use segments::{count_segments, Encoding};

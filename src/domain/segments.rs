@@ -13,6 +13,11 @@ pub enum Encoding {
 const GSM7_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
 const GSM7_EXTENSION: &str = "^{}\\[~]|€\u{000C}";
 
+/// Whether `c` is in the GSM 03.38 basic set or its extension table.
+pub(super) fn is_gsm7(c: char) -> bool {
+    gsm7_septets(c).is_some()
+}
+
 fn gsm7_septets(c: char) -> Option<usize> {
     if GSM7_BASIC.contains(c) {
         Some(1)
