@@ -40,6 +40,7 @@ pub struct Settings {
     pub grpc: GrpcSettings,
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
+    pub encoding: EncodingSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +221,16 @@ pub struct LogSettings {
     #[serde(deserialize_with = "explain::choice")]
     pub format: LogFormat,
     pub level: String,
+}
+
+/// How texts are encoded for the provider (`[encoding]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodingSettings {
+    /// Replace characters that only look like GSM-7 ones (curly quotes,
+    /// dashes, special spaces, ...) when that makes a text GSM-7 in fewer
+    /// parts ([`crate::domain::Smart`]); `false` sends every text as written.
+    pub smart: bool,
 }
 
 /// How traces are exported (`[telemetry]`).
@@ -631,6 +642,7 @@ impl Settings {
             max_takeovers: self.processing.max_redeliveries,
             lease: Duration::from_millis(self.redis.lease_ms),
             liveness_ttl: Duration::from_millis(self.redis.liveness_ttl_ms),
+            smart_encoding: self.encoding.smart,
         }
     }
 
@@ -834,6 +846,20 @@ mod tests {
         assert_eq!(s.amqp.dead_letter_queue, "sms.send.dead");
         assert_eq!(s.redis.idempotency_ttl_secs, 86_400);
         assert!(configured(&s.provider.token).is_none());
+    }
+
+    #[test]
+    fn smart_encoding_is_on_unless_turned_off_and_takes_only_true_or_false() {
+        assert!(load(&[]).unwrap().notifier_settings().smart_encoding);
+        let off = load(&[("SMS__ENCODING__SMART", "false")]).unwrap();
+        assert!(!off.notifier_settings().smart_encoding);
+        let err = load(&[("SMS__ENCODING__SMART", "sometimes")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            r#"invalid configuration: encoding.smart (from SMS__ENCODING__SMART): expected true or false, got "sometimes""#
+        );
     }
 
     #[test]

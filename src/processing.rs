@@ -496,6 +496,7 @@ mod tests {
                 max_takeovers: 3,
                 lease: Duration::from_secs(60),
                 liveness_ttl: Duration::from_secs(5),
+                smart_encoding: true,
             },
         );
         let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));

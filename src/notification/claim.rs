@@ -9,7 +9,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::publish::Event;
 use super::{Attempt, Notifier};
 use crate::concurrency::Slot;
-use crate::domain::{rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed};
+use crate::domain::{
+    count_segments, rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed,
+};
 use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, RetryState};
 
 /// A returning command that finds a live holder comes back this long
@@ -45,8 +47,11 @@ impl Notifier {
         };
         // The claim step ends here, not with the command.
         drop(span);
+        // The provider gets the smart-encoded text, and SmsSent counts its
+        // parts; the claim above keeps the received command's fingerprint.
+        let encoded = self.smart_encoded(cmd);
         let mut attempt = Attempt {
-            cmd,
+            cmd: encoded.as_ref().unwrap_or(cmd),
             owner: &owner,
             inbound: message,
             retry: message.retry.clone(),
@@ -61,6 +66,20 @@ impl Notifier {
             slot.sent(began.elapsed());
         }
         outcome
+    }
+
+    /// `cmd` with its text smart-encoded, when that is on and changes it.
+    fn smart_encoded(&self, cmd: &SendSms) -> Option<SendSms> {
+        if !self.settings.smart_encoding {
+            return None;
+        }
+        let encoded = cmd.smart_encoded()?;
+        debug!(
+            segments = count_segments(cmd.text.as_str()).1,
+            segments_sent = count_segments(encoded.text.as_str()).1,
+            "smart encoding replaced GSM-7 look-alikes"
+        );
+        Some(encoded)
     }
 
     /// Waits for a send slot and then the rate limit, before the claim, so

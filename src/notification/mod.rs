@@ -9,7 +9,9 @@
 //!    across crashes; it counts every takeover of a lease whose holder died
 //!    or ran out of time, and a key taken over more than `max_takeovers`
 //!    times is poison (dead-lettered).
-//! 2. **send** ([`send`]) through the provider, passing the key as
+//! 2. **send** ([`send`]) through the provider (the text smart-encoded
+//!    when `encoding.smart` is on: [`crate::domain::Smart`]; the claim
+//!    keeps the received command's fingerprint), passing the key as
 //!    `Idempotency-Key`, retrying transient failures a few times in process
 //!    (exponential backoff with full jitter, `Retry-After` honoured; see
 //!    [`retry`]) within the limits of the [`guard`]. Longer waits go to the
@@ -86,6 +88,9 @@ pub struct NotifierSettings {
     /// How long this instance's liveness record lasts; the heartbeat writes
     /// it every third of that.
     pub liveness_ttl: Duration,
+    /// Send texts smart-encoded (`encoding.smart`): GSM-7 look-alikes
+    /// replaced where that saves parts ([`crate::domain::Smart`]).
+    pub smart_encoding: bool,
 }
 
 /// Handles of the metrics recorded for every command, registered once

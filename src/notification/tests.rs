@@ -72,6 +72,7 @@ fn instance(
             max_takeovers: 3,
             lease: LEASE,
             liveness_ttl: LIVENESS,
+            smart_encoding: true,
         },
     );
     cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
@@ -1206,6 +1207,7 @@ fn two_providers(
             max_takeovers: 3,
             lease: LEASE,
             liveness_ttl: LIVENESS,
+            smart_encoding: true,
         },
     );
     cache.set_alive(notifier.instance(), Duration::from_secs(86_400));

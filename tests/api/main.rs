@@ -8,6 +8,7 @@ mod compose;
 mod delivery;
 mod docs;
 mod e2e;
+mod encoding;
 mod failover;
 mod grpc;
 mod helpers;
