@@ -8,6 +8,11 @@
 //! and publishes to it; `events` binds a temporary queue of its own to the
 //! event exchanges. Neither declares the service's topology unless asked.
 //! `status` asks a running service's HTTP API, as a producer would.
+//! `segments` ([`segments`]) needs neither: it only reads the text.
+
+mod segments;
+
+pub use segments::segments_report;
 
 use std::future::Future;
 use std::io::Write;

@@ -117,6 +117,12 @@ enum Command {
         #[arg(long, env = "SMS_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Print what a text costs as sent: encoding, segments and characters,
+    /// with smart encoding and without, and each character it replaces.
+    Segments {
+        /// The message text (quote it in the shell).
+        text: String,
+    },
     /// Serve a fake of a provider's API, in its dialect.
     FakeProvider {
         /// Address to listen on.
@@ -286,6 +292,11 @@ fn main() -> ExitCode {
                     None => anyhow::bail!("{key}: no message with this key"),
                 }
             }
+            Command::Segments { text } => {
+                let report = cli_tools::segments_report(&text, settings.encoding.smart)?;
+                print!("{report}");
+                Ok(())
+            }
             Command::FakeProvider {
                 bind,
                 kind,
@@ -338,6 +349,7 @@ impl Command {
                 | Command::DeadLetters { .. }
                 | Command::Forget { .. }
                 | Command::Status { .. }
+                | Command::Segments { .. }
         )
     }
 }
