@@ -5,14 +5,14 @@
 
 use std::fmt::Write;
 
-use crate::domain::{Cost, Encoding, MessageText, Replacement, Smart};
+use crate::domain::{Cost, Encoding, MessageText, Replacement, Smart, MAX_NAMED};
 
 /// The report on `text`; `smart_on` is `encoding.smart` of the settings.
 /// A text the service would refuse (empty, longer than 1600 characters) is
 /// an error, in the words of SmsFailed's detail.
 pub fn segments_report(text: &str, smart_on: bool) -> anyhow::Result<String> {
     MessageText::parse(text).map_err(|why| anyhow::anyhow!("{why}"))?;
-    let smart = Smart::of(text);
+    let smart = Smart::naming(text, MAX_NAMED);
     let mut out = String::new();
     let with = Cost::of(smart.text(text));
     let without = Cost::of(text);

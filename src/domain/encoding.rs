@@ -105,7 +105,8 @@ pub struct Replacement {
     pub count: usize,
 }
 
-/// At most this many characters without a look-alike are named.
+/// The most characters without a look-alike [`Smart::naming`] is asked to
+/// name (`sms-service segments` names this many).
 pub const MAX_NAMED: usize = 8;
 
 /// Why smart encoding left a text as written, when it had look-alikes.
@@ -129,15 +130,23 @@ pub enum Smart {
         replacements: Vec<Replacement>,
         why: &'static str,
     },
-    /// Sent as written, in UCS-2: these characters (the first
-    /// [`MAX_NAMED`] distinct ones) are outside GSM-7 and have no
+    /// Sent as written, in UCS-2: these characters (the first distinct
+    /// ones, as many as asked for) are outside GSM-7 and have no
     /// look-alike.
     Ucs2 { without_look_alike: Vec<char> },
 }
 
 impl Smart {
-    /// Decides what smart encoding does with `text`.
+    /// Decides what smart encoding does with `text`, naming the first
+    /// character without a look-alike if there is one: the service's
+    /// decision, which stops reading a text at that character.
     pub fn of(text: &str) -> Self {
+        Self::naming(text, 1)
+    }
+
+    /// As [`Smart::of`], naming up to `names` distinct characters without
+    /// a look-alike (at least one), which costs reading further.
+    pub fn naming(text: &str, names: usize) -> Self {
         let mut replacements: Vec<Replacement> = Vec::new();
         let mut without: Vec<char> = Vec::new();
         for c in text.chars().filter(|c| !is_gsm7(*c)) {
@@ -152,7 +161,7 @@ impl Smart {
                 None if without.contains(&c) => {}
                 None => {
                     without.push(c);
-                    if without.len() == MAX_NAMED {
+                    if without.len() >= names {
                         break;
                     }
                 }
@@ -377,11 +386,18 @@ mod tests {
     fn texts_that_need_ucs2_anyway_are_never_changed() {
         let amharic = "\u{2018}ሰላም\u{2019} \u{2014} ክፍያዎ ደርሷል።";
         assert_eq!(
-            Smart::of(amharic),
+            Smart::naming(amharic, MAX_NAMED),
             Smart::Ucs2 {
                 without_look_alike: vec!['ሰ', 'ላ', 'ም', 'ክ', 'ፍ', 'ያ', 'ዎ', 'ደ']
             },
             "the first eight distinct, in order"
+        );
+        assert_eq!(
+            Smart::of(amharic),
+            Smart::Ucs2 {
+                without_look_alike: vec!['ሰ']
+            },
+            "the service reads no further than the first"
         );
         for text in [
             amharic,
