@@ -496,6 +496,8 @@ mod tests {
                 max_takeovers: 3,
                 lease: Duration::from_secs(60),
                 liveness_ttl: Duration::from_secs(5),
+                limits: Default::default(),
+                quiet_hours: None,
             },
         );
         let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));

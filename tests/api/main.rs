@@ -11,6 +11,7 @@ mod e2e;
 mod failover;
 mod grpc;
 mod helpers;
+mod limits;
 mod observability;
 mod ops;
 mod pipeline;
