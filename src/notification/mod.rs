@@ -11,7 +11,7 @@
 //!    times is poison (dead-lettered).
 //! 2. **hold or limit**: before the first provider call under the claim, a
 //!    `normal` or `bulk` message to a recipient in quiet hours ([`quiet`])
-//!    waits in a delay tier until they end; then the message is counted
+//!    is held in the broker until they end; then the message is counted
 //!    against its recipient's limits ([`limits`], once per key) and, over
 //!    one, fails (`recipient_rate_limited`) or waits, by its priority's
 //!    action. A wait releases the lease and counts no attempt.

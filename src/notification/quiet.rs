@@ -1,12 +1,14 @@
 //! Step 2, before a command's first provider call under its claim: quiet
 //! hours (`[quiet_hours]`). A `normal` or `bulk` command claimed while it
 //! is night where its recipient is (in any zone of the number's country)
-//! is postponed until the window opens in all of them, plus its key's
-//! share of `release_spread_s`; a `high` one is never held. Checked before
-//! the per-recipient limits, so a held message is counted when it goes,
-//! not when it is held. The wait is no attempt and no failure (see
-//! `Notifier::postpone`); a command whose `expiresAt` comes first comes
-//! back then and fails as `expired`.
+//! is held in the broker (`Outcome::Hold`, the hold queues) until the
+//! window opens in all of them, plus its key's share of
+//! `release_spread_s`; a `high` one is never held. Checked before the
+//! per-recipient limits, so a held message is counted when it goes, not
+//! when it is held. The lease is released and the hold is no attempt and
+//! no failure (see `Notifier::forgo_claim`); a command whose `expiresAt`
+//! comes first comes back then and fails as `expired`. Back from its hold
+//! it is claimed and checked again.
 
 use std::time::{Duration, SystemTime};
 

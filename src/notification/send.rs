@@ -103,7 +103,7 @@ impl Notifier {
                 return self.fail(a, FailureReason::Expired, detail).await;
             }
             if let Some(wait) = self.quiet_hours_wait(a) {
-                return self.postpone(a, wait).await;
+                return self.hold_for(a, wait).await;
             }
             if let Some(outcome) = self.over_recipient_limit(a).await {
                 return outcome;
@@ -369,30 +369,47 @@ impl Notifier {
         }
     }
 
-    /// Hands the command to a delay tier for `wait` (or until just past its
-    /// `expiresAt`, if that comes first) before any call under this claim:
-    /// the lease is released as if the claim had not been made (no
-    /// attempt; for a key that never made a call, no age either), and the
-    /// command is marked returning without climbing a tier, as waiting is
-    /// no failure. Quiet hours and per-recipient limits wait so.
+    /// Hands the command to a delay tier for `wait` before any call under
+    /// this claim (a per-recipient limit): see [`Notifier::forgo_claim`].
+    /// It is marked returning without climbing a tier: waiting is no
+    /// failure.
     pub(super) async fn postpone(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
-        let key = &a.cmd.idempotency_key;
-        if let Err(e) = self.cache.postpone(key, a.owner, a.retry.attempts).await {
-            warn!(error = %e, "could not release the lease; it will expire");
-        }
+        let delay = self.forgo_claim(a, wait).await;
         let mut retry = self.carried_retry(a);
         retry.delays = retry.delays.max(1);
         if retry.attempts == 0 {
             retry.first_attempt_at_ms = None;
         }
-        let mut delay = wait.max(MIN_POSTPONE);
+        Outcome::Delay { delay, retry }
+    }
+
+    /// Parks the command in the broker for `wait` before any call under
+    /// this claim (quiet hours): see [`Notifier::forgo_claim`].
+    pub(super) async fn hold_for(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
+        let wait = self.forgo_claim(a, wait).await;
+        Outcome::Hold {
+            until: SystemTime::now() + wait,
+        }
+    }
+
+    /// Releases the lease as if this claim had not been made (no attempt;
+    /// for a key that never made a call, no age either), and says how long
+    /// the command is to wait: `wait`, at least [`MIN_POSTPONE`], but no
+    /// longer than until just past its `expiresAt`, so that it comes back
+    /// then and fails as expired.
+    async fn forgo_claim(&self, a: &Attempt<'_>, wait: Duration) -> Duration {
+        let key = &a.cmd.idempotency_key;
+        if let Err(e) = self.cache.postpone(key, a.owner, a.retry.attempts).await {
+            warn!(error = %e, "could not release the lease; it will expire");
+        }
+        let mut wait = wait.max(MIN_POSTPONE);
         if let Some(expires_at) = a.cmd.expires_at {
             let left = expires_at
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            delay = delay.min(left + PAST_EXPIRY);
+            wait = wait.min(left + PAST_EXPIRY);
         }
-        Outcome::Delay { delay, retry }
+        wait
     }
 
     /// The retry state a command takes to a delay tier: its own, pinned
