@@ -17,7 +17,7 @@ use config::{Config, Environment, File, FileFormat, Source};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::domain::EventKind;
+use crate::domain::{EventKind, LimitAction, LimitActions, PhoneNumber, QuietHours, RateWindow};
 
 /// The defaults, as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -35,6 +35,8 @@ pub struct Settings {
     #[serde(default)]
     pub providers: std::collections::BTreeMap<String, InstanceSettings>,
     pub retry: RetrySettings,
+    pub limits: LimitsSettings,
+    pub quiet_hours: QuietHoursSettings,
     pub processing: ProcessingConfig,
     pub http: HttpSettings,
     pub grpc: GrpcSettings,
@@ -156,6 +158,42 @@ pub struct RetrySettings {
     #[serde(deserialize_with = "number_list")]
     pub tiers_ms: Vec<u64>,
     pub requeue_delay_ms: u64,
+}
+
+/// Per-recipient limits (`[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Sliding windows, `N/<length><s|m|h|d>` each; empty: no limit.
+    #[serde(deserialize_with = "text_list")]
+    pub per_recipient: Vec<String>,
+    /// What happens over a limit, by priority.
+    pub action: LimitActionSettings,
+    /// E.164 numbers never counted nor limited.
+    #[serde(deserialize_with = "text_list")]
+    pub allow: Vec<String>,
+}
+
+/// `[limits.action]`: `delay` or `fail` for each priority.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitActionSettings {
+    #[serde(deserialize_with = "explain::choice")]
+    pub high: LimitAction,
+    #[serde(deserialize_with = "explain::choice")]
+    pub normal: LimitAction,
+    #[serde(deserialize_with = "explain::choice")]
+    pub bulk: LimitAction,
+}
+
+/// Quiet hours (`[quiet_hours]`), in the recipient's local time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHoursSettings {
+    /// `HH:MM` or `HH:MM:SS`; empty (with `end`): no quiet hours.
+    pub start: String,
+    pub end: String,
+    pub release_spread_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -291,27 +329,42 @@ fn number_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
     }
 }
 
-/// A list of secrets from a TOML array, or from an environment variable as
-/// comma-separated text (`key1,key2`; blanks around each key are dropped,
-/// and an empty variable is an empty list). Errors never echo a value.
-fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+/// A list of text from a TOML array, or from an environment variable as
+/// comma-separated text (`a,b`; blanks around each item are dropped, and
+/// an empty variable is an empty list). Errors name `what` the items are,
+/// never a value.
+fn items<'de, D: serde::Deserializer<'de>>(d: D, what: &str) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
         List(Vec<String>),
         Text(String),
     }
-    let raw = Raw::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("not a list of keys (nor comma-separated text)"))?;
+    let raw = Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(format!("not a list of {what} (nor comma-separated text)"))
+    })?;
     Ok(match raw {
-        Raw::List(list) => list.into_iter().map(SecretString::from).collect(),
+        Raw::List(list) => list,
         Raw::Text(text) if text.trim().is_empty() => Vec::new(),
-        Raw::Text(text) => text
-            .split(',')
-            .map(|part| SecretString::from(part.trim()))
-            .collect(),
+        Raw::Text(text) => text.split(',').map(|part| part.trim().to_owned()).collect(),
     })
 }
+
+/// A list of secrets, as [`items`].
+fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    Ok(items(d, "keys")?
+        .into_iter()
+        .map(SecretString::from)
+        .collect())
+}
+
+/// A list of plain text, as [`items`].
+fn text_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    items(d, "text values")
+}
+
+/// Most numbers in `limits.allow`.
+const MAX_ALLOWED_NUMBERS: usize = 10_000;
 
 /// The shortest API key accepted: a guessable key is no lock.
 pub const MIN_API_KEY_LEN: usize = 16;
@@ -611,6 +664,8 @@ impl Settings {
                 "must be at most redis.idempotency_ttl_secs, or a key could still be retrying after it was forgotten",
             );
         }
+        self.validate_limits()?;
+        self.quiet_hours()?;
         check_header_secret("provider.token", self.provider.token.expose_secret())?;
         crate::telemetry::check_filter(&self.log.level)
             .map_err(|why| ConfigError(format!("log.level: {why}")))?;
@@ -619,6 +674,77 @@ impl Settings {
             crate::adapters::providers::build(&instance).map_err(ConfigError)?;
         }
         Ok(())
+    }
+
+    /// `[limits]`: every window parses, every allowed number is E.164
+    /// (named by position: a number is personal data), both lists bounded.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        if limits.per_recipient.len() > crate::domain::MAX_WINDOWS {
+            return Err(ConfigError(format!(
+                "limits.per_recipient: at most {} windows",
+                crate::domain::MAX_WINDOWS
+            )));
+        }
+        for (i, raw) in limits.per_recipient.iter().enumerate() {
+            RateWindow::parse(raw)
+                .map_err(|why| ConfigError(format!("limits.per_recipient[{i}]: {why}")))?;
+        }
+        if limits.allow.len() > MAX_ALLOWED_NUMBERS {
+            return Err(ConfigError(format!(
+                "limits.allow: at most {MAX_ALLOWED_NUMBERS} numbers"
+            )));
+        }
+        for (i, raw) in limits.allow.iter().enumerate() {
+            PhoneNumber::parse(raw).map_err(|_| {
+                ConfigError(format!(
+                    "limits.allow[{i}]: must be an E.164 number (+ then 8 to 15 digits)"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `[quiet_hours]`: `None` when `start` and `end` are both empty.
+    pub fn quiet_hours(&self) -> Result<Option<QuietHours>, ConfigError> {
+        let q = &self.quiet_hours;
+        match (q.start.is_empty(), q.end.is_empty()) {
+            (true, true) => return Ok(None),
+            (false, true) => {
+                return Err(ConfigError(
+                    "quiet_hours.end: must be set with quiet_hours.start (both or neither)".into(),
+                ))
+            }
+            (true, false) => {
+                return Err(ConfigError(
+                    "quiet_hours.start: must be set with quiet_hours.end (both or neither)".into(),
+                ))
+            }
+            (false, false) => {}
+        }
+        let spread = Duration::from_secs(q.release_spread_s.min(MAX_SECS));
+        QuietHours::new(&q.start, &q.end, spread)
+            .map(Some)
+            .map_err(|(field, why)| ConfigError(format!("quiet_hours.{field}: {why}")))
+    }
+
+    /// The per-recipient limits, as the notification step takes them.
+    pub fn recipient_limits(&self) -> crate::notification::RecipientLimits {
+        let action = &self.limits.action;
+        crate::notification::RecipientLimits {
+            windows: self
+                .limits
+                .per_recipient
+                .iter()
+                .filter_map(|raw| RateWindow::parse(raw).ok())
+                .collect(),
+            actions: LimitActions {
+                high: action.high,
+                normal: action.normal,
+                bulk: action.bulk,
+            },
+            allow: self.limits.allow.iter().cloned().collect(),
+        }
     }
 
     /// The provider instances and routes, defaults filled in and checked.
@@ -643,6 +769,9 @@ impl Settings {
             lease: Duration::from_millis(self.redis.lease_ms),
             liveness_ttl: Duration::from_millis(self.redis.liveness_ttl_ms),
             smart_encoding: self.encoding.smart,
+            limits: self.recipient_limits(),
+            // Checked by validate: only valid settings are ever made.
+            quiet_hours: self.quiet_hours().ok().flatten(),
         }
     }
 
@@ -1087,6 +1216,112 @@ mod tests {
             for part in value.split(',').filter(|p| !p.is_empty()) {
                 assert!(!err.contains(part), "the key leaked: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn per_recipient_limits_are_off_by_default_and_come_from_comma_separated_variables() {
+        let defaults = load(&[]).unwrap().recipient_limits();
+        assert!(defaults.windows.is_empty() && defaults.allow.is_empty());
+        assert_eq!(defaults.actions, LimitActions::default());
+        let s = load(&[
+            ("SMS__LIMITS__PER_RECIPIENT", "5/15m, 20/24h"),
+            ("SMS__LIMITS__ALLOW", "+254700000001,+254700000002"),
+            ("SMS__LIMITS__ACTION__HIGH", "delay"),
+            ("SMS__LIMITS__ACTION__BULK", "fail"),
+        ])
+        .unwrap()
+        .recipient_limits();
+        let windows: Vec<String> = s.windows.iter().map(ToString::to_string).collect();
+        assert_eq!(windows, ["5/15m", "20/1d"]);
+        assert!(s.allow.contains("+254700000002") && s.allow.len() == 2);
+        assert_eq!(
+            (s.actions.high, s.actions.normal, s.actions.bulk),
+            (LimitAction::Delay, LimitAction::Delay, LimitAction::Fail)
+        );
+    }
+
+    #[test]
+    fn a_bad_limit_setting_names_its_key_and_never_echoes_a_number() {
+        for (var, value, says) in [
+            (
+                "SMS__LIMITS__PER_RECIPIENT",
+                "5/15m,5/15",
+                "limits.per_recipient[1] (from SMS__LIMITS__PER_RECIPIENT): \"5/15\" is not a window",
+            ),
+            (
+                "SMS__LIMITS__PER_RECIPIENT",
+                "0/1h",
+                "limits.per_recipient[0] (from SMS__LIMITS__PER_RECIPIENT): \"0/1h\": the count must be 1 to 10000",
+            ),
+            (
+                "SMS__LIMITS__PER_RECIPIENT",
+                "1/1s,1/2s,1/3s,1/4s,1/5s,1/6s,1/7s,1/8s,1/9s,1/10s,1/11s",
+                "limits.per_recipient (from SMS__LIMITS__PER_RECIPIENT): at most 10 windows",
+            ),
+            (
+                "SMS__LIMITS__ALLOW",
+                "+254700000001,0712345678",
+                "limits.allow[1] (from SMS__LIMITS__ALLOW): must be an E.164 number",
+            ),
+            (
+                "SMS__LIMITS__ACTION__NORMAL",
+                "drop",
+                r#"limits.action.normal (from SMS__LIMITS__ACTION__NORMAL): expected "delay" or "fail", got "drop""#,
+            ),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(says), "{var}={value}: {err}");
+            assert!(!err.contains("712345678"), "a number leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn quiet_hours_are_off_by_default_and_need_both_ends() {
+        let defaults = load(&[]).unwrap();
+        assert_eq!(defaults.quiet_hours().unwrap(), None);
+        assert_eq!(defaults.quiet_hours.release_spread_s, 1800);
+        let on = load(&[
+            ("SMS__QUIET_HOURS__START", "21:00"),
+            ("SMS__QUIET_HOURS__END", "08:00:30"),
+        ])
+        .unwrap();
+        assert!(on.quiet_hours().unwrap().is_some());
+        assert!(on.notifier_settings().quiet_hours.is_some());
+        for (vars, says) in [
+            (
+                vec![("SMS__QUIET_HOURS__START", "21:00")],
+                "quiet_hours.end: must be set with quiet_hours.start",
+            ),
+            (
+                vec![("SMS__QUIET_HOURS__END", "08:00")],
+                "quiet_hours.start: must be set with quiet_hours.end",
+            ),
+            (
+                vec![
+                    ("SMS__QUIET_HOURS__START", "9pm"),
+                    ("SMS__QUIET_HOURS__END", "08:00"),
+                ],
+                "quiet_hours.start (from SMS__QUIET_HOURS__START): \"9pm\" is not a time of day",
+            ),
+            (
+                vec![
+                    ("SMS__QUIET_HOURS__START", "21:00"),
+                    ("SMS__QUIET_HOURS__END", "21:00"),
+                ],
+                "quiet_hours.end (from SMS__QUIET_HOURS__END): must differ from start",
+            ),
+            (
+                vec![
+                    ("SMS__QUIET_HOURS__START", "21:00"),
+                    ("SMS__QUIET_HOURS__END", "08:00"),
+                    ("SMS__QUIET_HOURS__RELEASE_SPREAD_S", "86400"),
+                ],
+                "quiet_hours.release_spread_s (from SMS__QUIET_HOURS__RELEASE_SPREAD_S): must be at most 21600",
+            ),
+        ] {
+            let err = load(&vars).unwrap_err().to_string();
+            assert!(err.contains(says), "{vars:?}: {err}");
         }
     }
 

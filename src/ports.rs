@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::domain::{
-    DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, SendSms, SmsFailed, SmsSent,
+    DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, RateWindow, SendSms, SmsFailed,
+    SmsSent,
 };
 
 /// Context carried from a command onto its events and into the logs.
@@ -510,6 +511,20 @@ pub enum InvalidVerdict {
     Known,
 }
 
+/// What counting a message against its recipient's limits found (see
+/// [`CacheService::record_recipient_send`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientSend {
+    /// Under every limit: counted now.
+    Counted,
+    /// This key was counted already (a retry, a redelivery, a duplicate):
+    /// it goes, and is not counted again.
+    CountedBefore,
+    /// Over a limit: not counted. The windows let one more through in
+    /// `retry_after` at the earliest.
+    Limited { retry_after: Duration },
+}
+
 /// The idempotency and status store: per key, an atomic state machine
 /// `processing -> sent | failed` (and, from delivery reports, a final
 /// delivery status beside `sent`), with a lease held by whoever works on the key and a
@@ -574,6 +589,28 @@ pub trait CacheService: Send + Sync {
         owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError>;
+    /// Releases `owner`'s lease on a key whose claim made no provider call
+    /// and must wait (a per-recipient limit): as [`CacheService::release`],
+    /// and a key that never made a call (`attempts` 0) also forgets when
+    /// its first claim was, so the wait does not count in `retry.max_age`.
+    async fn postpone(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+    ) -> Result<(), CacheError>;
+    /// Counts one message of `key` to `recipient` against every window of
+    /// `windows` (sliding, by the store's clock), atomically: counted only
+    /// if under all of them, never twice for one key while that key's
+    /// count is inside the longest window. The recipient's record keeps
+    /// at most the largest limit's count of entries and expires with the
+    /// longest window.
+    async fn record_recipient_send(
+        &self,
+        recipient: &str,
+        key: &IdempotencyKey,
+        windows: &[RateWindow],
+    ) -> Result<RecipientSend, CacheError>;
     /// Records a command submitted at a front door before it is queued, so
     /// that its status is known at once; compares its payload `fingerprint`
     /// with the one recorded for the key, if any (see [`Admission`]).

@@ -497,6 +497,8 @@ mod tests {
                 lease: Duration::from_secs(60),
                 liveness_ttl: Duration::from_secs(5),
                 smart_encoding: true,
+                limits: Default::default(),
+                quiet_hours: None,
             },
         );
         let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));

@@ -32,7 +32,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{ConfigError, LogFormat, LogSettings, TelemetrySettings};
-use crate::domain::{DeliveryStatus, FailureReason};
+use crate::domain::{DeliveryStatus, FailureReason, LimitAction};
 
 /// Log targets of dependencies that print what a message carries: lapin
 /// logs every message the broker returns (an event nobody subscribed to
@@ -198,6 +198,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_provider_request_duration_seconds", Histogram, "Duration of one provider call, by provider instance."),
         ("sms_sent_total", Counter, "SmsSent events confirmed by the broker."),
         ("sms_failed_total", Counter, "SmsFailed events confirmed by the broker, by reason."),
+        ("sms_recipient_limited_total", Counter, "Messages over a per-recipient limit (limits.per_recipient), by the action taken: delay (back to a delay tier) or fail (SmsFailed recipient_rate_limited)."),
+        ("sms_quiet_hours_held_total", Counter, "Messages held back because it was quiet hours where their recipient is (quiet_hours); each is sent when they end."),
         ("sms_duplicates_total", Counter, "Commands acked or dead-lettered as duplicates of a key already sent, failed or in flight."),
         ("sms_dead_lettered_total", Counter, "Commands copied to the dead-letter queue, poison messages included."),
         ("sms_retries_scheduled_total", Counter, "Commands handed to a broker delay tier, confirmed."),
@@ -261,6 +263,10 @@ fn label_values(counter: &str) -> Option<(&'static str, Vec<&'static str>)> {
         "sms_failed_total" => Some((
             "reason",
             FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
+        )),
+        "sms_recipient_limited_total" => Some((
+            "action",
+            LimitAction::ALL.iter().map(|a| a.as_str()).collect(),
         )),
         _ => None,
     }

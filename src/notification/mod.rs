@@ -9,7 +9,14 @@
 //!    across crashes; it counts every takeover of a lease whose holder died
 //!    or ran out of time, and a key taken over more than `max_takeovers`
 //!    times is poison (dead-lettered).
-//! 2. **send** ([`send`]) through the provider (the text smart-encoded
+//! 2. **hold or limit**: before the first provider call under the claim, a
+//!    `normal` or `bulk` message to a recipient in quiet hours ([`quiet`])
+//!    is held in the broker until they end; then the message is counted
+//!    against its recipient's limits ([`limits`], once per key) and, over
+//!    one, fails (`recipient_rate_limited`) or waits, by its priority's
+//!    action. A wait releases the lease and counts no attempt.
+//!
+//!    **send** ([`send`]) through the provider (the text smart-encoded
 //!    when `encoding.smart` is on: [`crate::domain::Smart`]; the claim
 //!    keeps the received command's fingerprint), passing the key as
 //!    `Idempotency-Key`, retrying transient failures a few times in process
@@ -49,8 +56,10 @@
 
 mod claim;
 mod guard;
+mod limits;
 mod providers;
 mod publish;
+mod quiet;
 mod record;
 mod retry;
 mod send;
@@ -70,6 +79,7 @@ use crate::domain::{CommandError, SendSms};
 use crate::ports::{CacheService, EventBus, Inbound, NotificationService, Outcome, Owner};
 
 pub use guard::ProviderGuard;
+pub use limits::RecipientLimits;
 pub use providers::{ProviderInstance, Providers};
 pub use retry::RetryPolicy;
 
@@ -91,6 +101,10 @@ pub struct NotifierSettings {
     /// Send texts smart-encoded (`encoding.smart`): GSM-7 look-alikes
     /// replaced where that saves parts ([`crate::domain::Smart`]).
     pub smart_encoding: bool,
+    /// Per-recipient limits, checked before a command's first call.
+    pub limits: RecipientLimits,
+    /// Quiet hours in the recipient's local time; `None`: off.
+    pub quiet_hours: Option<crate::domain::QuietHours>,
 }
 
 /// Handles of the metrics recorded for every command, registered once
@@ -103,6 +117,9 @@ struct Meters {
     fenced: metrics::Counter,
     takeovers: metrics::Counter,
     store_write_failures: metrics::Counter,
+    /// By [`crate::domain::LimitAction`], in the order of its `ALL`.
+    recipient_limited: [metrics::Counter; 2],
+    quiet_hours_held: metrics::Counter,
 }
 
 impl Meters {
@@ -114,7 +131,19 @@ impl Meters {
             fenced: metrics::counter!("sms_records_fenced_total"),
             takeovers: metrics::counter!("sms_lease_takeovers_total"),
             store_write_failures: metrics::counter!("sms_store_write_failures_total"),
+            recipient_limited: crate::domain::LimitAction::ALL.map(
+                |action| metrics::counter!("sms_recipient_limited_total", "action" => action.as_str()),
+            ),
+            quiet_hours_held: metrics::counter!("sms_quiet_hours_held_total"),
         }
+    }
+
+    fn recipient_limited(&self, action: crate::domain::LimitAction) -> &metrics::Counter {
+        let i = crate::domain::LimitAction::ALL
+            .iter()
+            .position(|a| *a == action)
+            .expect("ALL lists every action");
+        &self.recipient_limited[i]
     }
 }
 

@@ -19,6 +19,14 @@ use super::{now_ms, Attempt, Notifier, Route};
 use crate::domain::{count_segments, rfc3339, FailureReason, SendSms};
 use crate::ports::{Accepted, Outcome, ProviderError, RetryState, SentRecord};
 
+/// The shortest postponement, so that a wait that ends in a millisecond
+/// does not bring the command straight back.
+const MIN_POSTPONE: Duration = Duration::from_millis(100);
+
+/// A postponed command comes back this long past its `expiresAt`, if that
+/// comes first, so that it is found expired.
+const PAST_EXPIRY: Duration = Duration::from_secs(1);
+
 /// What to do after a failed call.
 enum Next {
     /// The command has its outcome.
@@ -93,6 +101,12 @@ impl Notifier {
                     ));
                 }
                 return self.fail(a, FailureReason::Expired, detail).await;
+            }
+            if let Some(wait) = self.quiet_hours_wait(a) {
+                return self.hold_for(a, wait).await;
+            }
+            if let Some(outcome) = self.over_recipient_limit(a).await {
+                return outcome;
             }
             let instance = self.providers.get(a.route.current);
             a.retry.attempts = a.retry.attempts.saturating_add(1);
@@ -349,13 +363,63 @@ impl Notifier {
     async fn hand_over(&self, a: &mut Attempt<'_>, delay: Duration) -> Outcome {
         self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
             .await;
-        a.retry.pinned_provider = a
+        Outcome::Delay {
+            delay,
+            retry: one_more_delay(&self.carried_retry(a)),
+        }
+    }
+
+    /// Hands the command to a delay tier for `wait` before any call under
+    /// this claim (a per-recipient limit): see [`Notifier::forgo_claim`].
+    /// It is marked returning without climbing a tier: waiting is no
+    /// failure.
+    pub(super) async fn postpone(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
+        let delay = self.forgo_claim(a, wait).await;
+        let mut retry = self.carried_retry(a);
+        retry.delays = retry.delays.max(1);
+        if retry.attempts == 0 {
+            retry.first_attempt_at_ms = None;
+        }
+        Outcome::Delay { delay, retry }
+    }
+
+    /// Parks the command in the broker for `wait` before any call under
+    /// this claim (quiet hours): see [`Notifier::forgo_claim`].
+    pub(super) async fn hold_for(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
+        let wait = self.forgo_claim(a, wait).await;
+        Outcome::Hold {
+            until: SystemTime::now() + wait,
+        }
+    }
+
+    /// Releases the lease as if this claim had not been made (no attempt;
+    /// for a key that never made a call, no age either), and says how long
+    /// the command is to wait: `wait`, at least [`MIN_POSTPONE`], but no
+    /// longer than until just past its `expiresAt`, so that it comes back
+    /// then and fails as expired.
+    async fn forgo_claim(&self, a: &Attempt<'_>, wait: Duration) -> Duration {
+        let key = &a.cmd.idempotency_key;
+        if let Err(e) = self.cache.postpone(key, a.owner, a.retry.attempts).await {
+            warn!(error = %e, "could not release the lease; it will expire");
+        }
+        let mut wait = wait.max(MIN_POSTPONE);
+        if let Some(expires_at) = a.cmd.expires_at {
+            let left = expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            wait = wait.min(left + PAST_EXPIRY);
+        }
+        wait
+    }
+
+    /// The retry state a command takes to a delay tier: its own, pinned
+    /// to the instance its route is pinned to, if it is.
+    pub(super) fn carried_retry(&self, a: &Attempt<'_>) -> RetryState {
+        let mut retry = a.retry.clone();
+        retry.pinned_provider = a
             .route
             .pinned
             .then(|| self.providers.get(a.route.current).sms.name().to_owned());
-        Outcome::Delay {
-            delay,
-            retry: one_more_delay(&a.retry),
-        }
+        retry
     }
 }

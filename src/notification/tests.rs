@@ -73,6 +73,8 @@ fn instance(
             lease: LEASE,
             liveness_ttl: LIVENESS,
             smart_encoding: true,
+            limits: Default::default(),
+            quiet_hours: None,
         },
     );
     cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
@@ -1208,6 +1210,8 @@ fn two_providers(
             lease: LEASE,
             liveness_ttl: LIVENESS,
             smart_encoding: true,
+            limits: Default::default(),
+            quiet_hours: None,
         },
     );
     cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
@@ -1383,4 +1387,279 @@ async fn a_duplicate_without_the_tiers_header_still_keeps_to_the_provider_that_a
     assert_eq!(b.calls(), 0, "a second provider got a key that may be out");
     assert_eq!(retry.pinned_provider.as_deref(), Some("a"));
     assert!(events.sent().is_empty());
+}
+
+// ---------------------------------------------------------------- limits
+
+/// A harness whose notifier counts every recipient against `limits`.
+fn limited(provider: Arc<ScriptedProvider>, limits: RecipientLimits) -> Harness {
+    let cache = MemoryCache::new(LEASE);
+    let events = Arc::new(MemoryEvents::default());
+    let notifier = Notifier::new(
+        cache.clone(),
+        Providers::single(provider.clone(), ProviderGuard::unlimited()),
+        events.clone(),
+        NotifierSettings {
+            retry: RetryPolicy {
+                max_attempts: 10,
+                ..policy()
+            },
+            max_body_bytes: 1024,
+            max_takeovers: 3,
+            lease: LEASE,
+            liveness_ttl: LIVENESS,
+            smart_encoding: true,
+            limits,
+            quiet_hours: None,
+        },
+    );
+    cache.set_alive(notifier.instance(), Duration::from_secs(86_400));
+    Harness {
+        cache,
+        provider,
+        events,
+        notifier,
+    }
+}
+
+/// At most `limit` messages per recipient in any `window`.
+fn at_most(limit: u32, window: Duration) -> RecipientLimits {
+    RecipientLimits {
+        windows: vec![crate::domain::RateWindow { limit, window }],
+        ..RecipientLimits::default()
+    }
+}
+
+fn to(key: &str, phone: &str, priority: &str) -> Vec<u8> {
+    format!(
+        r#"{{"idempotencyKey":"{key}","phoneNumber":"{phone}","text":"hello","priority":"{priority}"}}"#
+    )
+    .into_bytes()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_high_command_over_its_recipients_limit_fails_without_a_provider_call() {
+    let h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(900)),
+    );
+    let number = "+254712345678";
+    assert_eq!(
+        h.handle(&to("k1", number, "high"), false).await,
+        Outcome::Sent
+    );
+    match h.handle(&to("k2", number, "high"), false).await {
+        Outcome::Failed(reason) => assert!(
+            reason.starts_with("recipient_rate_limited: the recipient is over its limits (1/15m)"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 1);
+    let failed = h.events.failed();
+    assert_eq!(
+        (failed[0].reason.as_str(), failed[0].attempts),
+        ("recipient_rate_limited", 0)
+    );
+    assert!(
+        !failed[0].detail.contains("712345678"),
+        "{}",
+        failed[0].detail
+    );
+    assert_eq!(h.cache.status_of("k2"), Some(("failed".into(), true, 0)));
+    assert_eq!(
+        h.handle(&to("k3", "+254700000009", "high"), false).await,
+        Outcome::Sent,
+        "another recipient is not limited"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_normal_command_over_its_limit_waits_without_its_lease_or_an_attempt_then_goes() {
+    let h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(60)),
+    );
+    let number = "+254712345678";
+    assert_eq!(
+        h.handle(&to("k1", number, "normal"), false).await,
+        Outcome::Sent
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (delay, retry) = delayed(h.handle(&to("k2", number, "bulk"), false).await);
+    assert!(
+        delay > Duration::from_secs(39) && delay <= Duration::from_secs(40),
+        "until the first leaves the window: {delay:?}"
+    );
+    assert_eq!(
+        (retry.attempts, retry.delays, retry.first_attempt_at_ms),
+        (0, 1, None),
+        "no attempt, no tier climbed, no age"
+    );
+    assert_eq!(h.cache.lease_holder("k2"), None, "the lease is released");
+    assert_eq!(h.cache.status_of("k2"), Some(("retrying".into(), false, 0)));
+    // Back too early (a clock apart): it waits again, still no attempt.
+    let (_, again) = delayed(
+        h.handle_retry(&to("k2", number, "bulk"), false, &retry)
+            .await,
+    );
+    assert_eq!((again.attempts, again.delays), (0, 1));
+    tokio::time::sleep(delay).await;
+    assert_eq!(
+        h.handle_retry(&to("k2", number, "bulk"), false, &again)
+            .await,
+        Outcome::Sent
+    );
+    assert_eq!(h.provider.calls(), 2);
+    assert_eq!(h.events.sent()[1].attempts, 1, "the waits were no attempts");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_a_redelivery_or_a_duplicate_of_a_counted_key_is_not_counted_again() {
+    let h = limited(
+        ScriptedProvider::new(vec![transient(None), transient(None), transient(None)]),
+        at_most(1, Duration::from_secs(3600)),
+    );
+    let number = "+254712345678";
+    // Counted at its first call, which fails: on to a delay tier.
+    let (_, retry) = delayed(h.handle(&to("k1", number, "normal"), false).await);
+    assert_eq!(retry.attempts, 3);
+    // Back from the tier, and a redelivered copy: neither counts again.
+    assert_eq!(
+        h.handle_retry(&to("k1", number, "normal"), false, &retry)
+            .await,
+        Outcome::Sent
+    );
+    assert_eq!(
+        h.handle(&to("k1", number, "normal"), true).await,
+        Outcome::Duplicate
+    );
+    // The window holds one: k1's.
+    assert!(matches!(
+        h.handle(&to("k2", number, "normal"), false).await,
+        Outcome::Delay { .. }
+    ));
+    assert_eq!(h.provider.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn allowed_numbers_are_neither_counted_nor_limited() {
+    let mut limits = at_most(1, Duration::from_secs(3600));
+    limits.allow.insert("+15005550006".to_owned());
+    let h = limited(ScriptedProvider::new(vec![]), limits);
+    for i in 0..5 {
+        assert_eq!(
+            h.handle(&to(&format!("k{i}"), "+15005550006", "high"), false)
+                .await,
+            Outcome::Sent
+        );
+    }
+    assert_eq!(
+        h.handle(&to("other", "+254712345678", "high"), false).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.provider.calls(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_limited_command_whose_expiry_comes_first_returns_then_and_fails_expired() {
+    let h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(3600)),
+    );
+    let number = "+254712345678";
+    assert_eq!(
+        h.handle(&to("k1", number, "normal"), false).await,
+        Outcome::Sent
+    );
+    let soon = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let at = crate::domain::rfc3339(soon);
+    let body = format!(
+        r#"{{"idempotencyKey":"k2","phoneNumber":"{number}","text":"hello","expiresAt":"{at}"}}"#
+    )
+    .into_bytes();
+    let (delay, retry) = delayed(h.handle(&body, false).await);
+    assert!(delay <= Duration::from_millis(2600), "{delay:?}");
+    // The expiry check reads the real clock.
+    std::thread::sleep(Duration::from_millis(1600));
+    match h.handle_retry(&body, false, &retry).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("expired"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_priority_takes_its_configured_action() {
+    let mut limits = at_most(1, Duration::from_secs(3600));
+    limits.actions = crate::domain::LimitActions {
+        high: crate::domain::LimitAction::Delay,
+        normal: crate::domain::LimitAction::Fail,
+        bulk: crate::domain::LimitAction::Fail,
+    };
+    let h = limited(ScriptedProvider::new(vec![]), limits);
+    let number = "+254712345678";
+    assert_eq!(
+        h.handle(&to("k1", number, "bulk"), false).await,
+        Outcome::Sent
+    );
+    assert!(matches!(
+        h.handle(&to("k2", number, "high"), false).await,
+        Outcome::Delay { .. }
+    ));
+    for (key, priority) in [("k3", "normal"), ("k4", "bulk")] {
+        assert!(matches!(
+            h.handle(&to(key, number, priority), false).await,
+            Outcome::Failed(_)
+        ));
+    }
+}
+
+// ---------------------------------------------------------------- quiet hours
+
+/// `HH:MM:SS` of `at` in UTC.
+fn utc_clock(at: std::time::SystemTime) -> String {
+    crate::domain::rfc3339(at)[11..19].to_owned()
+}
+
+/// Quiet hours from a minute ago to `left` from now, UTC (Iceland's time).
+fn quiet_for(left: Duration) -> crate::domain::QuietHours {
+    let now = std::time::SystemTime::now();
+    crate::domain::QuietHours::new(
+        &utc_clock(now - Duration::from_secs(60)),
+        &utc_clock(now + left),
+        Duration::ZERO,
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn quiet_hours_postpone_a_normal_command_uncounted_and_never_a_high_one() {
+    let mut h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(3600)),
+    );
+    h.notifier.settings.quiet_hours = Some(quiet_for(Duration::from_secs(3600)));
+    let iceland = "+3545551234";
+    let Outcome::Hold { until } = h.handle(&to("q1", iceland, "bulk"), false).await else {
+        panic!("not held");
+    };
+    let ahead = until.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        ahead > Duration::from_secs(3500) && ahead <= Duration::from_secs(3600),
+        "until the quiet hours end: {ahead:?}"
+    );
+    assert_eq!(h.cache.lease_holder("q1"), None);
+    assert_eq!(h.cache.status_of("q1"), Some(("retrying".into(), false, 0)));
+    // Held before the limits: the held one took no place in the window.
+    assert_eq!(
+        h.handle(&to("q2", iceland, "high"), false).await,
+        Outcome::Sent
+    );
+    // A number of no country cannot tell night from day: not held.
+    assert_eq!(
+        h.handle(&to("q3", "+80012345678", "normal"), false).await,
+        Outcome::Sent
+    );
+    assert_eq!(h.provider.calls(), 2);
 }

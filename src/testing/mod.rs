@@ -14,7 +14,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::domain::{DeliveryReport, DeliveryStatus, IdempotencyKey, SendSms, SmsFailed, SmsSent};
+use crate::domain::{
+    DeliveryReport, DeliveryStatus, IdempotencyKey, RateWindow, SendSms, SmsFailed, SmsSent,
+};
 use crate::ports::*;
 
 #[derive(Debug, Clone, Default)]
@@ -151,6 +153,8 @@ pub struct MemoryCache {
     parked: Mutex<HashMap<(String, String), Parked>>,
     /// Liveness records: instance -> until when.
     alive: Mutex<HashMap<String, Instant>>,
+    /// Per-recipient counts: recipient -> (key, when counted), oldest first.
+    recipients: Mutex<HashMap<String, Vec<(String, Instant)>>>,
     pub lease: Duration,
     /// How long a holder must stay dead (no liveness record) before its
     /// lease is taken over, as `redis.liveness_ttl_ms`.
@@ -479,6 +483,67 @@ impl CacheService for MemoryCache {
             }
         }
         Ok(())
+    }
+
+    async fn postpone(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+    ) -> Result<(), CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(entry) = entries.get_mut(key.as_str()) {
+            if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
+                entry.lease = None;
+                if entry.status == "processing" {
+                    entry.status = "retrying".into();
+                    entry.attempts = attempts;
+                    if attempts == 0 {
+                        entry.first_attempt_ms = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// As the script `RECORD_RECIPIENT_SEND`, on tokio's clock.
+    async fn record_recipient_send(
+        &self,
+        recipient: &str,
+        key: &IdempotencyKey,
+        windows: &[RateWindow],
+    ) -> Result<RecipientSend, CacheError> {
+        self.check()?;
+        let now = Instant::now();
+        let longest = windows.iter().map(|w| w.window).max().unwrap_or_default();
+        let cap = windows.iter().map(|w| w.limit).max().unwrap_or(1) as usize;
+        let mut recipients = self.recipients.lock().unwrap();
+        let counted = recipients.entry(recipient.to_owned()).or_default();
+        counted.retain(|(_, at)| now.duration_since(*at) < longest);
+        if counted.iter().any(|(k, _)| k == key.as_str()) {
+            return Ok(RecipientSend::CountedBefore);
+        }
+        let mut wait = Duration::ZERO;
+        for w in windows {
+            let inside: Vec<Instant> = counted
+                .iter()
+                .map(|(_, at)| *at)
+                .filter(|at| now.duration_since(*at) < w.window)
+                .collect();
+            if inside.len() >= w.limit as usize {
+                let leaving = inside[inside.len() - w.limit as usize];
+                wait = wait.max(leaving + w.window - now);
+            }
+        }
+        if !wait.is_zero() {
+            return Ok(RecipientSend::Limited { retry_after: wait });
+        }
+        counted.push((key.to_string(), now));
+        let over = counted.len().saturating_sub(cap);
+        counted.drain(..over);
+        Ok(RecipientSend::Counted)
     }
 
     async fn admit(

@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
-use crate::domain::{DeliveryStatus, FailureReason, IdempotencyKey};
+use crate::domain::{DeliveryStatus, FailureReason, IdempotencyKey, RateWindow};
 use crate::ports::{
-    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, ProviderReport, Recorded,
-    ReportOutcome, SentRecord,
+    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, ProviderReport,
+    RecipientSend, Recorded, ReportOutcome, SentRecord,
 };
 
 /// Runs every case; panics naming the first that fails.
@@ -41,6 +41,8 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.a_published_key_is_done_for_every_claim().await;
     c.a_failed_and_published_key_answers_its_failure().await;
     c.release_keeps_the_attempts_made_and_frees_the_key().await;
+    c.a_postponed_key_without_a_call_starts_its_age_afresh()
+        .await;
     c.the_claim_counts_the_call_about_to_be_made().await;
     c.renew_extends_the_holders_lease_only().await;
     c.status_follows_the_key().await;
@@ -58,6 +60,10 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.a_report_before_its_send_is_kept_and_applied_when_the_send_is_recorded()
         .await;
     c.a_message_in_parts_is_delivered_only_when_every_part_is()
+        .await;
+    c.a_recipient_is_counted_once_per_key_and_limited_until_its_window_frees()
+        .await;
+    c.every_window_of_a_recipient_is_checked_and_the_longest_decides_the_wait()
         .await;
 }
 
@@ -392,6 +398,40 @@ impl Case<'_> {
             } => {}
             other => panic!("released: {other:?}"),
         }
+    }
+
+    async fn a_postponed_key_without_a_call_starts_its_age_afresh(&self) {
+        let first_ms = |claim: Claim| match claim {
+            Claim::Send {
+                attempts,
+                first_attempt_ms,
+                ..
+            } => (attempts, first_attempt_ms),
+            other => panic!("postponed: {other:?}"),
+        };
+        let key = self.key("postponed");
+        let a = self.live("a", 1).await;
+        let b = self.live("b", 1).await;
+        let (_, before) = first_ms(self.claim(&key, &a).await);
+        // Postponed by someone who does not hold it: nothing happens.
+        self.store.postpone(&key, &b, 0).await.unwrap();
+        assert!(matches!(self.claim(&key, &b).await, Claim::Busy { .. }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.store.postpone(&key, &a, 0).await.unwrap();
+        let (attempts, after) = first_ms(self.claim(&key, &b).await);
+        assert_eq!(attempts, 0, "postponed: no call counted");
+        assert!(
+            after > before,
+            "postponed: age afresh ({before} then {after})"
+        );
+        // A key that made a call keeps its age.
+        self.store.release(&key, &b, 1).await.unwrap();
+        let c = self.live("c", 1).await;
+        let (_, kept) = first_ms(self.claim(&key, &c).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.store.postpone(&key, &c, 1).await.unwrap();
+        let d = self.live("d", 1).await;
+        assert_eq!(first_ms(self.claim(&key, &d).await), (1, kept));
     }
 
     async fn the_claim_counts_the_call_about_to_be_made(&self) {
@@ -882,6 +922,102 @@ impl Case<'_> {
                 .all(|r| r.idempotency_key != key.as_str()),
             "confirmed: gone"
         );
+    }
+
+    async fn count(&self, to: &str, key: &str, windows: &[RateWindow]) -> RecipientSend {
+        // Keys are unique per case; recipients per store (their record
+        // is under the store's prefix).
+        self.store
+            .record_recipient_send(&format!("+{to}"), &self.key(key), windows)
+            .await
+            .unwrap()
+    }
+
+    async fn a_recipient_is_counted_once_per_key_and_limited_until_its_window_frees(&self) {
+        let two = [RateWindow {
+            limit: 2,
+            window: Duration::from_millis(600),
+        }];
+        assert_eq!(
+            self.count("2547001", "r-a", &two).await,
+            RecipientSend::Counted
+        );
+        assert_eq!(
+            self.count("2547001", "r-a", &two).await,
+            RecipientSend::CountedBefore,
+            "a key is counted once"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            self.count("2547001", "r-b", &two).await,
+            RecipientSend::Counted
+        );
+        let RecipientSend::Limited { retry_after } = self.count("2547001", "r-c", &two).await
+        else {
+            panic!("a third message in the window is limited");
+        };
+        assert!(
+            retry_after > Duration::from_millis(300) && retry_after <= Duration::from_millis(400),
+            "until the first leaves the window: {retry_after:?}"
+        );
+        assert_eq!(
+            self.count("2547001", "r-a", &two).await,
+            RecipientSend::CountedBefore,
+            "a counted key still goes when the window is full"
+        );
+        assert_eq!(
+            self.count("2547002", "r-c", &two).await,
+            RecipientSend::Counted,
+            "another recipient has limits of its own"
+        );
+        tokio::time::sleep(retry_after + Duration::from_millis(20)).await;
+        assert_eq!(
+            self.count("2547001", "r-c", &two).await,
+            RecipientSend::Counted,
+            "the window freed up when the first left it"
+        );
+        assert!(
+            matches!(
+                self.count("2547001", "r-d", &two).await,
+                RecipientSend::Limited { .. }
+            ),
+            "the second is still in it"
+        );
+    }
+
+    async fn every_window_of_a_recipient_is_checked_and_the_longest_decides_the_wait(&self) {
+        let windows = [
+            RateWindow {
+                limit: 2,
+                window: Duration::from_millis(300),
+            },
+            RateWindow {
+                limit: 3,
+                window: Duration::from_secs(3),
+            },
+        ];
+        for key in ["w-a", "w-b"] {
+            assert_eq!(
+                self.count("2547003", key, &windows).await,
+                RecipientSend::Counted
+            );
+        }
+        assert!(matches!(
+            self.count("2547003", "w-c", &windows).await,
+            RecipientSend::Limited { retry_after } if retry_after <= Duration::from_millis(300)
+        ));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(
+            self.count("2547003", "w-c", &windows).await,
+            RecipientSend::Counted
+        );
+        match self.count("2547003", "w-d", &windows).await {
+            RecipientSend::Limited { retry_after } => assert!(
+                retry_after > Duration::from_secs(2) && retry_after <= Duration::from_secs(3),
+                "the 3 s window holds it, not the free 300 ms one: {retry_after:?}"
+            ),
+            other => panic!("the longer window is full: {other:?}"),
+        }
     }
 
     async fn a_pin_outlives_the_claim_that_set_it(&self) {

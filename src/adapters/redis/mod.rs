@@ -20,7 +20,9 @@
 //! reports (capped); `{prefix}:park:{provider}:{providerMessageId}` keeps
 //! reports that came before their send was recorded (bounded, with a TTL);
 //! `{prefix}:alive:{instance}` is an instance's liveness record, kept
-//! alive by its heartbeat. The scripts are in [`scripts`].
+//! alive by its heartbeat; `{prefix}:rcpt:{phoneNumber}` counts the
+//! messages to one recipient for the per-recipient limits (a sorted set
+//! of idempotency keys by time, expiring with the longest window). The scripts are in [`scripts`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,10 +34,12 @@ use secrecy::ExposeSecret;
 use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
-use crate::domain::{rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey};
+use crate::domain::{
+    rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, RateWindow,
+};
 use crate::ports::{
     Admission, CacheError, CacheService, Claim, FailedRecord, HistoryEntry, InvalidVerdict,
-    MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, SentRecord,
+    MessageStatus, Owner, ProviderReport, RecipientSend, Recorded, ReportOutcome, SentRecord,
 };
 
 mod scripts;
@@ -52,6 +56,7 @@ struct Scripts {
     record_sent: Script,
     record_failed: Script,
     release: Script,
+    record_recipient_send: Script,
     record_report: Script,
     mark_report_published: Script,
     unpublished_reports: Script,
@@ -108,6 +113,7 @@ impl RedisStore {
                 record_sent: Script::new(&scripts::record_sent()),
                 record_failed: Script::new(&scripts::record_failed()),
                 release: Script::new(scripts::RELEASE),
+                record_recipient_send: Script::new(scripts::RECORD_RECIPIENT_SEND),
                 record_report: Script::new(&scripts::record_report()),
                 mark_report_published: Script::new(scripts::MARK_REPORT_PUBLISHED),
                 unpublished_reports: Script::new(scripts::UNPUBLISHED_REPORTS),
@@ -145,6 +151,12 @@ impl RedisStore {
     /// their final status was set.
     fn unpublished_key(&self) -> String {
         format!("{}:dlr:unpublished", self.prefix)
+    }
+
+    /// A recipient's per-recipient-limit record (one key, so a cluster
+    /// keeps it in one slot).
+    fn recipient_key(&self, recipient: &str) -> String {
+        format!("{}:rcpt:{recipient}", self.prefix)
     }
 
     fn alive_key(&self, instance: &str) -> String {
@@ -520,6 +532,59 @@ impl CacheService for RedisStore {
         )
         .await
         .map(drop)
+    }
+
+    async fn postpone(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+    ) -> Result<(), CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let attempts = attempts.to_string();
+        self.run::<i64>(
+            &self.scripts.release,
+            &[&msg],
+            &[&owner.id, &attempts, &now(), "1"],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn record_recipient_send(
+        &self,
+        recipient: &str,
+        key: &IdempotencyKey,
+        windows: &[RateWindow],
+    ) -> Result<RecipientSend, CacheError> {
+        let cap = windows
+            .iter()
+            .map(|w| w.limit)
+            .max()
+            .unwrap_or(1)
+            .to_string();
+        let mut args = vec![key.as_str().to_owned(), cap];
+        for w in windows {
+            args.push(w.window.as_millis().to_string());
+            args.push(w.limit.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let rcpt = self.recipient_key(recipient);
+        let reply: Vec<String> = self
+            .run(&self.scripts.record_recipient_send, &[&rcpt], &args)
+            .await?;
+        Ok(match reply.as_slice() {
+            [verdict] if verdict == "counted" => RecipientSend::Counted,
+            [verdict] if verdict == "counted_before" => RecipientSend::CountedBefore,
+            [verdict, wait] if verdict == "limited" => RecipientSend::Limited {
+                retry_after: Duration::from_millis(wait.parse().map_err(store_error)?),
+            },
+            other => {
+                return Err(CacheError(format!(
+                    "record_recipient_send answered {other:?}"
+                )))
+            }
+        })
     }
 
     async fn admit(

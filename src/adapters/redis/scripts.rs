@@ -304,15 +304,58 @@ return 1
     )
 }
 
-/// `release(key; owner, attempts, now)`: ends `owner`'s lease without an
-/// outcome, writing the attempts actually made.
+/// `release(key; owner, attempts, now[, postpone])`: ends `owner`'s lease
+/// without an outcome, writing the attempts actually made. With
+/// `postpone` = `1` (a wait before any call, `CacheService::postpone`), a
+/// key that made no call also forgets its `first_attempt_ms`: the next
+/// claim that may send starts its age.
 pub const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'owner', 'holder', 'lease_until')
 if redis.call('HGET', KEYS[1], 'status') == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempts', ARGV[2], 'updated_at', ARGV[3])
+  if ARGV[4] == '1' and ARGV[2] == '0' then redis.call('HDEL', KEYS[1], 'first_attempt_ms') end
 end
 return 1
+"#;
+
+/// `record_recipient_send(recipient; key, cap, window_ms, limit, ...)`:
+/// `{'counted'}`, `{'counted_before'}` or `{'limited', wait_ms}`.
+///
+/// The recipient's record is one sorted set (one key, so one hash slot in
+/// a cluster): a member per idempotency key counted, scored by when (ms,
+/// Redis clock). Entries older than the longest window are dropped first.
+/// A key already in it goes without being counted again. A window
+/// `(window_ms, limit)` is full when `limit` entries lie in the last
+/// `window_ms`; then it frees up when the oldest entry that must leave
+/// does. Counting keeps the newest `cap` (the largest limit) entries,
+/// which is all any window needs, and sets the record to expire with the
+/// longest window.
+pub const RECORD_RECIPIENT_SEND: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local longest = 0
+for i = 3, #ARGV, 2 do
+  longest = math.max(longest, tonumber(ARGV[i]))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - longest)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'counted_before'} end
+local wait = 0
+for i = 3, #ARGV, 2 do
+  local window, limit = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local since = '(' .. tostring(now - window)
+  local count = redis.call('ZCOUNT', KEYS[1], since, '+inf')
+  if count >= limit then
+    local leaving = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES',
+      'LIMIT', count - limit, 1)
+    wait = math.max(wait, tonumber(leaving[2]) + window - now)
+  end
+end
+if wait > 0 then return {'limited', tostring(wait)} end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('PEXPIRE', KEYS[1], longest)
+return {'counted'}
 "#;
 
 /// `admit(key; fingerprint, ttl_secs, now)`: `new` (recorded as
