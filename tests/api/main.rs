@@ -12,6 +12,7 @@ mod encoding;
 mod failover;
 mod grpc;
 mod helpers;
+mod kubernetes;
 mod observability;
 mod ops;
 mod pipeline;
