@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::e2e::{free_port, service, terminate, wait_exit, wait_http, Proc};
+use crate::e2e::{assert_grpc_listens, free_port, service, terminate, wait_exit, wait_http, Proc};
 use crate::helpers::{command, init_logs, Names, TestBroker, AMQP_URL, REDIS_URL};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -145,12 +145,7 @@ async fn the_kubernetes_pod_starts_with_its_config_map_and_secret_sends_through_
         let path = text(&container[probe]["httpGet"]["path"], probe);
         wait_http(&format!("{base}{path}")).await;
     }
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", grpc))
-            .await
-            .is_ok(),
-        "the gRPC door listens on SMS__GRPC__BIND"
-    );
+    assert_grpc_listens(grpc).await;
 
     // One number on each route: Africa's Talking for +254, Twilio for the rest.
     for (key, phone) in [("k8s-ke", "+254712345678"), ("k8s-us", "+14155550100")] {
