@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::e2e::{free_port, service, wait_http, Proc, BIN};
+use crate::e2e::{assert_grpc_listens, free_port, service, wait_http, Proc, BIN};
 use crate::helpers::{command, init_logs, Names, TestBroker};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -100,12 +100,7 @@ async fn the_compose_stack_sends_and_reports_delivery() {
             .unwrap(),
     );
     wait_http(&format!("http://127.0.0.1:{http}/readyz")).await;
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", grpc))
-            .await
-            .is_ok(),
-        "the gRPC door listens on SMS__GRPC__BIND"
-    );
+    assert_grpc_listens(grpc).await;
 
     broker
         .publish_command(

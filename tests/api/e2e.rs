@@ -59,6 +59,16 @@ pub(crate) async fn wait_http(url: &str) {
     panic!("{url} never answered 200");
 }
 
+/// Asserts that the gRPC door accepts connections on `port`.
+pub(crate) async fn assert_grpc_listens(port: u16) {
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok(),
+        "the gRPC door listens on SMS__GRPC__BIND"
+    );
+}
+
 pub(crate) fn terminate(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -12,6 +12,7 @@ mod encoding;
 mod failover;
 mod grpc;
 mod helpers;
+mod kubernetes;
 mod limits;
 mod observability;
 mod ops;
