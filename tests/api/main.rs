@@ -14,6 +14,7 @@ mod helpers;
 mod observability;
 mod ops;
 mod pipeline;
+mod priority;
 mod privacy;
 mod provider;
 mod providers_africastalking;
