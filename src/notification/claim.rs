@@ -84,7 +84,7 @@ impl Notifier {
             None => None,
         };
         tokio::select! {
-            _ = self.providers.get(provider).guard.rate_limit() => {}
+            _ = self.providers.get(provider).guard.rate_limit(message.lane) => {}
             _ = message.stop.cancelled() => return None,
         }
         (!message.stop.is_cancelled()).then_some(slot)
