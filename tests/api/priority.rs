@@ -217,3 +217,40 @@ async fn shutdown_leaves_each_command_of_either_queue_sent_or_back_in_its_queue(
     assert_eq!(&high_done | &left_high, high);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_bench_measures_high_commands_published_beside_a_backlog() {
+    let app = spawn_app_with(&[
+        ("SMS__AMQP__PREFETCH", "8"),
+        ("SMS__PROCESSING__MAX_IN_FLIGHT", "8"),
+        ("SMS__PROCESSING__ADAPTIVE_SENDS", "false"),
+    ])
+    .await;
+    provider_answers_after(&app, Duration::from_millis(20)).await;
+    let settings = crate::helpers::settings(&app.names.env(&app.provider.uri()));
+    let options = sms_service::bench::BenchOptions {
+        count: 400,
+        duplicates: 0.0,
+        rate: None,
+        baseline: false,
+        window: 100,
+        allow_remote_provider: false,
+        bulk: true,
+    };
+    let probe = sms_service::bench::HighProbe {
+        probes: 3,
+        interval: Duration::from_millis(50),
+        warm_up: Duration::from_millis(100),
+    };
+    let report = sms_service::bench::probe_high(&settings, &options, &probe)
+        .await
+        .unwrap();
+    eprintln!("{}", sms_service::bench::render_probe(&report));
+    assert_eq!((report.backlog, report.probes), (400, 3));
+    // 400 commands, 8 at a time, 20 ms each: a second of backlog, which
+    // the probes do not wait for.
+    assert!(report.backlog_waiting_at_first_probe > 0, "{report:?}");
+    assert!(report.latency_ms_p50 <= report.latency_ms_p99);
+    assert!(report.latency_ms_max < 1000.0, "{report:?}");
+    app.cleanup().await;
+}
