@@ -806,13 +806,18 @@ mod tests {
         queue.settled_bodies().iter().any(|b| b == body)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_high_command_is_taken_while_every_slot_of_the_command_queue_is_busy() {
-        let provider = ScriptedProvider::slow(Duration::from_secs(10));
-        let (queue, svc) = service(provider.clone(), 1, Duration::from_secs(30));
+    /// Pushes `bulk` commands, then a high one, to `svc` over a provider
+    /// that answers in 10 s: the high one is called at once, beside the
+    /// first of the command queue's, and is done with it.
+    async fn a_high_command_goes_past(
+        queue: Arc<MemoryQueue>,
+        svc: QueueProcessingService,
+        provider: Arc<ScriptedProvider>,
+        bulk: usize,
+    ) {
         let shutdown = CancellationToken::new();
         let run = tokio::spawn(svc.run(shutdown.clone()));
-        for i in 0..3 {
+        for i in 0..bulk {
             queue.push(&body(&format!("bulk-{i}")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -821,7 +826,7 @@ mod tests {
         assert_eq!(
             provider.calls(),
             2,
-            "the command queue's one slot and the high one"
+            "one of the command queue's, and the high one"
         );
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(was_settled(&queue, &high("otp-1")));
@@ -831,32 +836,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_high_command_is_taken_while_every_slot_of_the_command_queue_is_busy() {
+        let provider = ScriptedProvider::slow(Duration::from_secs(10));
+        let (queue, svc) = service(provider.clone(), 1, Duration::from_secs(30));
+        a_high_command_goes_past(queue, svc, provider, 3).await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_high_command_does_not_wait_for_a_send_slot_of_the_command_queue() {
-        // Eight commands taken, one send at a time: the others wait for
-        // the send slot, and the high command must not wait behind them.
+        // Eight slots, one send at a time: the others wait for the send
+        // slot, and the high command must not wait behind them.
         let provider = ScriptedProvider::slow(Duration::from_secs(10));
         let cache = MemoryCache::new(Duration::from_secs(60));
         let notifier = notifier(cache, provider.clone(), ProviderGuard::unlimited())
             .with_send_limit(crate::concurrency::AdaptiveLimit::new(1, 1, false));
         let (queue, svc) = service_of(notifier, 8, Duration::from_secs(60));
-        let shutdown = CancellationToken::new();
-        let run = tokio::spawn(svc.run(shutdown.clone()));
-        for i in 0..4 {
-            queue.push(&body(&format!("bulk-{i}")));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        queue.push_to(Lane::High, &high("otp-1"), false);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(
-            provider.calls(),
-            2,
-            "one send of the command queue, and the high one"
-        );
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(was_settled(&queue, &high("otp-1")));
-        assert_eq!(queue.settled().len(), 2);
-        shutdown.cancel();
-        run.await.unwrap();
+        a_high_command_goes_past(queue, svc, provider, 4).await;
     }
 
     #[tokio::test(start_paused = true)]

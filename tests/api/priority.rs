@@ -49,10 +49,14 @@ fn keys(events: &[Received]) -> Vec<String> {
         .collect()
 }
 
-fn position(keys: &[String], key: &str) -> usize {
-    keys.iter()
+/// Where `key` came in `keys`, asserted to be at most `most` (from 0).
+fn came_within(keys: &[String], key: &str, most: usize) -> usize {
+    let at = keys
+        .iter()
         .position(|k| k == key)
-        .unwrap_or_else(|| panic!("no SmsSent for {key}: {keys:?}"))
+        .unwrap_or_else(|| panic!("no SmsSent for {key}: {keys:?}"));
+    assert!(at <= most, "{key} came {at}th (at most {most}): {keys:?}");
+    at
 }
 
 /// A service that works on one command of the command queue at a time.
@@ -89,8 +93,7 @@ async fn a_high_command_overtakes_a_backlog_the_provider_cannot_drain() {
     assert_eq!(order.len(), 31, "{order:?}");
     // Published last, behind 29 waiting commands; sent about one provider
     // call after it was published, while most of the backlog still waits.
-    let high = position(&order, "otp-1");
-    assert!(high <= 10, "the high command came {high}th: {order:?}");
+    let high = came_within(&order, "otp-1", 10);
     assert_eq!(sent[high].json()["attempts"], 1);
     app.cleanup().await;
 }
@@ -127,8 +130,7 @@ async fn a_high_command_retried_through_a_delay_tier_comes_back_to_the_high_queu
     let order = keys(&sent);
     // Back in the command queue it would wait behind four commands of a
     // second each; back in the high queue it is sent within the first.
-    let high = position(&order, "otp-1");
-    assert!(high <= 1, "the high command came {high}th: {order:?}");
+    let high = came_within(&order, "otp-1", 1);
     assert_eq!(sent[high].json()["attempts"], 3);
     app.cleanup().await;
 }
@@ -154,8 +156,7 @@ async fn the_http_door_publishes_high_commands_to_the_high_queue() {
     let order = keys(&app.broker.sent(5, WAIT).await);
     // Published last through the door; in the command queue it would come
     // fifth, 2.8 s later.
-    let high = position(&order, "door-otp");
-    assert!(high <= 1, "the high command came {high}th: {order:?}");
+    came_within(&order, "door-otp", 1);
     app.cleanup().await;
 }
 
