@@ -32,8 +32,8 @@ const REPORT_SWEEP_AGE: Duration = Duration::from_secs(30);
 /// (a health watch never ends by itself); then they are dropped.
 pub const GRPC_DRAIN: Duration = Duration::from_secs(5);
 
-/// How often the depths of the command, dead-letter and hold queues are
-/// read into their gauges.
+/// How often the depths of the command, high, dead-letter and hold queues
+/// are read into their gauges.
 pub const QUEUE_DEPTHS_EVERY: Duration = Duration::from_secs(5);
 
 /// A started service.
@@ -64,7 +64,11 @@ impl RunningApp {
 pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     // The recorder first: the core registers its metric handles when built.
     let metrics = crate::telemetry::metrics();
-    let broker = RabbitMq::new(&settings.amqp, &settings.retry_tiers());
+    let broker = RabbitMq::with_high_prefetch(
+        &settings.amqp,
+        &settings.retry_tiers(),
+        settings.high_prefetch(),
+    );
     let store = Arc::new(RedisStore::new(&settings.redis).context("redis.url")?);
     let (instances, routes) = settings.instances().map_err(|e| anyhow::anyhow!(e.0))?;
     let mut built = Vec::new();
@@ -299,7 +303,7 @@ async fn report_redis(store: Arc<RedisStore>, address: String, timeout: Duration
     }
 }
 
-/// Reads the depth of the command, dead-letter and hold queues into their
+/// Reads the depth of the command, high, dead-letter and hold queues into their
 /// gauges every `every` while connected, until `stop` fires. While not
 /// connected the gauges keep their last value.
 async fn watch_queue_depths(broker: RabbitMq, every: Duration, stop: CancellationToken) {
@@ -313,6 +317,7 @@ async fn watch_queue_depths(broker: RabbitMq, every: Duration, stop: Cancellatio
         match tokio::time::timeout(every, broker.queue_depths()).await {
             Ok(Ok(depths)) => {
                 metrics::gauge!("sms_command_queue_messages").set(f64::from(depths.commands));
+                metrics::gauge!("sms_high_queue_messages").set(f64::from(depths.high_commands));
                 metrics::gauge!("sms_dead_letter_queue_messages")
                     .set(f64::from(depths.dead_letters));
                 metrics::gauge!("sms_held_messages").set(depths.held as f64);

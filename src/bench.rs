@@ -12,6 +12,13 @@
 //! ack; no Redis, no provider) with the service's prefetch and concurrency:
 //! the ceiling this machine's broker sets, against which the service is
 //! measured.
+//!
+//! With `--high-probe N` it measures priority instead ([`probe_high`]): it
+//! queues the load as a backlog in the command queue (declaring the
+//! service's topology first, so the service may start after it), waits
+//! until the service works on it, then publishes N `high` commands to the
+//! high queue at a steady interval and reports their latency, publish to
+//! SmsSent, with the backlog still waiting meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +31,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -44,6 +51,37 @@ pub struct BenchOptions {
     pub window: usize,
     /// Run even though `provider.base_url` is not on loopback (`--i-mean-it`).
     pub allow_remote_provider: bool,
+    /// The commands carry `"priority": "bulk"`.
+    pub bulk: bool,
+}
+
+/// `--high-probe`: `high` commands published beside a backlog.
+#[derive(Debug, Clone)]
+pub struct HighProbe {
+    pub probes: usize,
+    /// Between two probes.
+    pub interval: Duration,
+    /// How long after the service's first event of the backlog the first
+    /// probe goes out, so that it meets the service at full speed.
+    pub warm_up: Duration,
+}
+
+/// Figures of a `--high-probe` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    pub backlog: usize,
+    /// Commands of the backlog ready in the command queue as the first
+    /// probe was published, and as the last probe's SmsSent arrived.
+    pub backlog_waiting_at_first_probe: u32,
+    pub backlog_waiting_at_last_probe: u32,
+    pub probes: usize,
+    pub probe_interval_ms: u64,
+    /// Publish to SmsSent of the probes.
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+    /// Backlog commands per second, the service's first event of it to its last.
+    pub backlog_throughput_per_s: f64,
 }
 
 /// Figures of one run.
@@ -180,39 +218,7 @@ async fn load(
     }
 
     // Subscribe before publishing.
-    let events = connection.create_channel().await?;
-    let event_queue = events
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    events
-        .queue_bind(
-            event_queue.name().clone(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("binding to exchange {exchange} (is the service running?)"))?;
-    let mut consumer = events
-        .basic_consume(
-            event_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let (events, mut consumer) = subscribe(connection, exchange).await?;
 
     let published_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
         Arc::new(std::sync::Mutex::new(vec![None; distinct]));
@@ -267,10 +273,7 @@ async fn load(
     let _ = events.close(200, "done".into()).await;
     let seconds = last_event.duration_since(started).as_secs_f64();
     latencies.sort();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i].as_secs_f64() * 1000.0
-    };
+    let pct = |p: f64| percentile_ms(&latencies, p);
     Ok(RunReport {
         target: target.to_owned(),
         commands: options.count,
@@ -283,6 +286,51 @@ async fn load(
         latency_ms_p99: pct(0.99),
         latency_ms_max: pct(1.0),
     })
+}
+
+/// A private queue bound to `exchange`, and its consumer (no acks).
+async fn subscribe(connection: &Connection, exchange: &str) -> anyhow::Result<(Channel, Consumer)> {
+    let events = connection.create_channel().await?;
+    let event_queue = events
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    events
+        .queue_bind(
+            event_queue.name().clone(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding to exchange {exchange} (is the service running?)"))?;
+    let consumer = events
+        .basic_consume(
+            event_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((events, consumer))
+}
+
+/// The `p` quantile (0 to 1) of sorted, non-empty `latencies`, in ms: the
+/// smallest value at least a share `p` of them do not exceed.
+fn percentile_ms(latencies: &[Duration], p: f64) -> f64 {
+    let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+    latencies[i].as_secs_f64() * 1000.0
 }
 
 /// The key index of an event body, if it belongs to this run.
@@ -317,8 +365,13 @@ async fn publish_all(
             tokio::time::sleep_until(due.into()).await;
         }
         let permit = window.clone().acquire_owned().await?;
+        let priority = if options.bulk {
+            r#","priority":"bulk""#
+        } else {
+            ""
+        };
         let body = format!(
-            r#"{{"idempotencyKey":"bench-{run_id}-{key}","phoneNumber":"+254712345678","text":"Your code is {key}"}}"#
+            r#"{{"idempotencyKey":"bench-{run_id}-{key}","phoneNumber":"+254712345678","text":"Your code is {key}"{priority}}}"#
         );
         {
             let mut at = published_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -346,6 +399,264 @@ async fn publish_all(
         anyhow::ensure!(done??.is_ack(), "broker refused a command");
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// Longest wait for the service's next event before a run is given up.
+const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Longest wait for the service to take the first command of the backlog
+/// (it may be started after the backlog is queued).
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// Events of one `--high-probe` run, told apart by key.
+struct ProbeEvents {
+    consumer: Consumer,
+    backlog_prefix: String,
+    probe_prefix: String,
+    backlog_seen: Vec<bool>,
+    backlog_done: usize,
+    backlog_first: Option<Instant>,
+    backlog_last: Option<Instant>,
+    probe_sent_at: Vec<Option<Instant>>,
+    probes_done: usize,
+}
+
+impl ProbeEvents {
+    /// Reads the next event of the run (others are skipped), within `limit`.
+    async fn next(&mut self, limit: Duration) -> anyhow::Result<()> {
+        loop {
+            let delivery = match tokio::time::timeout(limit, self.consumer.next()).await {
+                Ok(Some(Ok(d))) => d,
+                Ok(_) => anyhow::bail!("event subscription ended"),
+                Err(_) => anyhow::bail!(
+                    "no event for {limit:?} with {}/{} of the backlog and {}/{} probes received: \
+                     is the service running and consuming?",
+                    self.backlog_done,
+                    self.backlog_seen.len(),
+                    self.probes_done,
+                    self.probe_sent_at.len()
+                ),
+            };
+            let now = Instant::now();
+            if let Some(i) = event_index(&delivery.data, &self.backlog_prefix) {
+                if i < self.backlog_seen.len()
+                    && !std::mem::replace(&mut self.backlog_seen[i], true)
+                {
+                    self.backlog_done += 1;
+                    self.backlog_first.get_or_insert(now);
+                    self.backlog_last = Some(now);
+                    return Ok(());
+                }
+            } else if let Some(j) = event_index(&delivery.data, &self.probe_prefix) {
+                if let Some(slot @ None) = self.probe_sent_at.get_mut(j) {
+                    *slot = Some(now);
+                    self.probes_done += 1;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Queues `options.count` commands as a backlog in the command queue, waits
+/// until the service works on it, publishes `probe.probes` `high` commands
+/// to the high queue `probe.interval` apart, and measures each from its
+/// publish to its SmsSent. Then waits for the rest of the backlog, so
+/// that nothing is left behind for the next run.
+pub async fn probe_high(
+    settings: &Settings,
+    options: &BenchOptions,
+    probe: &HighProbe,
+) -> anyhow::Result<ProbeReport> {
+    use crate::ports::QueueClient;
+    check_provider_is_local(settings, options.allow_remote_provider)?;
+    anyhow::ensure!(probe.probes > 0, "--high-probe must be at least 1");
+    // Declared as the service declares them: the backlog needs its queue
+    // before the service (started later, perhaps) does.
+    let broker = crate::adapters::rabbitmq::RabbitMq::new(&settings.amqp, &settings.retry_tiers());
+    broker
+        .connect()
+        .await
+        .context("declaring the service's queues (amqp.url)")?;
+    let high_queue = broker.topology().high_queue.clone();
+    broker.close().await;
+    let command_queue = settings.amqp.command_queue.clone();
+
+    let url = settings.amqp.url.expose_secret().to_owned();
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ (amqp.url)")?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let (events, consumer) = subscribe(&connection, &settings.amqp.sent_exchange).await?;
+    let (backlog_run, probe_run) = (format!("{run_id}-b"), format!("{run_id}-h"));
+    let mut seen = ProbeEvents {
+        consumer,
+        backlog_prefix: format!("bench-{backlog_run}-"),
+        probe_prefix: format!("bench-{probe_run}-"),
+        backlog_seen: vec![false; options.count],
+        backlog_done: 0,
+        backlog_first: None,
+        backlog_last: None,
+        probe_sent_at: vec![None; probe.probes],
+        probes_done: 0,
+    };
+
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let keys: Vec<usize> = (0..options.count).collect();
+    let unused = Arc::new(std::sync::Mutex::new(vec![None; options.count]));
+    let seconds = publish_all(
+        publisher.clone(),
+        &command_queue,
+        &backlog_run,
+        &keys,
+        options,
+        unused,
+    )
+    .await?;
+    eprintln!(
+        "  backlog: {} commands queued in {command_queue} ({:.0}/s); waiting for the service",
+        options.count,
+        options.count as f64 / seconds
+    );
+    seen.next(START_LIMIT).await?;
+    let warm = Instant::now() + probe.warm_up;
+    while let Ok(read) = tokio::time::timeout_at(warm.into(), seen.next(SILENCE_LIMIT)).await {
+        read?;
+    }
+    let depth = connection.create_channel().await?;
+    let waiting_at_first = waiting(&depth, &command_queue).await?;
+
+    let published_at = Arc::new(std::sync::Mutex::new(vec![None; probe.probes]));
+    let publishing = {
+        let (published_at, interval) = (published_at.clone(), probe.interval);
+        let (run, count) = (probe_run.clone(), probe.probes);
+        tokio::spawn(async move {
+            publish_probes(
+                &publisher,
+                &high_queue,
+                &run,
+                count,
+                interval,
+                &published_at,
+            )
+            .await
+        })
+    };
+    while seen.probes_done < probe.probes {
+        seen.next(SILENCE_LIMIT).await?;
+    }
+    let waiting_at_last = waiting(&depth, &command_queue).await?;
+    publishing.await??;
+    eprintln!(
+        "  probes: {} sent; {} of the backlog waiting; draining the rest",
+        probe.probes, waiting_at_last
+    );
+    while seen.backlog_done < options.count {
+        seen.next(SILENCE_LIMIT).await?;
+    }
+    let _ = events.close(200, "done".into()).await;
+    let _ = connection.close(200, "bench done".into()).await;
+
+    let published_at = published_at.lock().unwrap_or_else(|e| e.into_inner());
+    let mut latencies: Vec<Duration> = published_at
+        .iter()
+        .zip(&seen.probe_sent_at)
+        .filter_map(|(at, sent)| Some(sent.as_ref()?.duration_since(*at.as_ref()?)))
+        .collect();
+    latencies.sort();
+    let backlog_seconds = match (seen.backlog_first, seen.backlog_last) {
+        (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(ProbeReport {
+        backlog: options.count,
+        backlog_waiting_at_first_probe: waiting_at_first,
+        backlog_waiting_at_last_probe: waiting_at_last,
+        probes: probe.probes,
+        probe_interval_ms: u64::try_from(probe.interval.as_millis()).unwrap_or(u64::MAX),
+        latency_ms_p50: percentile_ms(&latencies, 0.50),
+        latency_ms_p99: percentile_ms(&latencies, 0.99),
+        latency_ms_max: percentile_ms(&latencies, 1.0),
+        backlog_throughput_per_s: options.count as f64 / backlog_seconds.max(f64::EPSILON),
+    })
+}
+
+/// Messages ready in `queue`.
+async fn waiting(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .with_context(|| format!("reading the depth of {queue}"))?;
+    Ok(declared.message_count())
+}
+
+/// Publishes `count` `high` commands to `queue`, one every `interval`,
+/// each confirmed; notes when each was published.
+async fn publish_probes(
+    channel: &Channel,
+    queue: &str,
+    run_id: &str,
+    count: usize,
+    interval: Duration,
+    published_at: &std::sync::Mutex<Vec<Option<Instant>>>,
+) -> anyhow::Result<()> {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let mut tick = tokio::time::interval(interval);
+    let mut confirms = tokio::task::JoinSet::new();
+    for j in 0..count {
+        tick.tick().await;
+        let body = format!(
+            r#"{{"idempotencyKey":"bench-{run_id}-{j}","phoneNumber":"+254712345678","text":"Your code is {j}","priority":"high"}}"#
+        );
+        published_at.lock().unwrap_or_else(|e| e.into_inner())[j] = Some(Instant::now());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties.clone(),
+            )
+            .await?;
+        confirms.spawn(confirm);
+    }
+    while let Some(done) = confirms.join_next().await {
+        anyhow::ensure!(done??.is_ack(), "broker refused a probe");
+    }
+    Ok(())
+}
+
+/// A `--high-probe` report as a table.
+pub fn render_probe(r: &ProbeReport) -> String {
+    format!(
+        "{:>8} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10}\n\
+         {:>8} {:>9} {:>9} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10.0}\n",
+        "backlog",
+        "waiting",
+        "waiting",
+        "probes",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "backlog/s",
+        r.backlog,
+        r.backlog_waiting_at_first_probe,
+        r.backlog_waiting_at_last_probe,
+        r.probes,
+        r.latency_ms_p50,
+        r.latency_ms_p99,
+        r.latency_ms_max,
+        r.backlog_throughput_per_s,
+    )
 }
 
 /// The bare relay: consume, publish a small event with confirm, ack.

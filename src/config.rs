@@ -200,6 +200,9 @@ pub struct QuietHoursSettings {
 #[serde(deny_unknown_fields)]
 pub struct ProcessingConfig {
     pub max_in_flight: usize,
+    /// Commands of the high queue processed at once, beside
+    /// `max_in_flight`; also that queue's prefetch.
+    pub high_max_in_flight: usize,
     pub adaptive_sends: bool,
     pub min_sends: usize,
     pub max_redeliveries: u32,
@@ -480,8 +483,10 @@ impl Settings {
                 return bad(&format!("amqp.{key}"), "must be 1 to 255 characters");
             }
         }
-        // Delay tiers are named <command_queue>.retry.<delay>, hold
-        // queues <command_queue>.hold.<wait>.
+        // Delay tiers are named <command_queue>.retry.<delay> and
+        // <command_queue>.retry.high.<delay>, hold queues
+        // <command_queue>.hold.<wait> and <command_queue>.high.hold.<wait>
+        // (a delay or wait of at most 24 h is at most 10 characters).
         if self.amqp.command_queue.len() > 230 {
             return bad(
                 "amqp.command_queue",
@@ -527,6 +532,10 @@ impl Settings {
                 self.processing.max_in_flight as u64,
             ),
             ("processing.min_sends", self.processing.min_sends as u64),
+            (
+                "processing.high_max_in_flight",
+                self.processing.high_max_in_flight as u64,
+            ),
             ("http.max_body_bytes", self.http.max_body_bytes as u64),
         ] {
             if value == 0 {
@@ -590,6 +599,10 @@ impl Settings {
         }
         if self.processing.max_in_flight > 1_000_000 {
             return bad("processing.max_in_flight", "must be at most 1000000");
+        }
+        // It is the high queue's prefetch too, which AMQP counts in 16 bits.
+        if self.processing.high_max_in_flight > usize::from(u16::MAX) {
+            return bad("processing.high_max_in_flight", "must be at most 65535");
         }
         if self.retry.max_delay_ms < self.retry.base_delay_ms {
             return bad("retry.max_delay_ms", "must be at least retry.base_delay_ms");
@@ -787,6 +800,11 @@ impl Settings {
         }
     }
 
+    /// The high queue's prefetch: `processing.high_max_in_flight`.
+    pub fn high_prefetch(&self) -> u16 {
+        u16::try_from(self.processing.high_max_in_flight).unwrap_or(u16::MAX)
+    }
+
     pub fn retry_tiers(&self) -> Vec<Duration> {
         self.retry
             .tiers_ms
@@ -807,6 +825,7 @@ impl Settings {
     pub fn processing_settings(&self) -> crate::processing::ProcessingSettings {
         crate::processing::ProcessingSettings {
             max_in_flight: self.processing.max_in_flight,
+            high_max_in_flight: self.processing.high_max_in_flight,
             shutdown_grace: Duration::from_millis(self.processing.shutdown_grace_ms),
             resubscribe_delay: Duration::from_millis(self.amqp.reconnect_delay_ms),
         }
@@ -1030,6 +1049,16 @@ mod tests {
                 "0",
                 "processing.max_in_flight",
             ),
+            (
+                "SMS__PROCESSING__HIGH_MAX_IN_FLIGHT",
+                "0",
+                "processing.high_max_in_flight",
+            ),
+            (
+                "SMS__PROCESSING__HIGH_MAX_IN_FLIGHT",
+                "65536",
+                "processing.high_max_in_flight",
+            ),
             ("SMS__REDIS__LEASE_MS", "1000", "redis.lease_ms"),
             ("SMS__PROVIDER__KIND", "carrier-pigeon", "provider.kind"),
             (
@@ -1093,6 +1122,7 @@ mod tests {
             ("retry.requeue_delay_ms", &u64_max),
             ("processing.max_in_flight", &usize_max),
             ("processing.min_sends", &usize_max),
+            ("processing.high_max_in_flight", &usize_max),
             ("processing.max_redeliveries", &u32_max),
             ("processing.shutdown_grace_ms", &u64_max),
             ("http.max_body_bytes", &usize_max),
@@ -1100,7 +1130,7 @@ mod tests {
         ];
         let use_all = |s: &Settings| {
             let _ = (s.retry_policy(), s.retry_tiers(), s.processing_settings());
-            let _ = s.send_limit();
+            let _ = (s.send_limit(), s.high_prefetch());
         };
         for (key, value) in keys {
             let var = format!("SMS__{}", key.replace('.', "__").to_uppercase());

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::domain::{CommandError, DeliveryStatus, IdempotencyKey, SendSms, MAX_KEY_LEN};
-use crate::ports::{Admission, CacheService, EventMeta, MessageStatus, QueueClient};
+use crate::ports::{Admission, CacheService, EventMeta, Lane, MessageStatus, QueueClient};
 use crate::processing::Consuming;
 
 /// The longest `x-correlation-id` or `traceparent` a door passes on (a
@@ -123,7 +123,9 @@ pub fn request_span(
 
 impl FrontDoor {
     /// Validates a SendSms body with the rules of the queue (section 2),
-    /// admits its key, and publishes the body unchanged with confirm.
+    /// admits its key, and publishes the body unchanged with confirm, to
+    /// the high queue when its `priority` is `high`, else to the command
+    /// queue.
     /// Admission first: the key's status answers at once, and a key reused
     /// with another payload is refused before anything is queued. A new
     /// admission whose publish fails is withdrawn, so the key is unknown
@@ -150,7 +152,8 @@ impl FrontDoor {
             let known = self.cache.status(key.as_str()).await.ok().flatten();
             return Err(Refusal::KeyReused { key, known });
         }
-        match self.queue.publish_command(body, meta).await {
+        let lane = Lane::of(command.priority);
+        match self.queue.publish_command(body, meta, lane).await {
             Ok(()) => Ok(key),
             Err(e) => {
                 if admission == Admission::New {

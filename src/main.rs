@@ -71,9 +71,20 @@ enum Command {
     },
     /// Load-test a running service (and, with --baseline, a bare relay first).
     Bench {
-        /// Commands to publish.
-        #[arg(long, short = 'n', default_value_t = 20_000)]
+        /// Commands to publish (with --high-probe: the backlog).
+        #[arg(long, short = 'n', visible_alias = "backlog", default_value_t = 20_000)]
         count: usize,
+        /// The commands carry "priority": "bulk".
+        #[arg(long)]
+        bulk: bool,
+        /// Measure priority instead: queue the commands as a backlog in the
+        /// command queue, then publish this many "high" commands to the
+        /// high queue and report their latency to SmsSent.
+        #[arg(long, value_name = "N", conflicts_with_all = ["baseline", "duplicates", "rate"])]
+        high_probe: Option<usize>,
+        /// With --high-probe: milliseconds between two high commands.
+        #[arg(long, default_value_t = 50, requires = "high_probe")]
+        probe_interval_ms: u64,
         /// Share of commands (0 to 1) that repeat an earlier key.
         #[arg(long, default_value_t = 0.0)]
         duplicates: f64,
@@ -262,6 +273,9 @@ fn main() -> ExitCode {
             }
             Command::Bench {
                 count,
+                bulk,
+                high_probe,
+                probe_interval_ms,
                 duplicates,
                 rate,
                 baseline,
@@ -276,8 +290,14 @@ fn main() -> ExitCode {
                     baseline,
                     window,
                     allow_remote_provider: i_mean_it,
+                    bulk,
                 };
-                bench(settings, options, json).await
+                let probe = high_probe.map(|probes| sms_service::bench::HighProbe {
+                    probes,
+                    interval: Duration::from_millis(probe_interval_ms),
+                    warm_up: Duration::from_secs(1),
+                });
+                bench(settings, options, probe, json).await
             }
             Command::DeadLetters { action } => dead_letters(settings, action).await,
             Command::Forget { key } => forget(settings, key).await,
@@ -381,6 +401,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 async fn bench(
     settings: Settings,
     options: sms_service::bench::BenchOptions,
+    probe: Option<sms_service::bench::HighProbe>,
     json: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(options.count > 0, "--count must be at least 1");
@@ -388,6 +409,15 @@ async fn bench(
         (0.0..1.0).contains(&options.duplicates),
         "--duplicates must be in [0, 1)"
     );
+    if let Some(probe) = probe {
+        let report = sms_service::bench::probe_high(&settings, &options, &probe).await?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", sms_service::bench::render_probe(&report));
+        }
+        return Ok(());
+    }
     let report = sms_service::bench::run(&settings, &options).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);

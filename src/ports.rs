@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::domain::{
-    DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, RateWindow, SendSms, SmsFailed,
-    SmsSent,
+    DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, Priority, RateWindow, SendSms,
+    SmsFailed, SmsSent,
 };
 
 /// Context carried from a command onto its events and into the logs.
@@ -36,6 +36,47 @@ pub enum QueueError {
     NotConfirmed(String),
     #[error("message returned unroutable by {0}: no queue is bound to it")]
     Unroutable(String),
+}
+
+/// Which of the two command queues: the command queue (`sms.send`), or the
+/// high queue beside it (`sms.send.high`) that `priority: high` commands
+/// go to. Each is consumed with capacity of its own, so a high command
+/// never waits behind the command queue's backlog. The lane decides
+/// capacity only: what a command's `priority` field means otherwise, the
+/// field decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Normal,
+    High,
+}
+
+impl Lane {
+    pub const ALL: [Self; 2] = [Self::Normal, Self::High];
+
+    /// The lane a command of `priority` is published to: `high` to the
+    /// high queue, `normal` and `bulk` to the command queue.
+    pub fn of(priority: Priority) -> Self {
+        match priority {
+            Priority::High => Self::High,
+            Priority::Normal | Priority::Bulk => Self::Normal,
+        }
+    }
+
+    /// `normal` or `high`, as logs and metrics say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
+    }
+
+    /// A position per lane, for per-lane state kept in arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Normal => 0,
+            Self::High => 1,
+        }
+    }
 }
 
 /// Retry bookkeeping a command carries through delay tiers, in headers of
@@ -75,7 +116,7 @@ pub trait DeliveryHandle: Send + Sync {
     /// reason, to the dead-letter queue (with confirm), then acknowledges.
     async fn dead_letter(&mut self, body: &[u8], reason: &str) -> Result<(), QueueError>;
     /// Publishes the body unchanged, with its headers and `retry`, to a
-    /// delay tier that returns it to the command queue after about `delay`
+    /// delay tier that returns it to the queue it came from after about `delay`
     /// (with confirm), then acknowledges.
     async fn delay(
         &mut self,
@@ -93,7 +134,7 @@ pub trait DeliveryHandle: Send + Sync {
     async fn hold(&mut self, body: &[u8], until: SystemTime) -> Result<(), QueueError>;
 }
 
-/// A subscription to the command queue.
+/// A subscription to one of the command queues.
 #[async_trait]
 pub trait DeliveryStream: Send {
     /// The next delivery; `None` when the broker ended the subscription.
@@ -106,14 +147,19 @@ pub trait DeliveryStream: Send {
     async fn close(&mut self);
 }
 
-/// The command queue.
+/// The command queues: the command queue and the high queue.
 #[async_trait]
 pub trait QueueClient: Send + Sync {
-    /// Subscribes to the command queue, (re)connecting and declaring the
+    /// Subscribes to `lane`'s queue, (re)connecting and declaring the
     /// topology first if needed.
-    async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError>;
-    /// Publishes one command body to the command queue, with confirm.
-    async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError>;
+    async fn consume(&self, lane: Lane) -> Result<Box<dyn DeliveryStream>, QueueError>;
+    /// Publishes one command body to `lane`'s queue, with confirm.
+    async fn publish_command(
+        &self,
+        body: &[u8],
+        meta: &EventMeta,
+        lane: Lane,
+    ) -> Result<(), QueueError>;
     /// Whether the broker connection is up.
     fn is_connected(&self) -> bool;
     /// Closes the connection; unsettled deliveries go back to the queue.
@@ -677,6 +723,9 @@ pub struct Inbound<'a> {
     pub redelivered: bool,
     pub meta: &'a EventMeta,
     pub retry: &'a RetryState,
+    /// The queue it came from: a command of the high queue has send slots
+    /// of its own (it never waits behind the command queue's sends).
+    pub lane: Lane,
     /// Fired when the command should be handed back (shutdown's grace is
     /// over). Heeded only where stopping is safe: never between a provider
     /// call and the recording and publishing of its answer.

@@ -3,18 +3,23 @@
 //! [`Outcome`]. It is the only place that acks, requeues, delays or
 //! dead-letters.
 //!
-//! It takes a new delivery only when a slot is free (`max_in_flight`) and
-//! the provider's circuit breaker admits it. When the step reports the
-//! idempotency store unreachable, the loop cancels its subscription, hands
-//! back what was prefetched, and polls the store until it answers: it never
-//! sends without its idempotency check, and other instances take the work
+//! It reads two queues, each a [`Lane`] of its own: the command queue and
+//! the high queue. Each lane has its own subscription and its own slots
+//! (`max_in_flight`, `high_max_in_flight`), so a backlog in the command
+//! queue never keeps a high command waiting for a slot. Each lane takes a
+//! new delivery only when one of its slots is free and a provider's
+//! circuit breaker admits it. When the step reports the idempotency store
+//! unreachable, every lane cancels its subscription, hands back what was
+//! prefetched, and polls the store until it answers: it never sends
+//! without its idempotency check, and other instances take the work
 //! meanwhile.
 //!
-//! Shutdown is explicit and small: when `shutdown` fires the loop stops
-//! taking deliveries and cancels its subscription, waits up to the grace
-//! period for in-flight commands to finish, then tells the stragglers to
-//! hand their delivery back (requeue) and waits for that, and closes the
-//! connection (which returns anything prefetched and never started).
+//! Shutdown is explicit and small: when `shutdown` fires both lanes stop
+//! taking deliveries and cancel their subscriptions; the loop waits up to
+//! the grace period for in-flight commands of either to finish, then tells
+//! the stragglers to hand their delivery back (requeue) and waits for
+//! that, and closes the connection (which returns anything prefetched and
+//! never started).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,35 +30,56 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::breaker::CircuitBreaker;
 use crate::ports::{
-    DeliveryStream, EventMeta, Inbound, InboundMessage, NotificationService, Outcome, QueueClient,
-    RetryState,
+    DeliveryStream, EventMeta, Inbound, InboundMessage, Lane, NotificationService, Outcome,
+    QueueClient, RetryState,
 };
 
 /// Limits of the loop.
 #[derive(Debug, Clone)]
 pub struct ProcessingSettings {
-    /// Commands processed at once; also bounds memory.
+    /// Commands of the command queue processed at once; also bounds memory.
     pub max_in_flight: usize,
+    /// Commands of the high queue processed at once, beside those.
+    pub high_max_in_flight: usize,
     /// How long in-flight commands may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
     /// Wait between attempts to subscribe when the broker or store is away.
     pub resubscribe_delay: Duration,
 }
 
-/// Whether the loop is subscribed and consuming, for `/readyz`.
+/// Whether the loop is subscribed to each queue and consuming, for
+/// `/readyz`.
 #[derive(Debug, Default)]
-pub struct Consuming(AtomicBool);
+pub struct Consuming([AtomicBool; 2]);
 
 impl Consuming {
+    /// Consuming both the command queue and the high queue.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.iter().all(|lane| lane.load(Ordering::Relaxed))
     }
-    fn set(&self, value: bool) {
-        self.0.store(value, Ordering::Relaxed);
+    fn set(&self, lane: Lane, value: bool) {
+        self.0[lane.index()].store(value, Ordering::Relaxed);
+    }
+}
+
+/// Tells every lane that the store is away. A lane busy elsewhere finds
+/// the signal kept for it at its next wait.
+#[derive(Default)]
+struct Pause([Notify; 2]);
+
+impl Pause {
+    fn signal(&self) {
+        for lane in &self.0 {
+            lane.notify_one();
+        }
+    }
+
+    fn of(&self, lane: Lane) -> &Notify {
+        &self.0[lane.index()]
     }
 }
 
@@ -87,7 +113,7 @@ struct Settler {
     /// Fired when the grace period is over: in-flight work requeues.
     hand_back: CancellationToken,
     /// Signalled when the store is found away.
-    pause: Arc<Notify>,
+    pause: Arc<Pause>,
     /// Wait before requeueing a delivery that could not be settled.
     retry_wait: Duration,
     /// Per-delivery metrics, registered once.
@@ -118,108 +144,21 @@ impl QueueProcessingService {
 
     /// Consumes until `shutdown` fires, then drains as described above.
     pub async fn run(self, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
         let tasks = TaskTracker::new();
         let settler = Settler {
             notifier: self.notifier.clone(),
             shutdown: shutdown.clone(),
             hand_back: CancellationToken::new(),
-            pause: Arc::new(Notify::new()),
+            pause: Arc::new(Pause::default()),
             retry_wait: self.settings.resubscribe_delay,
             in_flight: metrics::gauge!("sms_in_flight"),
             processing_seconds: metrics::histogram!("sms_processing_duration_seconds"),
         };
-        // Subscriptions no longer read, closed at the end so that their
-        // in-flight deliveries can still be settled on their channel.
-        let mut retired: Vec<Box<dyn DeliveryStream>> = Vec::new();
-
-        while !shutdown.is_cancelled() {
-            if tasks.is_empty() {
-                // Nothing left to settle on old subscriptions' channels.
-                for mut stream in retired.drain(..) {
-                    stream.close().await;
-                }
-            }
-            let Some(mut current) = self.subscribe(&shutdown).await else {
-                break;
-            };
-            self.consuming.set(true);
-            let stop = loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Stop::Shutdown,
-                    _ = admit_any(&self.breakers) => {}
-                }
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break Stop::Shutdown,
-                    _ = settler.pause.notified() => break Stop::Pause,
-                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-                };
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => break Stop::Shutdown,
-                    _ = settler.pause.notified() => break Stop::Pause,
-                    n = current.next() => n,
-                };
-                match next {
-                    Some(Ok(mut message)) if self.notifier.holding() => {
-                        // An outcome waits for the store: write it before
-                        // anything else (a duplicate of its key would find
-                        // the key reopened).
-                        if let Err(e) = message.handle.requeue().await {
-                            warn!(error = %e, "could not requeue; the broker will");
-                        }
-                        break Stop::Pause;
-                    }
-                    Some(Ok(message)) => {
-                        let settler = settler.clone();
-                        tasks.spawn(async move {
-                            settle(message, &settler).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "consumer failed; subscribing again");
-                        break Stop::Ended;
-                    }
-                    None => {
-                        warn!("broker ended the subscription; subscribing again");
-                        break Stop::Ended;
-                    }
-                }
-            };
-            self.consuming.set(false);
-            match stop {
-                Stop::Shutdown => {
-                    current.cancel().await;
-                    retired.push(current);
-                }
-                Stop::Ended => {
-                    // Kept, not dropped: dropping it would close its channel
-                    // under the acks its in-flight commands still owe.
-                    retired.push(current);
-                    self.wait(&shutdown, self.settings.resubscribe_delay).await;
-                }
-                Stop::Pause => {
-                    warn!("idempotency store unavailable: pausing consumption");
-                    current.cancel().await;
-                    hand_back_prefetched(current.as_mut()).await;
-                    retired.push(current);
-                    // Always wait at least once, so a store that answers
-                    // probes but fails work cannot make this loop spin.
-                    loop {
-                        self.wait(&shutdown, self.settings.resubscribe_delay).await;
-                        if shutdown.is_cancelled() {
-                            break;
-                        }
-                        if self.notifier.ready().await {
-                            info!("idempotency store answers again: resuming");
-                            break;
-                        }
-                    }
-                    // Drop a pause signal that in-flight commands sent meanwhile.
-                    let _ = settler.pause.notified().now_or_never();
-                }
-            }
-        }
+        let (mut retired, high) = tokio::join!(
+            self.consume(Lane::Normal, &tasks, &settler, &shutdown),
+            self.consume(Lane::High, &tasks, &settler, &shutdown),
+        );
+        retired.extend(high);
 
         info!(
             in_flight = tasks.len(),
@@ -266,6 +205,124 @@ impl QueueProcessingService {
         info!("processing stopped");
     }
 
+    /// Consumes `lane`'s queue, with its own slots, until `shutdown`
+    /// fires. Returns its subscriptions, to be closed once what they
+    /// delivered is settled (their in-flight deliveries are settled on
+    /// their channels).
+    async fn consume(
+        &self,
+        lane: Lane,
+        tasks: &TaskTracker,
+        settler: &Settler,
+        shutdown: &CancellationToken,
+    ) -> Vec<Box<dyn DeliveryStream>> {
+        let slots = match lane {
+            Lane::Normal => self.settings.max_in_flight,
+            Lane::High => self.settings.high_max_in_flight,
+        };
+        let permits = Arc::new(Semaphore::new(slots));
+        let pause = settler.pause.of(lane);
+        let mut retired: Vec<Box<dyn DeliveryStream>> = Vec::new();
+        while !shutdown.is_cancelled() {
+            if tasks.is_empty() {
+                // Nothing left to settle on old subscriptions' channels.
+                for mut stream in retired.drain(..) {
+                    stream.close().await;
+                }
+            }
+            let Some(mut current) = self.subscribe(lane, shutdown).await else {
+                break;
+            };
+            self.consuming.set(lane, true);
+            let stop = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = admit_any(&self.breakers) => {}
+                }
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = pause.notified() => break Stop::Pause,
+                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break Stop::Shutdown,
+                    _ = pause.notified() => break Stop::Pause,
+                    n = current.next() => n,
+                };
+                match next {
+                    Some(Ok(mut message)) if self.notifier.holding() => {
+                        // An outcome waits for the store: write it before
+                        // anything else (a duplicate of its key would find
+                        // the key reopened). The other lane stops too.
+                        if let Err(e) = message.handle.requeue().await {
+                            warn!(error = %e, "could not requeue; the broker will");
+                        }
+                        settler.pause.signal();
+                        break Stop::Pause;
+                    }
+                    Some(Ok(message)) => {
+                        let settler = settler.clone();
+                        tasks.spawn(async move {
+                            settle(message, lane, &settler).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        warn!(lane = lane.as_str(), error = %e, "consumer failed; subscribing again");
+                        break Stop::Ended;
+                    }
+                    None => {
+                        warn!(
+                            lane = lane.as_str(),
+                            "broker ended the subscription; subscribing again"
+                        );
+                        break Stop::Ended;
+                    }
+                }
+            };
+            self.consuming.set(lane, false);
+            match stop {
+                Stop::Shutdown => {
+                    current.cancel().await;
+                    retired.push(current);
+                }
+                Stop::Ended => {
+                    // Kept, not dropped: dropping it would close its channel
+                    // under the acks its in-flight commands still owe.
+                    retired.push(current);
+                    self.wait(shutdown, self.settings.resubscribe_delay).await;
+                }
+                Stop::Pause => {
+                    warn!(
+                        lane = lane.as_str(),
+                        "idempotency store unavailable: pausing consumption"
+                    );
+                    current.cancel().await;
+                    hand_back_prefetched(current.as_mut()).await;
+                    retired.push(current);
+                    // Always wait at least once, so a store that answers
+                    // probes but fails work cannot make this loop spin.
+                    loop {
+                        self.wait(shutdown, self.settings.resubscribe_delay).await;
+                        if shutdown.is_cancelled() {
+                            break;
+                        }
+                        if self.notifier.ready().await {
+                            info!(
+                                lane = lane.as_str(),
+                                "idempotency store answers again: resuming"
+                            );
+                            break;
+                        }
+                    }
+                    // Drop a pause signal that in-flight commands sent meanwhile.
+                    let _ = pause.notified().now_or_never();
+                }
+            }
+        }
+        retired
+    }
+
     async fn wait(&self, shutdown: &CancellationToken, delay: Duration) {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -273,18 +330,27 @@ impl QueueProcessingService {
         }
     }
 
-    async fn subscribe(&self, shutdown: &CancellationToken) -> Option<Box<dyn DeliveryStream>> {
+    async fn subscribe(
+        &self,
+        lane: Lane,
+        shutdown: &CancellationToken,
+    ) -> Option<Box<dyn DeliveryStream>> {
         loop {
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                s = self.queue.consume() => s,
+                s = self.queue.consume(lane) => s,
             };
             match attempt {
                 Ok(stream) => {
-                    info!("consuming commands");
+                    info!(lane = lane.as_str(), "consuming commands");
                     return Some(stream);
                 }
-                Err(e) => warn!(error = %e, "cannot subscribe yet"),
+                // The command queue's lane says the broker is away, once
+                // per retry; the high queue's adds only what is its own.
+                Err(e) if lane == Lane::High && !self.queue.is_connected() => {
+                    debug!(lane = lane.as_str(), error = %e, "cannot subscribe yet");
+                }
+                Err(e) => warn!(lane = lane.as_str(), error = %e, "cannot subscribe yet"),
             }
             self.wait(shutdown, self.settings.resubscribe_delay).await;
         }
@@ -341,12 +407,12 @@ pub fn consume_span(meta: &EventMeta, redelivered: bool, retry: &RetryState) -> 
 
 /// Runs one command to its outcome and settles its delivery, in its
 /// [`consume_span`].
-async fn settle(message: InboundMessage, s: &Settler) {
+async fn settle(message: InboundMessage, lane: Lane, s: &Settler) {
     let span = consume_span(&message.meta, message.redelivered, &message.retry);
-    settle_in_span(message, s).instrument(span).await;
+    settle_in_span(message, lane, s).instrument(span).await;
 }
 
-async fn settle_in_span(mut message: InboundMessage, s: &Settler) {
+async fn settle_in_span(mut message: InboundMessage, lane: Lane, s: &Settler) {
     let started = Instant::now();
     s.in_flight.increment(1.0);
     let inbound = Inbound {
@@ -354,6 +420,7 @@ async fn settle_in_span(mut message: InboundMessage, s: &Settler) {
         redelivered: message.redelivered,
         meta: &message.meta,
         retry: &message.retry,
+        lane,
         stop: &s.hand_back,
     };
     // Not cancelled from outside: the step stops only where it is safe
@@ -405,7 +472,7 @@ async fn settle_in_span(mut message: InboundMessage, s: &Settler) {
             result
         }
         Outcome::StoreUnavailable => {
-            s.pause.notify_one();
+            s.pause.signal();
             handle.requeue().await
         }
         Outcome::HandBack => {
@@ -476,7 +543,14 @@ mod tests {
         grace: Duration,
         guard: ProviderGuard,
     ) -> (Arc<MemoryQueue>, QueueProcessingService) {
-        let queue = MemoryQueue::new();
+        service_of(notifier(cache, provider, guard), max_in_flight, grace)
+    }
+
+    fn notifier(
+        cache: Arc<MemoryCache>,
+        provider: Arc<ScriptedProvider>,
+        guard: ProviderGuard,
+    ) -> Notifier {
         let policy = RetryPolicy {
             max_attempts: 3,
             max_age: Duration::from_secs(3600),
@@ -486,7 +560,7 @@ mod tests {
             tiers: vec![Duration::from_secs(1)],
             requeue_delay: Duration::from_millis(50),
         };
-        let notifier = Notifier::new(
+        Notifier::new(
             cache,
             Providers::single(provider, guard),
             Arc::new(MemoryEvents::default()),
@@ -500,10 +574,20 @@ mod tests {
                 limits: Default::default(),
                 quiet_hours: None,
             },
-        );
+        )
+    }
+
+    /// The loop over `notifier`, with two slots for the high queue.
+    fn service_of(
+        notifier: Notifier,
+        max_in_flight: usize,
+        grace: Duration,
+    ) -> (Arc<MemoryQueue>, QueueProcessingService) {
+        let queue = MemoryQueue::new();
         let breaker = Arc::new(CircuitBreaker::new(0, Duration::from_secs(1)));
         let settings = ProcessingSettings {
             max_in_flight,
+            high_max_in_flight: 2,
             shutdown_grace: grace,
             resubscribe_delay: Duration::from_millis(10),
         };
@@ -602,6 +686,7 @@ mod tests {
         });
         let settings = ProcessingSettings {
             max_in_flight: 8,
+            high_max_in_flight: 2,
             shutdown_grace: Duration::from_secs(1),
             resubscribe_delay: Duration::from_millis(10),
         };
@@ -710,5 +795,99 @@ mod tests {
             [Settled::Acked, Settled::Requeued, Settled::Requeued]
         );
         assert_eq!(provider.calls(), 1, "a started send is never cut off");
+    }
+
+    fn high(key: &str) -> Vec<u8> {
+        format!(
+            r#"{{"idempotencyKey":"{key}","phoneNumber":"+254712345678","text":"hi","priority":"high"}}"#
+        )
+        .into_bytes()
+    }
+
+    /// Whether `body` was settled (acked, requeued, ...) yet.
+    fn was_settled(queue: &MemoryQueue, body: &[u8]) -> bool {
+        queue.settled_bodies().iter().any(|b| b == body)
+    }
+
+    /// Pushes `bulk` commands, then a high one, to `svc` over a provider
+    /// that answers in 10 s: the high one is called at once, beside the
+    /// first of the command queue's, and is done with it.
+    async fn a_high_command_goes_past(
+        queue: Arc<MemoryQueue>,
+        svc: QueueProcessingService,
+        provider: Arc<ScriptedProvider>,
+        bulk: usize,
+    ) {
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        for i in 0..bulk {
+            queue.push(&body(&format!("bulk-{i}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        queue.push_to(Lane::High, &high("otp-1"), false);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            provider.calls(),
+            2,
+            "one of the command queue's, and the high one"
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(was_settled(&queue, &high("otp-1")));
+        assert_eq!(queue.settled(), [Settled::Acked, Settled::Acked]);
+        shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_high_command_is_taken_while_every_slot_of_the_command_queue_is_busy() {
+        let provider = ScriptedProvider::slow(Duration::from_secs(10));
+        let (queue, svc) = service(provider.clone(), 1, Duration::from_secs(30));
+        a_high_command_goes_past(queue, svc, provider, 3).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_high_command_does_not_wait_for_a_send_slot_of_the_command_queue() {
+        // Eight slots, one send at a time: the others wait for the send
+        // slot, and the high command must not wait behind them.
+        let provider = ScriptedProvider::slow(Duration::from_secs(10));
+        let cache = MemoryCache::new(Duration::from_secs(60));
+        let notifier = notifier(cache, provider.clone(), ProviderGuard::unlimited())
+            .with_send_limit(crate::concurrency::AdaptiveLimit::new(1, 1, false));
+        let (queue, svc) = service_of(notifier, 8, Duration::from_secs(60));
+        a_high_command_goes_past(queue, svc, provider, 4).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_outage_found_in_one_queue_pauses_the_other_too() {
+        let cache = MemoryCache::new(Duration::from_secs(60));
+        let (queue, svc) = service_over(
+            cache.clone(),
+            ScriptedProvider::new(Vec::new()),
+            8,
+            Duration::from_secs(1),
+            ProviderGuard::unlimited(),
+        );
+        let consuming = svc.consuming();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(consuming.get(), "both queues consumed");
+        cache.down.store(true, Ordering::SeqCst);
+        queue.push(&body("k1"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(queue.settled(), [Settled::Requeued]);
+        assert!(!consuming.get());
+        // The high queue's subscription is paused as well: what arrives
+        // there now is not taken (to be requeued again and again) while
+        // the store is away.
+        queue.push_to(Lane::High, &high("otp-1"), false);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !was_settled(&queue, &high("otp-1")),
+            "{:?}",
+            queue.settled()
+        );
+        shutdown.cancel();
+        run.await.unwrap();
     }
 }

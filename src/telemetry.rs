@@ -219,9 +219,10 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_trace_spans_dropped_total", Counter, "Finished spans dropped unexported because telemetry.max_queued_spans were already waiting for the trace collector."),
         ("sms_trace_export_failures_total", Counter, "Span batches the trace collector refused or did not answer for; their spans are lost."),
         ("sms_command_queue_messages", Gauge, "Messages ready in the command queue, read every 5 s while connected."),
+        ("sms_high_queue_messages", Gauge, "Messages ready in the high queue (priority high), read every 5 s while connected."),
         ("sms_dead_letter_queue_messages", Gauge, "Messages ready in the dead-letter queue, read every 5 s while connected."),
         ("sms_held_messages", Gauge, "Commands parked in the hold queues until they are due (sendAt), read every 5 s while connected."),
-        ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),
+        ("sms_ready", Gauge, "1 while the service is ready (connected to RabbitMQ and consuming both command queues, Redis answering), else 0; checked at each /readyz and each scrape of /metrics."),
     ]
 };
 

@@ -12,7 +12,7 @@ use crate::concurrency::Slot;
 use crate::domain::{
     count_segments, rfc3339, CommandError, FailureReason, IdempotencyKey, SendSms, SmsFailed,
 };
-use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Outcome, RetryState};
+use crate::ports::{Claim, FailedRecord, Inbound, InvalidVerdict, Lane, Outcome, RetryState};
 
 /// A returning command that finds a live holder comes back this long
 /// after the holder is due to be free.
@@ -85,13 +85,17 @@ impl Notifier {
     /// Waits for a send slot and then the rate limit, before the claim, so
     /// that a long wait never eats into the lease; in that order, so that
     /// no command sits on a rate-limit token while it waits for a slot (the
-    /// tokens would pile up into a burst). `None` when told to stop.
+    /// tokens would pile up into a burst). A command of the high queue
+    /// takes no send slot: the high queue's own `high_max_in_flight`
+    /// bounds it, and it never queues behind the command queue's sends.
+    /// `None` when told to stop.
     async fn wait_for_turn(
         &self,
         message: &Inbound<'_>,
         provider: usize,
     ) -> Option<Option<Slot<'_>>> {
-        let slot = match &self.sends {
+        let sends = self.sends.as_ref().filter(|_| message.lane == Lane::Normal);
+        let slot = match sends {
             Some(sends) => tokio::select! {
                 slot = sends.acquire() => Some(slot),
                 _ = message.stop.cancelled() => return None,
@@ -99,7 +103,7 @@ impl Notifier {
             None => None,
         };
         tokio::select! {
-            _ = self.providers.get(provider).guard.rate_limit() => {}
+            _ = self.providers.get(provider).guard.rate_limit(message.lane) => {}
             _ = message.stop.cancelled() => return None,
         }
         (!message.stop.is_cancelled()).then_some(slot)

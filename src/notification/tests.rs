@@ -7,7 +7,7 @@ use super::*;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::concurrency::AdaptiveLimit;
 use crate::domain::IdempotencyKey;
-use crate::ports::{Accepted, Claim, EventMeta, ProviderError, RetryState, SmsService};
+use crate::ports::{Accepted, Claim, EventMeta, Lane, ProviderError, RetryState, SmsService};
 use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -107,6 +107,7 @@ async fn handle_on(
         redelivered,
         meta: &meta,
         retry,
+        lane: Lane::Normal,
         stop: &stop,
     };
     notifier.handle(inbound).await
@@ -135,6 +136,7 @@ impl Harness {
             redelivered,
             meta: &meta,
             retry,
+            lane: Lane::Normal,
             stop: &stop,
         };
         // In the span the processing loop runs it in.

@@ -882,33 +882,42 @@ pub enum Settled {
 
 type Log = Arc<Mutex<Vec<(Vec<u8>, Settled)>>>;
 
-/// A command queue in memory: push bodies, read how each was settled.
+/// The command queues in memory, one per lane: push bodies, read how each
+/// was settled.
 #[derive(Default)]
 pub struct MemoryQueue {
-    pending: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<InboundMessage>>>,
-    sender: Mutex<Option<tokio::sync::mpsc::UnboundedSender<InboundMessage>>>,
+    pending: Mutex<[Option<tokio::sync::mpsc::UnboundedReceiver<InboundMessage>>; 2]>,
+    senders: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<InboundMessage>>>,
     pub log: Log,
     pub closed: AtomicBool,
 }
 
 impl MemoryQueue {
     pub fn new() -> Arc<Self> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (normal, normal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (high, high_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
-            pending: Mutex::new(Some(rx)),
-            sender: Mutex::new(Some(tx)),
+            pending: Mutex::new([Some(normal_rx), Some(high_rx)]),
+            senders: Mutex::new(vec![normal, high]),
             ..Self::default()
         })
     }
 
+    /// Pushes a delivery to the command queue.
     pub fn push(&self, body: &[u8]) {
         self.push_as(body, false);
     }
 
-    /// Pushes a delivery, marked as a broker redelivery or not.
+    /// Pushes a delivery to the command queue, marked as a broker
+    /// redelivery or not.
     pub fn push_as(&self, body: &[u8], redelivered: bool) {
-        let sender = self.sender.lock().unwrap();
-        let sender = sender.as_ref().unwrap();
+        self.push_to(Lane::Normal, body, redelivered);
+    }
+
+    /// Pushes a delivery to `lane`'s queue.
+    pub fn push_to(&self, lane: Lane, body: &[u8], redelivered: bool) {
+        let senders = self.senders.lock().unwrap();
+        let sender = &senders[lane.index()];
         sender
             .send(delivery(body, redelivered, &self.log, sender))
             .unwrap();
@@ -920,6 +929,16 @@ impl MemoryQueue {
             .unwrap()
             .iter()
             .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// The bodies settled so far, in the order they were settled.
+    pub fn settled_bodies(&self) -> Vec<Vec<u8>> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, _)| b.clone())
             .collect()
     }
 }
@@ -1013,14 +1032,19 @@ impl DeliveryStream for MemoryStream {
 
 #[async_trait]
 impl QueueClient for MemoryQueue {
-    async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError> {
-        match self.pending.lock().unwrap().take() {
+    async fn consume(&self, lane: Lane) -> Result<Box<dyn DeliveryStream>, QueueError> {
+        match self.pending.lock().unwrap()[lane.index()].take() {
             Some(rx) => Ok(Box::new(MemoryStream(rx))),
             None => Err(QueueError::Unavailable("already consumed".into())),
         }
     }
-    async fn publish_command(&self, body: &[u8], _meta: &EventMeta) -> Result<(), QueueError> {
-        self.push(body);
+    async fn publish_command(
+        &self,
+        body: &[u8],
+        _meta: &EventMeta,
+        lane: Lane,
+    ) -> Result<(), QueueError> {
+        self.push_to(lane, body, false);
         Ok(())
     }
     fn is_connected(&self) -> bool {

@@ -12,7 +12,7 @@ use lapin::BasicProperties;
 use serde_json::json;
 use sms_service::adapters::rabbitmq::RabbitMq;
 use sms_service::ports::{
-    DeliveryStream, EventMeta, InboundMessage, QueueClient, QueueError, RetryState,
+    DeliveryStream, EventMeta, InboundMessage, Lane, QueueClient, QueueError, RetryState,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -117,7 +117,7 @@ async fn a_broker_that_never_answers_is_given_up_on_after_the_connect_timeout_an
         &[("SMS__AMQP__CONNECT_TIMEOUT_MS", "500")],
     );
     let started = Instant::now();
-    let subscribed = tokio::time::timeout(Duration::from_secs(5), rabbit.consume())
+    let subscribed = tokio::time::timeout(Duration::from_secs(5), rabbit.consume(Lane::Normal))
         .await
         .expect("consume() gives up instead of hanging");
     assert!(
@@ -127,7 +127,7 @@ async fn a_broker_that_never_answers_is_given_up_on_after_the_connect_timeout_an
     assert!(started.elapsed() < Duration::from_secs(2));
     let published = tokio::time::timeout(
         Duration::from_secs(5),
-        rabbit.publish_command(b"{}", &EventMeta::default()),
+        rabbit.publish_command(b"{}", &EventMeta::default(), Lane::Normal),
     )
     .await
     .expect("publish gives up instead of hanging");
@@ -156,7 +156,7 @@ async fn a_publish_waits_for_a_hung_reconnect_no_longer_than_its_confirm_timeout
     // The subscription's reconnect hangs on the silent broker...
     let subscribing = tokio::spawn({
         let rabbit = rabbit.clone();
-        async move { rabbit.consume().await.is_ok() }
+        async move { rabbit.consume(Lane::Normal).await.is_ok() }
     });
     eventually("a connection attempt", Duration::from_secs(3), || {
         silent.accepted() == 1
@@ -167,7 +167,7 @@ async fn a_publish_waits_for_a_hung_reconnect_no_longer_than_its_confirm_timeout
         let started = Instant::now();
         let published = tokio::time::timeout(
             Duration::from_secs(5),
-            rabbit.publish_command(b"{}", &EventMeta::default()),
+            rabbit.publish_command(b"{}", &EventMeta::default(), Lane::Normal),
         )
         .await
         .expect("publish returns while the reconnect hangs");
@@ -190,7 +190,7 @@ async fn deliveries_buffered_on_a_channel_that_died_are_dropped_not_processed() 
     let rabbit = adapter(&names, &url, &[]);
     rabbit.connect().await.unwrap();
     broker.publish_many("buffered-", 5).await;
-    let mut stream = rabbit.consume().await.unwrap();
+    let mut stream = rabbit.consume(Lane::Normal).await.unwrap();
     let first = next(stream.as_mut()).await;
     assert!(!first.body.is_empty());
     // The other four are pushed to the consumer and wait in its buffer.
@@ -226,7 +226,7 @@ async fn a_command_back_from_a_delay_tier_keeps_its_retry_state() {
     let rabbit = adapter(&names, crate::helpers::AMQP_URL, &[]);
     rabbit.connect().await.unwrap();
     broker.publish_many("tier-", 1).await;
-    let mut stream = rabbit.consume().await.unwrap();
+    let mut stream = rabbit.consume(Lane::Normal).await.unwrap();
     let mut message = next(stream.as_mut()).await;
     assert_eq!(message.retry, RetryState::default());
     let retry = RetryState {
@@ -256,7 +256,7 @@ async fn a_held_command_waits_as_a_persistent_message_in_a_durable_hold_queue_an
     let rabbit = adapter(&names, crate::helpers::AMQP_URL, &[]);
     rabbit.connect().await.unwrap();
     broker.publish_many("held-", 1).await;
-    let mut stream = rabbit.consume().await.unwrap();
+    let mut stream = rabbit.consume(Lane::Normal).await.unwrap();
     let mut message = next(stream.as_mut()).await;
     let held_at = Instant::now();
     let until = std::time::SystemTime::now() + Duration::from_millis(1500);
@@ -338,6 +338,43 @@ async fn a_held_command_waits_as_a_persistent_message_in_a_durable_hold_queue_an
 }
 
 #[tokio::test]
+async fn a_command_of_the_high_queue_handed_to_a_delay_tier_returns_to_the_high_queue() {
+    let names = Names::unique();
+    let broker = TestBroker::connect(&names).await;
+    let rabbit = adapter(&names, crate::helpers::AMQP_URL, &[]);
+    rabbit.connect().await.unwrap();
+    broker
+        .publish_high(&command("high-tier-1", "+254712345678", "hi"))
+        .await;
+    let mut high = rabbit.consume(Lane::High).await.unwrap();
+    let mut normal = rabbit.consume(Lane::Normal).await.unwrap();
+    let mut message = next(high.as_mut()).await;
+    let retry = RetryState {
+        attempts: 2,
+        delays: 1,
+        first_attempt_at_ms: Some(1_700_000_000_000),
+        pinned_provider: None,
+    };
+    message
+        .handle
+        .delay(&message.body, Duration::from_millis(100), &retry)
+        .await
+        .unwrap();
+    // Back in the high queue, and its x-death names one of the high
+    // queue's own tiers (else its retry state would not count).
+    let mut back = next(high.as_mut()).await;
+    assert_eq!(back.body, message.body);
+    assert_eq!(back.retry, retry);
+    back.handle.ack().await.unwrap();
+    let stray = tokio::time::timeout(Duration::from_millis(300), normal.next()).await;
+    assert!(stray.is_err(), "something reached the command queue");
+    high.close().await;
+    normal.close().await;
+    rabbit.close().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn retry_headers_a_producer_set_do_not_count_as_attempts() {
     let mut app = spawn_app().await;
     Mock::given(method("POST"))
@@ -369,7 +406,7 @@ async fn a_dead_letter_reason_never_carries_a_full_phone_number() {
     let rabbit = adapter(&names, crate::helpers::AMQP_URL, &[]);
     rabbit.connect().await.unwrap();
     broker.publish_many("dead-", 1).await;
-    let mut stream = rabbit.consume().await.unwrap();
+    let mut stream = rabbit.consume(Lane::Normal).await.unwrap();
     let mut message = next(stream.as_mut()).await;
     message
         .handle

@@ -65,6 +65,11 @@ impl Names {
         }
     }
 
+    /// The high queue the service declares beside the command queue.
+    pub fn high_queue(&self) -> String {
+        format!("{}.high", self.command_queue)
+    }
+
     /// The environment a service for these names runs with.
     pub fn env(&self, provider_url: &str) -> Vec<(String, String)> {
         [
@@ -263,10 +268,14 @@ impl Drop for Leftovers {
                 };
                 let tiers =
                     ["300ms", "600ms"].map(|t| format!("{}.retry.{t}", names.command_queue));
-                let holds = hold_queues(&names.command_queue);
-                for queue in [&names.command_queue, &names.dead_letter_queue]
+                let high_tiers =
+                    ["300ms", "600ms"].map(|t| format!("{}.retry.high.{t}", names.command_queue));
+                let high_queue = names.high_queue();
+                let holds = [hold_queues(&names.command_queue), hold_queues(&high_queue)].concat();
+                for queue in [&names.command_queue, &high_queue, &names.dead_letter_queue]
                     .into_iter()
                     .chain(&tiers)
+                    .chain(&high_tiers)
                     .chain(&holds)
                 {
                     let _ = channel
@@ -385,6 +394,18 @@ impl TestBroker {
     }
 
     pub async fn publish_command(&self, body: &[u8], properties: BasicProperties) {
+        self.publish_to(&self.names.command_queue, body, properties)
+            .await;
+    }
+
+    /// Publishes a command to the high queue, as a producer of `priority:
+    /// high` commands does.
+    pub async fn publish_high(&self, body: &[u8]) {
+        self.publish_to(&self.names.high_queue(), body, BasicProperties::default())
+            .await;
+    }
+
+    async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
         let properties = properties
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
@@ -392,7 +413,7 @@ impl TestBroker {
             .channel
             .basic_publish(
                 "".into(),
-                self.names.command_queue.as_str().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 body,
                 properties,
@@ -461,9 +482,14 @@ impl TestBroker {
 
     /// Messages waiting in the command queue.
     pub async fn commands_waiting(&self) -> u32 {
+        self.waiting_in(&self.names.command_queue).await
+    }
+
+    /// Messages waiting (ready) in `queue`.
+    pub async fn waiting_in(&self, queue: &str) -> u32 {
         self.channel
             .queue_declare(
-                self.names.command_queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()

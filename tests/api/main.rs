@@ -17,6 +17,7 @@ mod limits;
 mod observability;
 mod ops;
 mod pipeline;
+mod priority;
 mod privacy;
 mod provider;
 mod providers_africastalking;

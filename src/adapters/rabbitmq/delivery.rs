@@ -9,8 +9,9 @@
 //!   tag means nothing on any other channel;
 //! - the service's own retry headers (`x-sms-attempts`, `x-sms-delays`,
 //!   `x-sms-first-attempt-ms`) count only on a message that came back from
-//!   one of the service's delay tiers (its `x-death` names the tier), so a
-//!   producer cannot set a command's attempts; their numbers saturate.
+//!   one of the delay tiers of the queue it was consumed from (its
+//!   `x-death` names the tier), so a producer cannot set a command's
+//!   attempts; their numbers saturate.
 
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +27,7 @@ use super::settle::{self, Settle};
 use super::{unavailable, RabbitMq, RetryTier, Topology};
 use crate::domain::mask_numbers;
 use crate::ports::{
-    DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, QueueError, RetryState,
+    DeliveryHandle, DeliveryStream, EventMeta, InboundMessage, Lane, QueueError, RetryState,
 };
 
 /// Longest `x-sms-error` reason, and longest trace header carried over.
@@ -39,21 +40,22 @@ pub struct RabbitStream {
     consumer: Consumer,
     channel: Channel,
     broker: RabbitMq,
-    /// The queue this subscription consumes: where a held delivery returns.
-    queue: String,
+    /// The queue subscribed to: its deliveries go back to it through its
+    /// own delay tiers and hold queues.
+    lane: Lane,
     /// `None` once closed.
     settle: Option<mpsc::UnboundedSender<Settle>>,
     settling: Option<JoinHandle<()>>,
 }
 
 impl RabbitStream {
-    pub(super) fn new(consumer: Consumer, channel: Channel, broker: RabbitMq, queue: &str) -> Self {
+    pub(super) fn new(consumer: Consumer, channel: Channel, broker: RabbitMq, lane: Lane) -> Self {
         let (settle, inbox) = mpsc::unbounded_channel();
         Self {
             consumer,
             channel,
             broker,
-            queue: queue.to_owned(),
+            lane,
             settle: Some(settle),
             settling: Some(tokio::spawn(settle::run(inbox))),
         }
@@ -106,7 +108,7 @@ impl DeliveryStream for RabbitStream {
         };
         let retry = retry_state(
             properties.headers().as_ref(),
-            &self.broker.topology().retry_tiers,
+            self.broker.topology().tiers(self.lane),
         );
         // Registered before anyone can settle it, and in tag order.
         let _ = settle.send(Settle::Open(delivery_tag));
@@ -121,7 +123,7 @@ impl DeliveryStream for RabbitStream {
                 settle,
                 properties,
                 broker: self.broker.clone(),
-                origin: self.queue.clone(),
+                lane: self.lane,
             }),
         }))
     }
@@ -249,8 +251,9 @@ struct RabbitDelivery {
     settle: mpsc::UnboundedSender<Settle>,
     properties: BasicProperties,
     broker: RabbitMq,
-    /// The queue it was delivered from, to which a hold returns it.
-    origin: String,
+    /// The queue it was delivered from, to which a delay or a hold
+    /// returns it.
+    lane: Lane,
 }
 
 impl RabbitDelivery {
@@ -339,7 +342,8 @@ impl DeliveryHandle for RabbitDelivery {
         delay: Duration,
         retry: &RetryState,
     ) -> Result<(), QueueError> {
-        let tier = self.broker.topology().tier_for(delay).clone();
+        // A tier of the queue it came from, which it returns to.
+        let tier = self.broker.topology().tier_for(self.lane, delay).clone();
         let mut headers = self.properties.headers().clone().unwrap_or_default();
         let number = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
         headers.insert(ATTEMPTS.into(), number(u64::from(retry.attempts)));
@@ -384,7 +388,8 @@ impl DeliveryHandle for RabbitDelivery {
     async fn hold(&mut self, body: &[u8], until: SystemTime) -> Result<(), QueueError> {
         let left = until.duration_since(SystemTime::now()).unwrap_or_default();
         let hop = self.broker.topology().hop_for(left);
-        let queue = Topology::hold_queue(&self.origin, hop);
+        let origin = self.broker.topology().queue(self.lane);
+        let queue = Topology::hold_queue(origin, hop);
         let mut headers = self.properties.headers().clone().unwrap_or_default();
         let due_ms = until
             .duration_since(std::time::UNIX_EPOCH)
@@ -425,6 +430,7 @@ mod tests {
             .map(|queue| RetryTier {
                 queue: queue.into(),
                 delay: Duration::from_secs(5),
+                returns_to: "sms.send".into(),
             })
             .collect()
     }

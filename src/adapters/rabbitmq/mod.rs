@@ -2,6 +2,11 @@
 //! acks and a prefetch, and a publisher that treats anything short of a
 //! confirmed, routed publish as a failure.
 //!
+//! There are two command queues, each a [`Lane`]: the command queue and
+//! the high queue beside it (`<command_queue>.high`), declared alike, each
+//! with delay tiers of its own that return to it, so a `high` command that
+//! is retried stays high.
+//!
 //! One connection carries one publishing channel in confirm mode, shared by
 //! every task (confirms are awaited concurrently, each by its publisher), and
 //! one channel per subscription. When the connection dies the next call
@@ -43,7 +48,7 @@ use tracing::{info, warn};
 
 use crate::config::AmqpSettings;
 use crate::domain::{DeliveryReport, Event, EventKind, SmsFailed, SmsSent};
-use crate::ports::{DeliveryStream, EventBus, EventMeta, QueueClient, QueueError};
+use crate::ports::{DeliveryStream, EventBus, EventMeta, Lane, QueueClient, QueueError};
 
 pub use delivery::RabbitStream;
 
@@ -51,23 +56,35 @@ pub use delivery::RabbitStream;
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub command_queue: String,
+    /// `<command_queue>.high`: `priority: high` commands, consumed beside
+    /// the command queue with capacity of their own. Named after the
+    /// command queue, so that every command queue has its own.
+    pub high_queue: String,
     pub dead_letter_queue: String,
     /// Each event kind's fanout exchange.
     pub exchanges: Vec<(EventKind, String)>,
-    /// Delay tiers, shortest first: queues whose messages expire back into
-    /// the command queue after the tier's delay.
+    /// The command queue's delay tiers, shortest first: queues whose
+    /// messages expire back into the command queue after the tier's delay.
     pub retry_tiers: Vec<RetryTier>,
     /// The waits of the hold queues, shortest first: every queue the
     /// service consumes ([`Topology::consumed_queues`]) has one hold queue
     /// per wait, `<queue>.hold.<wait>`, whose messages all expire after
     /// that wait back into that queue ([`Topology::hold_queue`]).
     pub hold_hops: Vec<Duration>,
+    /// The high queue's delay tiers, the same delays: queues of their own
+    /// (`<command_queue>.retry.high.<delay>`) that expire back into the
+    /// high queue. Their own, because a tier returns what it holds to one
+    /// fixed queue, and the existing tiers' arguments cannot change under
+    /// a broker that has them.
+    pub high_retry_tiers: Vec<RetryTier>,
 }
 
 #[derive(Debug, Clone)]
 pub struct RetryTier {
     pub queue: String,
     pub delay: Duration,
+    /// The queue its messages expire back into.
+    pub returns_to: String,
 }
 
 impl Topology {
@@ -91,19 +108,26 @@ impl Topology {
             .collect();
         hold_hops.sort();
         hold_hops.dedup();
+        let high_queue = format!("{}.high", s.command_queue);
+        let tiers_of = |prefix: &str, returns_to: &str| {
+            tiers
+                .iter()
+                .map(|&delay| RetryTier {
+                    queue: format!("{prefix}.{}", tier_label(delay)),
+                    delay,
+                    returns_to: returns_to.to_owned(),
+                })
+                .collect()
+        };
         Self {
             command_queue: s.command_queue.clone(),
+            retry_tiers: tiers_of(&format!("{}.retry", s.command_queue), &s.command_queue),
+            high_retry_tiers: tiers_of(&format!("{}.retry.high", s.command_queue), &high_queue),
+            high_queue,
             dead_letter_queue: s.dead_letter_queue.clone(),
             exchanges: EventKind::ALL
                 .iter()
                 .map(|k| (*k, s.exchange(*k).clone()))
-                .collect(),
-            retry_tiers: tiers
-                .into_iter()
-                .map(|delay| RetryTier {
-                    queue: format!("{}.retry.{}", s.command_queue, tier_label(delay)),
-                    delay,
-                })
                 .collect(),
             hold_hops,
         }
@@ -113,7 +137,7 @@ impl Topology {
     /// queues of its own, so that a held command comes back to the queue
     /// it was taken from.
     pub fn consumed_queues(&self) -> Vec<&str> {
-        vec![self.command_queue.as_str()]
+        Lane::ALL.iter().map(|lane| self.queue(*lane)).collect()
     }
 
     /// The hold queue of `origin` that waits `hop`: `<origin>.hold.<wait>`.
@@ -136,12 +160,30 @@ impl Topology {
             .expect("settings validation keeps at least one hold wait")
     }
 
-    /// The shortest tier that waits at least `delay`, else the longest.
-    pub fn tier_for(&self, delay: Duration) -> &RetryTier {
-        self.retry_tiers
+    /// The queue of `lane`.
+    pub fn queue(&self, lane: Lane) -> &str {
+        match lane {
+            Lane::Normal => &self.command_queue,
+            Lane::High => &self.high_queue,
+        }
+    }
+
+    /// The delay tiers that return to `lane`'s queue.
+    pub fn tiers(&self, lane: Lane) -> &[RetryTier] {
+        match lane {
+            Lane::Normal => &self.retry_tiers,
+            Lane::High => &self.high_retry_tiers,
+        }
+    }
+
+    /// Of the tiers returning to `lane`'s queue, the shortest that waits at
+    /// least `delay`, else the longest.
+    pub fn tier_for(&self, lane: Lane, delay: Duration) -> &RetryTier {
+        let tiers = self.tiers(lane);
+        tiers
             .iter()
             .find(|t| t.delay >= delay)
-            .or(self.retry_tiers.last())
+            .or(tiers.last())
             .expect("settings validation keeps at least one tier")
     }
 }
@@ -178,7 +220,10 @@ struct Inner {
     /// `host:port` of the broker, for messages (the URL holds a password).
     address: String,
     topology: Topology,
+    /// Deliveries the broker may push to a subscription of the command
+    /// queue before they are acked, and of the high queue.
     prefetch: u16,
+    high_prefetch: u16,
     /// Longest wait for a publish and its confirm, the wait for a
     /// connection included.
     confirm_timeout: Duration,
@@ -227,24 +272,38 @@ fn broker_address(url: &str) -> String {
     }
 }
 
-/// Messages ready in the command and dead-letter queues, and held.
+/// Messages ready in the command, high and dead-letter queues, and held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueDepths {
     pub commands: u32,
+    pub high_commands: u32,
     pub dead_letters: u32,
     /// In all the hold queues together: commands parked until they are due.
     pub held: u64,
 }
 
 impl RabbitMq {
-    /// Makes the adapter; nothing connects until first use.
+    /// Makes the adapter; nothing connects until first use. The high
+    /// queue's subscriptions get `amqp.prefetch` too: see
+    /// [`Self::with_high_prefetch`].
     pub fn new(settings: &AmqpSettings, retry_tiers: &[Duration]) -> Self {
+        Self::with_high_prefetch(settings, retry_tiers, settings.prefetch)
+    }
+
+    /// As [`Self::new`], with `high_prefetch` the prefetch of the high
+    /// queue's subscriptions (the service's `processing.high_max_in_flight`).
+    pub fn with_high_prefetch(
+        settings: &AmqpSettings,
+        retry_tiers: &[Duration],
+        high_prefetch: u16,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 url: settings.url.clone(),
                 address: broker_address(settings.url.expose_secret()),
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
+                high_prefetch,
                 confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
                 connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
                 current: RwLock::new(None),
@@ -257,7 +316,7 @@ impl RabbitMq {
         &self.inner.topology
     }
 
-    /// Reads the depth of the command, dead-letter and hold queues with a passive
+    /// Reads the depth of the command, high, dead-letter and hold queues with a passive
     /// declare, on a channel of its own (a passive declare of a missing
     /// queue closes its channel). Uses the live connection only: never
     /// connects for this.
@@ -281,6 +340,7 @@ impl RabbitMq {
             }
             Ok(QueueDepths {
                 commands: passive_count(&channel, &t.command_queue).await?,
+                high_commands: passive_count(&channel, &t.high_queue).await?,
                 dead_letters: passive_count(&channel, &t.dead_letter_queue).await?,
                 held,
             })
@@ -555,11 +615,14 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
         )
         .await
         .map_err(unavailable)?;
-    channel
-        .queue_declare(t.command_queue.as_str().into(), durable, dead_lettering)
-        .await
-        .map_err(unavailable)?;
-    for tier in &t.retry_tiers {
+    // The high queue exactly as the command queue: the same dead-lettering.
+    for queue in [&t.command_queue, &t.high_queue] {
+        channel
+            .queue_declare(queue.as_str().into(), durable, dead_lettering.clone())
+            .await
+            .map_err(unavailable)?;
+    }
+    for tier in t.retry_tiers.iter().chain(&t.high_retry_tiers) {
         let mut expiring = FieldTable::default();
         let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
         expiring.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
@@ -569,7 +632,7 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
         );
         expiring.insert(
             "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(t.command_queue.as_str().into()),
+            AMQPValue::LongString(tier.returns_to.as_str().into()),
         );
         channel
             .queue_declare(tier.queue.as_str().into(), durable, expiring)
@@ -684,8 +747,12 @@ fn event_properties(kind: &str, message_id: &str, meta: &EventMeta) -> BasicProp
 
 #[async_trait]
 impl QueueClient for RabbitMq {
-    async fn consume(&self) -> Result<Box<dyn DeliveryStream>, QueueError> {
+    async fn consume(&self, lane: Lane) -> Result<Box<dyn DeliveryStream>, QueueError> {
         let session = self.session().await?;
+        let prefetch = match lane {
+            Lane::Normal => self.inner.prefetch,
+            Lane::High => self.inner.high_prefetch,
+        };
         let subscribe = async {
             let channel = session
                 .connection
@@ -693,12 +760,12 @@ impl QueueClient for RabbitMq {
                 .await
                 .map_err(unavailable)?;
             channel
-                .basic_qos(self.inner.prefetch, BasicQosOptions::default())
+                .basic_qos(prefetch, BasicQosOptions::default())
                 .await
                 .map_err(unavailable)?;
             let consumer = channel
                 .basic_consume(
-                    self.inner.topology.command_queue.as_str().into(),
+                    self.inner.topology.queue(lane).into(),
                     "".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -712,17 +779,21 @@ impl QueueClient for RabbitMq {
             .map_err(|_| {
                 QueueError::Unavailable("no subscription within amqp.connect_timeout_ms".into())
             })??;
-        let queue = &self.inner.topology.command_queue;
         Ok(Box::new(RabbitStream::new(
             consumer,
             channel,
             self.clone(),
-            queue,
+            lane,
         )))
     }
 
-    async fn publish_command(&self, body: &[u8], meta: &EventMeta) -> Result<(), QueueError> {
-        let queue = self.inner.topology.command_queue.clone();
+    async fn publish_command(
+        &self,
+        body: &[u8],
+        meta: &EventMeta,
+        lane: Lane,
+    ) -> Result<(), QueueError> {
+        let queue = self.inner.topology.queue(lane).to_owned();
         self.publish("", &queue, body, traced_properties(meta))
             .await
     }
@@ -816,7 +887,10 @@ mod tests {
             [
                 "sms.send.hold.250ms",
                 "sms.send.hold.1s",
-                "sms.send.hold.1m"
+                "sms.send.hold.1m",
+                "sms.send.high.hold.250ms",
+                "sms.send.high.hold.1s",
+                "sms.send.high.hold.1m"
             ]
         );
     }
