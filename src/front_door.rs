@@ -206,7 +206,7 @@ impl FrontDoor {
 
 /// Whether a status ends the message's lifecycle: `failed`, or a final
 /// delivery status (`delivered`, `undelivered`, `rejected`, `expired`,
-/// `unknown`). `processing` and `sent` may still change.
+/// `unknown`). `scheduled`, `processing` and `sent` may still change.
 pub fn is_final(status: &str) -> bool {
     status == "failed" || DeliveryStatus::parse(status).is_some_and(DeliveryStatus::is_final)
 }
@@ -227,6 +227,9 @@ pub fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
         doc["reason"] = json!(reason);
         doc["detail"] = json!(s.detail);
     }
+    if let Some(send_at) = &s.send_at {
+        doc["sendAt"] = json!(send_at);
+    }
     doc
 }
 
@@ -246,7 +249,7 @@ mod tests {
         ] {
             assert!(is_final(status), "{status}");
         }
-        for status in ["processing", "sent", "accepted", ""] {
+        for status in ["scheduled", "processing", "sent", "accepted", ""] {
             assert!(!is_final(status), "{status}");
         }
     }

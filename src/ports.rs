@@ -431,9 +431,12 @@ pub enum Recorded {
 /// A key's state as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageStatus {
-    /// `processing`, `sent`, `failed`, or the final delivery status
-    /// (`delivered`, `undelivered`, `rejected`, `expired`, `unknown`).
+    /// `scheduled`, `processing`, `sent`, `failed`, or the final delivery
+    /// status (`delivered`, `undelivered`, `rejected`, `expired`, `unknown`).
     pub status: String,
+    /// When a scheduled message is due (its `sendAt`), once the service
+    /// has held it.
+    pub send_at: Option<String>,
     pub provider_message_id: Option<String>,
     pub attempts: u32,
     pub updated_at: String,
@@ -487,6 +490,17 @@ pub enum Admission {
     /// Known with a different payload: refused, as Stripe refuses a reused
     /// idempotency key.
     Conflict,
+}
+
+/// What the store says of a command held until its `sendAt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduled {
+    /// New (or admitted, or scheduled before): recorded as `scheduled`
+    /// until it is due; hold it.
+    Held,
+    /// The key is known otherwise (in work, sent, failed, cancelled): the
+    /// claim decides, as for any command.
+    Known,
 }
 
 /// What the store says of an invalid command with a usable key.
@@ -575,6 +589,18 @@ pub trait CacheService: Send + Sync {
     /// Forgets an admission whose command could not be queued (only while
     /// nothing else happened to the key).
     async fn withdraw(&self, key: &IdempotencyKey) -> Result<(), CacheError>;
+    /// Records a command held until `send_at` as `scheduled`, with its
+    /// number and due time, if the key is new, admitted, or failed only as
+    /// an invalid command (see [`Scheduled`]); the record lasts until
+    /// `send_at` and the idempotency TTL after it. A later claim treats
+    /// the key as new.
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        phone_number: &str,
+        send_at: SystemTime,
+    ) -> Result<Scheduled, CacheError>;
     /// Records an invalid command with a usable key as failed, unless the
     /// key is known; see [`InvalidVerdict`]. A later valid command with the
     /// same key is claimed as new (an invalid command reserves nothing).

@@ -18,6 +18,9 @@ const PAST_THE_HOLDER: Duration = Duration::from_millis(100);
 
 impl Notifier {
     pub(super) async fn process(&self, cmd: &SendSms, message: &Inbound<'_>) -> Outcome {
+        if let Some(outcome) = self.not_due(cmd).await {
+            return outcome;
+        }
         let route = self.route_for(cmd, message.retry);
         let Some(slot) = self.wait_for_turn(message, route.current).await else {
             return Outcome::HandBack;

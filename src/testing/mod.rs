@@ -38,6 +38,8 @@ struct Entry {
     pinned: Option<String>,
     /// What delivery reports said of it.
     ledger: Ledger,
+    /// When a scheduled message is due (RFC 3339).
+    send_at: Option<String>,
 }
 
 /// Reports parked for one provider id, each with its time.
@@ -265,7 +267,7 @@ impl CacheService for MemoryCache {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
         let entry = entries.entry(key.to_string()).or_default();
-        if matches!(entry.status.as_str(), "" | "accepted") || entry.invalid {
+        if matches!(entry.status.as_str(), "" | "accepted" | "scheduled") || entry.invalid {
             let admitted = entry.fingerprint.take().filter(|_| !entry.invalid);
             *entry = Entry {
                 status: "processing".into(),
@@ -273,6 +275,7 @@ impl CacheService for MemoryCache {
                 attempts: 1,
                 first_attempt_ms: epoch_ms(),
                 fingerprint: Some(admitted.unwrap_or_else(|| fingerprint.to_owned())),
+                send_at: entry.send_at.take(),
                 ..Entry::default()
             };
             return Ok(Claim::Send {
@@ -515,6 +518,35 @@ impl CacheService for MemoryCache {
         Ok(())
     }
 
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        _phone_number: &str,
+        send_at: std::time::SystemTime,
+    ) -> Result<Scheduled, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        match entry.status.as_str() {
+            "scheduled" => return Ok(Scheduled::Held),
+            "" | "accepted" => {}
+            _ if entry.invalid => {}
+            _ => return Ok(Scheduled::Known),
+        }
+        let admitted = entry
+            .fingerprint
+            .take()
+            .filter(|_| entry.status == "accepted");
+        *entry = Entry {
+            status: "scheduled".into(),
+            fingerprint: Some(admitted.unwrap_or_else(|| fingerprint.to_owned())),
+            send_at: Some(crate::domain::rfc3339(send_at)),
+            ..Entry::default()
+        };
+        Ok(Scheduled::Held)
+    }
+
     async fn record_invalid(
         &self,
         key: &IdempotencyKey,
@@ -546,6 +578,7 @@ impl CacheService for MemoryCache {
             let failed = e.failed.as_ref().filter(|_| e.status == "failed");
             let delivery_status = e.ledger.delivery.as_ref().map(|(d, _)| d.status);
             MessageStatus {
+                send_at: e.send_at.clone(),
                 status: match (e.status.as_str(), delivery_status) {
                     ("retrying" | "accepted", _) => "processing".into(),
                     ("sent", Some(d)) => d.as_str().into(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::domain::{DeliveryStatus, FailureReason, IdempotencyKey};
 use crate::ports::{
     Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, ProviderReport, Recorded,
-    ReportOutcome, SentRecord,
+    ReportOutcome, Scheduled, SentRecord,
 };
 
 /// Runs every case; panics naming the first that fails.
@@ -45,6 +45,8 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.renew_extends_the_holders_lease_only().await;
     c.status_follows_the_key().await;
     c.an_admitted_key_is_processing_and_new_to_its_claim().await;
+    c.a_scheduled_key_shows_when_it_is_due_and_is_new_to_its_claim()
+        .await;
     c.a_reused_key_with_another_payload_conflicts().await;
     c.a_withdrawn_admission_is_forgotten_but_nothing_else_is()
         .await;
@@ -481,6 +483,79 @@ impl Case<'_> {
             ),
             "admitted: the claim is the first"
         );
+    }
+
+    async fn a_scheduled_key_shows_when_it_is_due_and_is_new_to_its_claim(&self) {
+        let key = self.key("scheduled");
+        let due = std::time::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let due_text = crate::domain::rfc3339(due);
+        // Admitted first: its fingerprint stays the one a reuse is checked by.
+        self.store.admit(&key, "fp-1").await.unwrap();
+        let held = self
+            .store
+            .schedule(&key, "fp-other", "+254712345678", due)
+            .await
+            .unwrap();
+        assert_eq!(held, Scheduled::Held, "scheduled: admitted");
+        let again = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(again.unwrap(), Scheduled::Held, "scheduled: again");
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                status.status.as_str(),
+                status.send_at.as_deref(),
+                status.attempts
+            ),
+            ("scheduled", Some(due_text.as_str()), 0)
+        );
+        assert_eq!(
+            self.store.admit(&key, "fp-2").await.unwrap(),
+            Admission::Conflict,
+            "scheduled: the admitted fingerprint kept"
+        );
+        let a = self.live("a", 1).await;
+        assert!(
+            matches!(
+                self.claim(&key, &a).await,
+                Claim::Send {
+                    attempts: 0,
+                    takeovers: 0,
+                    ..
+                }
+            ),
+            "scheduled: the claim when due is the first"
+        );
+        let known = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(known.unwrap(), Scheduled::Known, "scheduled: in work");
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        let known = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(known.unwrap(), Scheduled::Known, "scheduled: sent");
+        // An invalid command reserves nothing.
+        let invalid = self.key("scheduled-invalid");
+        self.store
+            .record_invalid(&invalid, &failed())
+            .await
+            .unwrap();
+        let held = self
+            .store
+            .schedule(&invalid, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(
+            held.unwrap(),
+            Scheduled::Held,
+            "scheduled: after an invalid command"
+        );
+        let status = self.store.status(invalid.as_str()).await.unwrap().unwrap();
+        assert_eq!((status.status.as_str(), status.reason), ("scheduled", None));
     }
 
     async fn a_reused_key_with_another_payload_conflicts(&self) {

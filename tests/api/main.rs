@@ -22,6 +22,7 @@ mod providers_twilio;
 mod providers_vonage;
 mod proxy;
 mod resilience;
+mod schedule;
 mod startup;
 mod store;
 mod traces;

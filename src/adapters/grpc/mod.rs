@@ -413,6 +413,7 @@ fn message(key: &str, s: MessageStatus) -> proto::MessageStatus {
         detail: s.detail,
         provider: s.provider,
         delivery_status: s.delivery_status.map(|d| d.as_str().to_owned()),
+        send_at: s.send_at,
         history: s
             .history
             .into_iter()

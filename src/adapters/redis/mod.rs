@@ -4,13 +4,14 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `status` | `processing`, `retrying`, `sent`, `failed`, `delivered`, `undelivered` |
+//! | `status` | `accepted`, `scheduled`, `processing`, `retrying`, `sent`, `failed` |
 //! | `published` | `1` once the outcome's event is confirmed by the broker |
 //! | `owner`, `holder`, `lease_until` | which claim holds the lease, of which instance, until when (Redis clock, ms) |
 //! | `attempts` | provider calls made for the key (counted at the claim that makes one) |
 //! | `first_attempt_ms` | when the first claim that could send was granted |
 //! | `takeovers` | leases taken from a holder that was dead or whose lease ran out |
 //! | `phone`, `parts`, `p:{partId}` | the destination; every part's provider id; each part's reported status |
+//! | `send_at` | when a scheduled message is due (RFC 3339) |
 //! | `delivery`, `d_*` | the final status delivery reports set, the report that set it, and `d_published` once its SmsDeliveryReport is confirmed |
 //! | others | the provider's id, segments, reason, times |
 //!
@@ -23,7 +24,7 @@
 //! alive by its heartbeat. The scripts are in [`scripts`].
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -35,7 +36,7 @@ use crate::config::RedisSettings;
 use crate::domain::{rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey};
 use crate::ports::{
     Admission, CacheError, CacheService, Claim, FailedRecord, HistoryEntry, InvalidVerdict,
-    MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, SentRecord,
+    MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, Scheduled, SentRecord,
 };
 
 mod scripts;
@@ -44,6 +45,7 @@ struct Scripts {
     claim: Script,
     admit: Script,
     withdraw: Script,
+    schedule: Script,
     record_invalid: Script,
     mark_published: Script,
     pin: Script,
@@ -100,6 +102,7 @@ impl RedisStore {
                 claim: Script::new(scripts::CLAIM),
                 admit: Script::new(scripts::ADMIT),
                 withdraw: Script::new(scripts::WITHDRAW),
+                schedule: Script::new(scripts::SCHEDULE),
                 record_invalid: Script::new(scripts::RECORD_INVALID),
                 mark_published: Script::new(scripts::MARK_PUBLISHED),
                 pin: Script::new(scripts::PIN),
@@ -544,6 +547,28 @@ impl CacheService for RedisStore {
             .map(drop)
     }
 
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        phone_number: &str,
+        send_at: SystemTime,
+    ) -> Result<Scheduled, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        // Until it is due, then as long as any record.
+        let ahead = send_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let ttl = (ahead.as_secs() + 1).saturating_add(self.ttl_secs);
+        let (send_at, ttl, now) = (rfc3339(send_at), ttl.to_string(), now());
+        let args = [fingerprint, phone_number, &send_at, &ttl, &now];
+        let verdict: String = self.run(&self.scripts.schedule, &[&msg], &args).await?;
+        Ok(match verdict.as_str() {
+            "scheduled" => Scheduled::Held,
+            _ => Scheduled::Known,
+        })
+    }
+
     async fn record_invalid(
         &self,
         key: &IdempotencyKey,
@@ -578,6 +603,7 @@ impl CacheService for RedisStore {
         };
         let present = |name: &str| f.get(name).filter(|v| !v.is_empty()).cloned();
         Ok(Some(MessageStatus {
+            send_at: present("send_at"),
             provider_message_id: present("provider_message_id"),
             attempts: number(&f, "attempts"),
             updated_at: field(&f, "updated_at"),

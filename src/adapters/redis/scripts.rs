@@ -24,10 +24,10 @@ local lease_until = tostring(now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
   'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since', 'pinned')
 local status = h[1]
--- Admitted at a front door, or failed as an invalid command: nothing was
--- sent, so the key is new to a valid command.
+-- Admitted at a front door, held until its sendAt, or failed as an
+-- invalid command: nothing was sent, so the key is new to a valid command.
 local fingerprint = h[10] or ARGV[7]
-if status == 'accepted' or (status == 'failed' and h[9] == '1') then
+if status == 'accepted' or status == 'scheduled' or (status == 'failed' and h[9] == '1') then
   if status == 'failed' then fingerprint = ARGV[7] end
   redis.call('HDEL', KEYS[1], 'reason', 'detail', 'failed_at', 'invalid')
   status = nil
@@ -328,6 +328,30 @@ if not h[1] or (h[1] == 'failed' and h[3] == '1') then
 end
 if h[2] and h[2] ~= ARGV[1] then return 'conflict' end
 return 'same'
+"#;
+
+/// `schedule(key; fingerprint, phone, send_at, ttl_secs, now)`: `scheduled`
+/// (recorded as `scheduled`, or it was already) when the key is new,
+/// admitted (its admitted fingerprint kept) or failed as an invalid
+/// command; else `known`. The record's TTL only ever grows.
+pub const SCHEDULE: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'invalid', 'fingerprint')
+local status = h[1]
+if status and status ~= 'accepted' and status ~= 'scheduled'
+    and not (status == 'failed' and h[2] == '1') then
+  return 'known'
+end
+if status ~= 'scheduled' then
+  local fingerprint = ARGV[1]
+  if status == 'accepted' and h[3] then fingerprint = h[3] end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'status', 'scheduled', 'attempts', '0', 'published', '0',
+    'fingerprint', fingerprint, 'phone', ARGV[2], 'send_at', ARGV[3], 'updated_at', ARGV[5])
+end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
+return 'scheduled'
 "#;
 
 /// `withdraw(key)`: forgets an admission nothing else touched.
