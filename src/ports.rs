@@ -371,6 +371,16 @@ impl Owner {
             id: format!("{instance}-{claim}"),
         }
     }
+
+    /// The owner of the `n`-th cancel of `instance` (a front door), which
+    /// holds a cancelled key while it publishes its SmsFailed: never the
+    /// id of a claim.
+    pub fn cancel(instance: &str, n: u64) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            id: format!("{instance}-cancel{n}"),
+        }
+    }
 }
 
 /// The answer to "may I work on this key?".
@@ -411,6 +421,30 @@ pub enum Claim {
         lease_left: Duration,
         holder_alive_for: Duration,
     },
+    /// Cancelled, and its SmsFailed is being published by whoever holds
+    /// it (the cancel, at a front door): come back once that is over, in
+    /// `retry_in` at most, to find it published (or free to publish).
+    Cancelling { retry_in: Duration },
+}
+
+/// What the store says to a cancel (see [`CacheService::cancel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelVerdict {
+    /// Cancelled (now, or before with its SmsFailed not out and nobody
+    /// publishing it), and the store knows the number: the caller holds
+    /// the key and publishes the SmsFailed of `record`, then marks it
+    /// published, or releases the key if the broker did not take it.
+    Publish {
+        record: FailedRecord,
+        phone_number: String,
+    },
+    /// Cancelled, now or before. Its SmsFailed is out, or is published by
+    /// the command when it next arrives. `known`: the store knew the key
+    /// before this cancel (else nothing was seen of it yet).
+    Cancelled { known: bool },
+    /// Sent, being sent, perhaps sent (an ambiguous call), or failed: too
+    /// late to cancel; nothing changed.
+    TooLate,
 }
 
 /// What a record (or a lease renewal) found.
@@ -601,6 +635,23 @@ pub trait CacheService: Send + Sync {
         phone_number: &str,
         send_at: SystemTime,
     ) -> Result<Scheduled, CacheError>;
+    /// Cancels `key` unless it is sent, being sent, perhaps sent or failed
+    /// ([`CancelVerdict`]), atomically: the key becomes `failed` with
+    /// reason `cancelled` and `detail` (a tombstone, also for a key not
+    /// seen yet, so that a command still on its way is cancelled when it
+    /// arrives), kept for the idempotency TTL past the latest `sendAt` a
+    /// command may carry (30 days ahead); a claim then answers
+    /// [`Claim::PublishFailed`] (no provider call) until its SmsFailed is
+    /// marked published, then [`Claim::AlreadyFailed`]. When the store
+    /// knows the number (a scheduled key) the cancel takes the key as
+    /// `owner` to publish the SmsFailed itself, and claims meanwhile answer
+    /// [`Claim::Cancelling`].
+    async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        detail: &str,
+    ) -> Result<CancelVerdict, CacheError>;
     /// Records an invalid command with a usable key as failed, unless the
     /// key is known; see [`InvalidVerdict`]. A later valid command with the
     /// same key is claimed as new (an invalid command reserves nothing).

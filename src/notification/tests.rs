@@ -7,7 +7,9 @@ use super::*;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::concurrency::AdaptiveLimit;
 use crate::domain::IdempotencyKey;
-use crate::ports::{Accepted, Claim, EventMeta, ProviderError, RetryState, SmsService};
+use crate::ports::{
+    Accepted, CancelVerdict, Claim, EventMeta, ProviderError, RetryState, SmsService,
+};
 use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -541,6 +543,69 @@ async fn a_scheduled_command_pauses_the_instance_while_the_store_is_away() {
         h.handle(&scheduled_body("k1", later, None), false).await,
         Outcome::StoreUnavailable
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_cancelled_before_it_arrives_ends_with_one_sms_failed_and_no_call() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let door = Owner::cancel("door", 1);
+    let verdict = h.cache.cancel(&key, &door, "cancelled by test").await;
+    assert_eq!(verdict.unwrap(), CancelVerdict::Cancelled { known: false });
+    match h.handle(&body("k1"), false).await {
+        Outcome::Failed(reason) => assert_eq!(reason, "cancelled: cancelled by test"),
+        other => panic!("{other:?}"),
+    }
+    let failed = h.events.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (failed[0].reason.as_str(), failed[0].phone_number.as_str()),
+        ("cancelled", "+254712345678")
+    );
+    // A copy of it: dead-lettered as cancelled, no second event.
+    assert!(
+        matches!(h.handle(&body("k1"), false).await, Outcome::Failed(r) if r.starts_with("cancelled"))
+    );
+    assert_eq!(h.events.failed().len(), 1);
+    assert_eq!(h.provider.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_command_back_while_its_cancel_publishes_waits_then_ends_with_no_second_event() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let due = whole_seconds(std::time::SystemTime::now() + Duration::from_secs(600));
+    let command = scheduled_body("k1", due, None);
+    assert_eq!(
+        h.handle(&command, false).await,
+        Outcome::Hold { until: due }
+    );
+    let door = Owner::cancel("door", 1);
+    h.cache.set_alive(&door.instance, Duration::from_secs(3600));
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let verdict = h
+        .cache
+        .cancel(&key, &door, "cancelled by test")
+        .await
+        .unwrap();
+    assert!(
+        matches!(verdict, CancelVerdict::Publish { .. }),
+        "{verdict:?}"
+    );
+    // Back from a hop while the cancel publishes: held again, briefly.
+    match h.handle(&command, false).await {
+        Outcome::Hold { until } => assert!(until < due, "held past the cancel only"),
+        other => panic!("{other:?}"),
+    }
+    h.cache.mark_published(&key, &door).await.unwrap();
+    match h.handle(&command, false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("cancelled"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.events.failed().is_empty(),
+        "the cancel published it, not the command"
+    );
+    assert_eq!(h.provider.calls(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 
 mod amqp;
 mod auth;
+mod cancel;
 mod cli;
 mod compose;
 mod delivery;

@@ -12,6 +12,7 @@
 //! | `takeovers` | leases taken from a holder that was dead or whose lease ran out |
 //! | `phone`, `parts`, `p:{partId}` | the destination; every part's provider id; each part's reported status |
 //! | `send_at` | when a scheduled message is due (RFC 3339) |
+//! | `cancelled` | `1` on a tombstone: `failed`, reason `cancelled`, by a cancel |
 //! | `delivery`, `d_*` | the final status delivery reports set, the report that set it, and `d_published` once its SmsDeliveryReport is confirmed |
 //! | others | the provider's id, segments, reason, times |
 //!
@@ -33,10 +34,13 @@ use secrecy::ExposeSecret;
 use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
-use crate::domain::{rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey};
+use crate::domain::{
+    rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, MAX_SCHEDULE_AHEAD,
+};
 use crate::ports::{
-    Admission, CacheError, CacheService, Claim, FailedRecord, HistoryEntry, InvalidVerdict,
-    MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, Scheduled, SentRecord,
+    Admission, CacheError, CacheService, CancelVerdict, Claim, FailedRecord, HistoryEntry,
+    InvalidVerdict, MessageStatus, Owner, ProviderReport, Recorded, ReportOutcome, Scheduled,
+    SentRecord,
 };
 
 mod scripts;
@@ -46,6 +50,7 @@ struct Scripts {
     admit: Script,
     withdraw: Script,
     schedule: Script,
+    cancel: Script,
     record_invalid: Script,
     mark_published: Script,
     pin: Script,
@@ -103,6 +108,7 @@ impl RedisStore {
                 admit: Script::new(scripts::ADMIT),
                 withdraw: Script::new(scripts::WITHDRAW),
                 schedule: Script::new(scripts::SCHEDULE),
+                cancel: Script::new(scripts::CANCEL),
                 record_invalid: Script::new(scripts::RECORD_INVALID),
                 mark_published: Script::new(scripts::MARK_PUBLISHED),
                 pin: Script::new(scripts::PIN),
@@ -387,6 +393,10 @@ impl CacheService for RedisStore {
                 lease_left: millis(reply.get(1), self.lease_ms),
                 holder_alive_for: millis(reply.get(2), self.lease_ms),
             },
+            ("cancelling", _) => Claim::Cancelling {
+                retry_in: millis(reply.get(1), self.lease_ms)
+                    .min(millis(reply.get(2), self.lease_ms)),
+            },
             ("done", "failed") => Claim::AlreadyFailed(failed_record(&f)),
             ("done", _) => Claim::AlreadySent,
             ("claimed", "sent" | "delivered" | "undelivered") => {
@@ -566,6 +576,42 @@ impl CacheService for RedisStore {
         Ok(match verdict.as_str() {
             "scheduled" => Scheduled::Held,
             _ => Scheduled::Known,
+        })
+    }
+
+    async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        detail: &str,
+    ) -> Result<CancelVerdict, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        // A command still on its way may be due up to 30 days from now.
+        let keep = MAX_SCHEDULE_AHEAD.as_secs().saturating_add(self.ttl_secs);
+        let (lease, keep, now) = (self.lease_ms.to_string(), keep.to_string(), now());
+        let args = [
+            owner.id.as_str(),
+            &owner.instance,
+            &lease,
+            detail,
+            &now,
+            &keep,
+        ];
+        let reply: Vec<Value> = self.run(&self.scripts.cancel, &[&msg], &args).await?;
+        let verdict = reply.first().and_then(text).unwrap_or_default();
+        Ok(match verdict.as_str() {
+            "publish" => {
+                let f = fields(reply.get(1).unwrap_or(&Value::Nil));
+                CancelVerdict::Publish {
+                    record: failed_record(&f),
+                    phone_number: field(&f, "phone"),
+                }
+            }
+            "cancelled" => CancelVerdict::Cancelled {
+                known: reply.get(1).and_then(text).as_deref() == Some("known"),
+            },
+            "too_late" => CancelVerdict::TooLate,
+            _ => return Err(CacheError(format!("unexpected cancel reply {verdict:?}"))),
         })
     }
 
