@@ -120,6 +120,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     )
     .with_send_limit(settings.send_limit());
     let breakers = notifier.breakers();
+    // The front doors' cancels hold keys as this instance, whose liveness
+    // record the notifier's heartbeat keeps.
+    let instance = notifier.instance().to_owned();
     let notifier = Arc::new(notifier);
     // The liveness record outlives processing: it is deleted only once
     // nothing of this instance is still working on a key.
@@ -174,6 +177,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         queue: Arc::new(broker.clone()),
         consuming: processing.consuming(),
         redis_address,
+        events: Arc::new(broker.clone()),
+        instance,
+        cancels: Arc::default(),
     };
     let grpc_state = GrpcState {
         door: door.clone(),

@@ -915,7 +915,10 @@ mod tests {
         let defaults = load(&[]).unwrap();
         assert_eq!(
             defaults.amqp.hold_hops_ms,
-            [1000, 10_000, 60_000, 600_000, 3_600_000, 28_800_000]
+            [
+                1000, 3000, 10_000, 30_000, 60_000, 180_000, 600_000, 1_800_000, 3_600_000,
+                10_800_000, 28_800_000
+            ]
         );
         let s = load(&[("SMS__AMQP__HOLD_HOPS_MS", "500,2000")]).unwrap();
         assert_eq!(s.amqp.hold_hops_ms, [500, 2000]);

@@ -1,19 +1,27 @@
 //! What the HTTP and gRPC doors share, so that the two answer alike: a
 //! command submitted at either is validated by the same rules, admitted
 //! and queued the same way ([`FrontDoor::submit`]), a key's status is read
-//! once ([`FrontDoor::status`]), and readiness means one thing
+//! once ([`FrontDoor::status`]), a message is cancelled one way
+//! ([`FrontDoor::cancel`]), and readiness means one thing
 //! ([`FrontDoor::readiness`]). Each door only translates its wire (JSON
 //! and HTTP status codes; protobuf and gRPC codes) to and from these.
 //!
 //! Uses the ports only, no adapter crate.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tracing::{info, warn};
 
-use crate::domain::{CommandError, DeliveryStatus, IdempotencyKey, SendSms, MAX_KEY_LEN};
-use crate::ports::{Admission, CacheService, EventMeta, Lane, MessageStatus, QueueClient};
+use crate::domain::{
+    CommandError, DeliveryStatus, FailureReason, IdempotencyKey, SendSms, SmsFailed, MAX_KEY_LEN,
+};
+use crate::ports::{
+    Admission, CacheService, CancelVerdict, EventBus, EventMeta, FailedRecord, Lane, MessageStatus,
+    Owner, QueueClient,
+};
 use crate::processing::Consuming;
 
 /// The longest `x-correlation-id` or `traceparent` a door passes on (a
@@ -33,6 +41,27 @@ pub struct FrontDoor {
     pub consuming: Arc<Consuming>,
     /// `host:port` of Redis, for readiness reasons.
     pub redis_address: String,
+    /// Where a cancel publishes its SmsFailed.
+    pub events: Arc<dyn EventBus>,
+    /// This instance's name in the store (the notifier's, whose liveness
+    /// record the heartbeat keeps): a cancel holds a key as this instance
+    /// while it publishes.
+    pub instance: String,
+    /// Makes each cancel's owner unique.
+    pub cancels: Arc<AtomicU64>,
+}
+
+/// The `detail` of a cancel's SmsFailed.
+pub const CANCEL_DETAIL: &str = "cancelled before it was sent";
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cancellation {
+    /// The key's status after it: `failed`, reason `cancelled`.
+    pub status: MessageStatus,
+    /// Whether the service knew the key before: if not, the cancel waits
+    /// for the command (HTTP 202 rather than 200).
+    pub known: bool,
 }
 
 /// Why a door refuses a request. Each door maps it to its own code: HTTP
@@ -51,6 +80,12 @@ pub enum Refusal {
     },
     /// No message with this key.
     UnknownKey,
+    /// Sent, being sent, or failed: too late to cancel; nothing changed.
+    NotCancellable {
+        key: IdempotencyKey,
+        /// The key's status, when it could be read.
+        known: Option<MessageStatus>,
+    },
     /// Redis did not answer.
     StoreUnavailable(String),
     /// The broker did not take (or confirm) the command.
@@ -64,6 +99,7 @@ impl Refusal {
             Self::Invalid { error, .. } => error,
             Self::KeyReused { .. } => "idempotency_key_reused",
             Self::UnknownKey => "unknown_key",
+            Self::NotCancellable { .. } => "not_cancellable",
             Self::StoreUnavailable(_) => "store_unavailable",
             Self::BrokerUnavailable(_) => "broker_unavailable",
         }
@@ -75,6 +111,14 @@ impl Refusal {
             Self::Invalid { detail, .. } => detail.clone(),
             Self::KeyReused { .. } => "this key was used for another message".to_owned(),
             Self::UnknownKey => "no message with this key".to_owned(),
+            Self::NotCancellable { known, .. } => match known.as_ref().map(|s| s.status.as_str()) {
+                Some("failed") => "it has already failed",
+                Some("processing") => {
+                    "it is being sent, or an earlier attempt may have sent it: too late to cancel"
+                }
+                _ => "it has already been sent: too late to cancel",
+            }
+            .to_owned(),
             Self::StoreUnavailable(detail) | Self::BrokerUnavailable(detail) => detail.clone(),
         }
     }
@@ -179,6 +223,90 @@ impl FrontDoor {
         }
     }
 
+    /// Cancels the message with `key` unless it is sent, being sent or
+    /// failed ([`Refusal::NotCancellable`]); a key the service has not seen
+    /// yet is cancelled too (a tombstone: its command is cancelled when it
+    /// arrives). Never a send after it answers `Ok`. Its SmsFailed
+    /// (`cancelled`) is published here at once when the store knows the
+    /// number (a scheduled message waiting in the hold queues), else by the
+    /// command when it next arrives; never twice (the store gives the key
+    /// to one publisher at a time).
+    pub async fn cancel(&self, key: &str, meta: &EventMeta) -> Result<Cancellation, Refusal> {
+        // A key no command can carry names no message, now or later.
+        let key = IdempotencyKey::parse(key).map_err(|_| Refusal::UnknownKey)?;
+        tracing::Span::current().record("key", key.as_str());
+        let n = self.cancels.fetch_add(1, Ordering::Relaxed);
+        let owner = Owner::cancel(&self.instance, n);
+        let verdict = self
+            .cache
+            .cancel(&key, &owner, CANCEL_DETAIL)
+            .await
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        let (known, outcome) = match verdict {
+            CancelVerdict::TooLate => {
+                metrics::counter!("sms_cancels_total", "outcome" => "too_late").increment(1);
+                let known = self.cache.status(key.as_str()).await.ok().flatten();
+                return Err(Refusal::NotCancellable { key, known });
+            }
+            CancelVerdict::Cancelled { known } => (known, "cancelled"),
+            CancelVerdict::Publish {
+                record,
+                phone_number,
+            } => {
+                self.publish_cancel(&key, &owner, &record, phone_number, meta)
+                    .await;
+                (true, "cancelled")
+            }
+        };
+        let outcome = if known { outcome } else { "waiting" };
+        metrics::counter!("sms_cancels_total", "outcome" => outcome).increment(1);
+        info!(known, "message cancelled");
+        let status = self.status(key.as_str()).await?;
+        Ok(Cancellation { status, known })
+    }
+
+    /// Publishes a cancel's SmsFailed and marks it published; if the broker
+    /// does not take it, hands the key back (the command publishes it when
+    /// it next arrives). A mark that Redis refuses three times leaves the
+    /// event unmarked: the command publishes it again after this lease
+    /// (subscribers deduplicate on `message_id`, as for every event).
+    async fn publish_cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        record: &FailedRecord,
+        phone_number: String,
+        meta: &EventMeta,
+    ) {
+        let event = SmsFailed {
+            idempotency_key: key.to_string(),
+            phone_number,
+            reason: FailureReason::Cancelled.as_str().to_owned(),
+            detail: record.detail.clone(),
+            attempts: record.attempts,
+            failed_at: record.failed_at.clone(),
+        };
+        let span = tracing::info_span!("publish", otel.kind = "producer", event = "SmsFailed");
+        let published =
+            tracing::Instrument::instrument(self.events.publish_failed(&event, meta), span).await;
+        if let Err(e) = published {
+            warn!(error = %e, "the cancel's SmsFailed is not confirmed: the command publishes it when it next arrives");
+            if let Err(e) = self.cache.release(key, owner, record.attempts).await {
+                warn!(error = %e, "cannot hand the cancelled key back; its hold runs out");
+            }
+            return;
+        }
+        metrics::counter!("sms_failed_total", "reason" => FailureReason::Cancelled.as_str())
+            .increment(1);
+        for wait_ms in [0, 100, 400] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            match self.cache.mark_published(key, owner).await {
+                Ok(()) => return,
+                Err(e) => warn!(error = %e, "cannot mark the cancel's SmsFailed published yet"),
+            }
+        }
+    }
+
     /// Ready: connected to the broker, consuming, and Redis takes a write
     /// within [`READY_REDIS_TIMEOUT`]. Otherwise every reason, joined. Sets
     /// the `sms_ready` gauge to what it finds, so that `/readyz`, every
@@ -210,7 +338,7 @@ impl FrontDoor {
 
 /// Whether a status ends the message's lifecycle: `failed`, or a final
 /// delivery status (`delivered`, `undelivered`, `rejected`, `expired`,
-/// `unknown`). `processing` and `sent` may still change.
+/// `unknown`). `scheduled`, `processing` and `sent` may still change.
 pub fn is_final(status: &str) -> bool {
     status == "failed" || DeliveryStatus::parse(status).is_some_and(DeliveryStatus::is_final)
 }
@@ -231,6 +359,9 @@ pub fn status_document(key: &str, s: &MessageStatus) -> serde_json::Value {
         doc["reason"] = json!(reason);
         doc["detail"] = json!(s.detail);
     }
+    if let Some(send_at) = &s.send_at {
+        doc["sendAt"] = json!(send_at);
+    }
     doc
 }
 
@@ -250,7 +381,7 @@ mod tests {
         ] {
             assert!(is_final(status), "{status}");
         }
-        for status in ["processing", "sent", "accepted", ""] {
+        for status in ["scheduled", "processing", "sent", "accepted", ""] {
             assert!(!is_final(status), "{status}");
         }
     }

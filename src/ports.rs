@@ -421,6 +421,16 @@ impl Owner {
             id: format!("{instance}-{claim}"),
         }
     }
+
+    /// The owner of the `n`-th cancel of `instance` (a front door), which
+    /// holds a cancelled key while it publishes its SmsFailed: never the
+    /// id of a claim.
+    pub fn cancel(instance: &str, n: u64) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            id: format!("{instance}-cancel{n}"),
+        }
+    }
 }
 
 /// The answer to "may I work on this key?".
@@ -461,6 +471,30 @@ pub enum Claim {
         lease_left: Duration,
         holder_alive_for: Duration,
     },
+    /// Cancelled, and its SmsFailed is being published by whoever holds
+    /// it (the cancel, at a front door): come back once that is over, in
+    /// `retry_in` at most, to find it published (or free to publish).
+    Cancelling { retry_in: Duration },
+}
+
+/// What the store says to a cancel (see [`CacheService::cancel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelVerdict {
+    /// Cancelled (now, or before with its SmsFailed not out and nobody
+    /// publishing it), and the store knows the number: the caller holds
+    /// the key and publishes the SmsFailed of `record`, then marks it
+    /// published, or releases the key if the broker did not take it.
+    Publish {
+        record: FailedRecord,
+        phone_number: String,
+    },
+    /// Cancelled, now or before. Its SmsFailed is out, or is published by
+    /// the command when it next arrives. `known`: the store knew the key
+    /// before this cancel (else nothing was seen of it yet).
+    Cancelled { known: bool },
+    /// Sent, being sent, perhaps sent (an ambiguous call), or failed: too
+    /// late to cancel; nothing changed.
+    TooLate,
 }
 
 /// What a record (or a lease renewal) found.
@@ -481,9 +515,12 @@ pub enum Recorded {
 /// A key's state as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageStatus {
-    /// `processing`, `sent`, `failed`, or the final delivery status
-    /// (`delivered`, `undelivered`, `rejected`, `expired`, `unknown`).
+    /// `scheduled`, `processing`, `sent`, `failed`, or the final delivery
+    /// status (`delivered`, `undelivered`, `rejected`, `expired`, `unknown`).
     pub status: String,
+    /// When a scheduled message is due (its `sendAt`), once the service
+    /// has held it.
+    pub send_at: Option<String>,
     pub provider_message_id: Option<String>,
     pub attempts: u32,
     pub updated_at: String,
@@ -541,6 +578,17 @@ pub enum Admission {
     /// Known with a different payload: refused, as Stripe refuses a reused
     /// idempotency key.
     Conflict,
+}
+
+/// What the store says of a command held until its `sendAt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduled {
+    /// New (or admitted, or scheduled before): recorded as `scheduled`
+    /// until it is due; hold it.
+    Held,
+    /// The key is known otherwise (in work, sent, failed, cancelled): the
+    /// claim decides, as for any command.
+    Known,
 }
 
 /// What the store says of an invalid command with a usable key.
@@ -665,6 +713,35 @@ pub trait CacheService: Send + Sync {
     /// Forgets an admission whose command could not be queued (only while
     /// nothing else happened to the key).
     async fn withdraw(&self, key: &IdempotencyKey) -> Result<(), CacheError>;
+    /// Records a command held until `send_at` as `scheduled`, with its
+    /// number and due time, if the key is new, admitted, or failed only as
+    /// an invalid command (see [`Scheduled`]); the record lasts until
+    /// `send_at` and the idempotency TTL after it. A later claim treats
+    /// the key as new.
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        phone_number: &str,
+        send_at: SystemTime,
+    ) -> Result<Scheduled, CacheError>;
+    /// Cancels `key` unless it is sent, being sent, perhaps sent or failed
+    /// ([`CancelVerdict`]), atomically: the key becomes `failed` with
+    /// reason `cancelled` and `detail` (a tombstone, also for a key not
+    /// seen yet, so that a command still on its way is cancelled when it
+    /// arrives), kept for the idempotency TTL past the latest `sendAt` a
+    /// command may carry (30 days ahead); a claim then answers
+    /// [`Claim::PublishFailed`] (no provider call) until its SmsFailed is
+    /// marked published, then [`Claim::AlreadyFailed`]. When the store
+    /// knows the number (a scheduled key) the cancel takes the key as
+    /// `owner` to publish the SmsFailed itself, and claims meanwhile answer
+    /// [`Claim::Cancelling`].
+    async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        detail: &str,
+    ) -> Result<CancelVerdict, CacheError>;
     /// Records an invalid command with a usable key as failed, unless the
     /// key is known; see [`InvalidVerdict`]. A later valid command with the
     /// same key is claimed as new (an invalid command reserves nothing).

@@ -203,6 +203,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_duplicates_total", Counter, "Commands acked or dead-lettered as duplicates of a key already sent, failed or in flight."),
         ("sms_dead_lettered_total", Counter, "Commands copied to the dead-letter queue, poison messages included."),
         ("sms_retries_scheduled_total", Counter, "Commands handed to a broker delay tier, confirmed."),
+        ("sms_cancels_total", Counter, "Cancels (DELETE /v1/messages/{key}, gRPC Cancel) by outcome: cancelled (a known message), waiting (a key not seen yet: its command is cancelled when it arrives), too_late (sent, being sent or failed)."),
         ("sms_holds_total", Counter, "Commands parked in a hold queue of the broker until they are due (sendAt), confirmed; one per hop."),
         ("sms_requeued_total", Counter, "Commands requeued after an unconfirmed event, or handed back after the shutdown grace period."),
         ("sms_amqp_acks_sent_total", Counter, "basic.ack frames sent for commands; one may settle many."),
@@ -269,6 +270,7 @@ fn label_values(counter: &str) -> Option<(&'static str, Vec<&'static str>)> {
             "action",
             LimitAction::ALL.iter().map(|a| a.as_str()).collect(),
         )),
+        "sms_cancels_total" => Some(("outcome", vec!["cancelled", "waiting", "too_late"])),
         _ => None,
     }
 }

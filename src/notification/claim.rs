@@ -20,6 +20,9 @@ const PAST_THE_HOLDER: Duration = Duration::from_millis(100);
 
 impl Notifier {
     pub(super) async fn process(&self, cmd: &SendSms, message: &Inbound<'_>) -> Outcome {
+        if let Some(outcome) = self.not_due(cmd).await {
+            return outcome;
+        }
         let route = self.route_for(cmd, message.retry);
         let Some(slot) = self.wait_for_turn(message, route.current).await else {
             return Outcome::HandBack;
@@ -135,13 +138,32 @@ impl Notifier {
                     .await
             }
             Claim::PublishFailed(record) => {
-                info!("resuming: failure already recorded, publishing SmsFailed");
+                if record.reason == FailureReason::Cancelled {
+                    info!("cancelled before it was sent: publishing its SmsFailed");
+                } else {
+                    info!("resuming: failure already recorded, publishing SmsFailed");
+                }
                 self.publish_outcome(attempt, Event::Failed(&record)).await
             }
             Claim::AlreadySent => {
                 self.meters.duplicates.increment(1);
                 debug!("duplicate of a sent key");
                 Outcome::Duplicate
+            }
+            // Its SmsFailed is out: it ends as a failure does, with no
+            // second event.
+            Claim::AlreadyFailed(record) if record.reason == FailureReason::Cancelled => {
+                info!("cancelled before it was sent; its SmsFailed is out");
+                Outcome::Failed(format!("cancelled: {}", record.detail))
+            }
+            Claim::Cancelling { retry_in } => {
+                // The cancel publishes its SmsFailed now: back once that
+                // is over, to end as a cancelled command (or publish it, if
+                // the cancel could not).
+                debug!(?retry_in, "cancelled, its SmsFailed being published; held");
+                Outcome::Hold {
+                    until: std::time::SystemTime::now() + retry_in,
+                }
             }
             Claim::AlreadyFailed(record) => {
                 self.meters.duplicates.increment(1);
@@ -334,6 +356,7 @@ fn claim_name(claim: &Claim) -> &'static str {
         Claim::AlreadySent => "already_sent",
         Claim::AlreadyFailed(_) => "already_failed",
         Claim::Busy { .. } => "busy",
+        Claim::Cancelling { .. } => "cancelling",
     }
 }
 

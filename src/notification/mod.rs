@@ -1,6 +1,9 @@
 //! The core decision for one command, and the order of side effects that
 //! makes it correct. One file per step:
 //!
+//! 0. **hold** ([`schedule`]) a command whose `sendAt` is ahead: its key
+//!    recorded as `scheduled`, it is parked in the broker until it is due
+//!    ([`Outcome::Hold`]), before any slot, token or claim.
 //! 1. **claim** ([`claim`]) the key in the idempotency store: an atomic
 //!    compare-and-set that either grants a lease, or says the key is done,
 //!    or that a live holder has it. No provider call happens without a
@@ -62,6 +65,7 @@ mod publish;
 mod quiet;
 mod record;
 mod retry;
+mod schedule;
 mod send;
 #[cfg(test)]
 mod tests;

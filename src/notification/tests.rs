@@ -7,7 +7,9 @@ use super::*;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::concurrency::AdaptiveLimit;
 use crate::domain::IdempotencyKey;
-use crate::ports::{Accepted, Claim, EventMeta, Lane, ProviderError, RetryState, SmsService};
+use crate::ports::{
+    Accepted, CancelVerdict, Claim, EventMeta, Lane, ProviderError, RetryState, SmsService,
+};
 use crate::testing::{MemoryCache, MemoryEvents, ScriptedProvider};
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -469,6 +471,146 @@ async fn a_command_past_its_expiry_fails_expired_without_a_provider_call() {
         h.handle(&expiring_body("k2", future), false).await,
         Outcome::Sent
     );
+}
+
+/// A command due at `send_at`, expiring at `expires_at` if given.
+fn scheduled_body(
+    key: &str,
+    send_at: std::time::SystemTime,
+    expires_at: Option<std::time::SystemTime>,
+) -> Vec<u8> {
+    let mut body = serde_json::json!({
+        "idempotencyKey": key,
+        "phoneNumber": "+254712345678",
+        "text": "hello",
+        "sendAt": crate::domain::rfc3339(send_at),
+    });
+    if let Some(at) = expires_at {
+        body["expiresAt"] = crate::domain::rfc3339(at).into();
+    }
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// `at` to the second, as sendAt carries it.
+fn whole_seconds(at: std::time::SystemTime) -> std::time::SystemTime {
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    std::time::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_not_yet_due_is_held_until_its_send_at_with_no_claim_slot_or_call() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let due = whole_seconds(std::time::SystemTime::now() + Duration::from_secs(120));
+    let body = scheduled_body("k1", due, None);
+    assert_eq!(h.handle(&body, false).await, Outcome::Hold { until: due });
+    assert_eq!(h.provider.calls(), 0);
+    assert_eq!(h.cache.lease_holder("k1"), None, "no lease taken");
+    let status = h.cache.status("k1").await.unwrap().unwrap();
+    assert_eq!(status.status, "scheduled");
+    assert_eq!(status.send_at, Some(crate::domain::rfc3339(due)));
+    // Back from its hold still early: held again, still nothing sent.
+    assert_eq!(h.handle(&body, false).await, Outcome::Hold { until: due });
+    assert!(h.events.sent().is_empty() && h.events.failed().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_that_is_due_is_sent_and_its_expiry_still_counts() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let past = std::time::SystemTime::now() - Duration::from_secs(2);
+    assert_eq!(
+        h.handle(&scheduled_body("due", past, None), false).await,
+        Outcome::Sent
+    );
+    let expired = scheduled_body("expired", past, Some(past));
+    match h.handle(&expired, false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("expired"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.provider.calls(), 1, "only the one still valid");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_copy_of_a_key_already_sent_is_acked_at_once_not_held() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    assert_eq!(h.handle(&body("k1"), false).await, Outcome::Sent);
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let copy = scheduled_body("k1", later, None);
+    assert_eq!(h.handle(&copy, false).await, Outcome::Duplicate);
+    assert_eq!(h.provider.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_command_pauses_the_instance_while_the_store_is_away() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.cache.down.store(true, SeqCst);
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    assert_eq!(
+        h.handle(&scheduled_body("k1", later, None), false).await,
+        Outcome::StoreUnavailable
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_cancelled_before_it_arrives_ends_with_one_sms_failed_and_no_call() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let door = Owner::cancel("door", 1);
+    let verdict = h.cache.cancel(&key, &door, "cancelled by test").await;
+    assert_eq!(verdict.unwrap(), CancelVerdict::Cancelled { known: false });
+    match h.handle(&body("k1"), false).await {
+        Outcome::Failed(reason) => assert_eq!(reason, "cancelled: cancelled by test"),
+        other => panic!("{other:?}"),
+    }
+    let failed = h.events.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (failed[0].reason.as_str(), failed[0].phone_number.as_str()),
+        ("cancelled", "+254712345678")
+    );
+    // A copy of it: dead-lettered as cancelled, no second event.
+    assert!(
+        matches!(h.handle(&body("k1"), false).await, Outcome::Failed(r) if r.starts_with("cancelled"))
+    );
+    assert_eq!(h.events.failed().len(), 1);
+    assert_eq!(h.provider.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_command_back_while_its_cancel_publishes_waits_then_ends_with_no_second_event() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    let due = whole_seconds(std::time::SystemTime::now() + Duration::from_secs(600));
+    let command = scheduled_body("k1", due, None);
+    assert_eq!(
+        h.handle(&command, false).await,
+        Outcome::Hold { until: due }
+    );
+    let door = Owner::cancel("door", 1);
+    h.cache.set_alive(&door.instance, Duration::from_secs(3600));
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let verdict = h
+        .cache
+        .cancel(&key, &door, "cancelled by test")
+        .await
+        .unwrap();
+    assert!(
+        matches!(verdict, CancelVerdict::Publish { .. }),
+        "{verdict:?}"
+    );
+    // Back from a hop while the cancel publishes: held again, briefly.
+    match h.handle(&command, false).await {
+        Outcome::Hold { until } => assert!(until < due, "held past the cancel only"),
+        other => panic!("{other:?}"),
+    }
+    h.cache.mark_published(&key, &door).await.unwrap();
+    match h.handle(&command, false).await {
+        Outcome::Failed(reason) => assert!(reason.starts_with("cancelled"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.events.failed().is_empty(),
+        "the cancel published it, not the command"
+    );
+    assert_eq!(h.provider.calls(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -40,6 +40,26 @@ struct Entry {
     pinned: Option<String>,
     /// What delivery reports said of it.
     ledger: Ledger,
+    /// A scheduled message's number, and when it is due (RFC 3339).
+    phone: Option<String>,
+    send_at: Option<String>,
+    /// A tombstone: failed as cancelled.
+    cancelled: bool,
+}
+
+/// The claim's answer while a live holder has the key: busy, or for a
+/// cancelled key, come back once its SmsFailed is out.
+fn busy(entry: &Entry, lease_left: Duration, holder_alive_for: Duration) -> Claim {
+    if entry.cancelled {
+        Claim::Cancelling {
+            retry_in: lease_left.min(holder_alive_for),
+        }
+    } else {
+        Claim::Busy {
+            lease_left,
+            holder_alive_for,
+        }
+    }
 }
 
 /// Reports parked for one provider id, each with its time.
@@ -269,7 +289,7 @@ impl CacheService for MemoryCache {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
         let entry = entries.entry(key.to_string()).or_default();
-        if matches!(entry.status.as_str(), "" | "accepted") || entry.invalid {
+        if matches!(entry.status.as_str(), "" | "accepted" | "scheduled") || entry.invalid {
             let admitted = entry.fingerprint.take().filter(|_| !entry.invalid);
             *entry = Entry {
                 status: "processing".into(),
@@ -277,6 +297,7 @@ impl CacheService for MemoryCache {
                 attempts: 1,
                 first_attempt_ms: epoch_ms(),
                 fingerprint: Some(admitted.unwrap_or_else(|| fingerprint.to_owned())),
+                send_at: entry.send_at.take(),
                 ..Entry::default()
             };
             return Ok(Claim::Send {
@@ -313,20 +334,14 @@ impl CacheService for MemoryCache {
                 if until > now {
                     if let Some(alive) = self.alive_for(&holder.instance, now) {
                         entry.dead_since = None;
-                        return Ok(Claim::Busy {
-                            lease_left: until - now,
-                            holder_alive_for: alive,
-                        });
+                        return Ok(busy(entry, until - now, alive));
                     }
                     // Dead, or only without its record in a store outage:
                     // taken over once dead for a whole liveness TTL.
                     let since = *entry.dead_since.get_or_insert(now);
                     let over = since + self.liveness;
                     if over > now {
-                        return Ok(Claim::Busy {
-                            lease_left: until - now,
-                            holder_alive_for: over - now,
-                        });
+                        return Ok(busy(entry, until - now, over - now));
                     }
                 }
                 entry.dead_since = None;
@@ -580,6 +595,85 @@ impl CacheService for MemoryCache {
         Ok(())
     }
 
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        phone_number: &str,
+        send_at: std::time::SystemTime,
+    ) -> Result<Scheduled, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        match entry.status.as_str() {
+            "scheduled" => return Ok(Scheduled::Held),
+            "" | "accepted" => {}
+            _ if entry.invalid => {}
+            _ => return Ok(Scheduled::Known),
+        }
+        let admitted = entry
+            .fingerprint
+            .take()
+            .filter(|_| entry.status == "accepted");
+        *entry = Entry {
+            status: "scheduled".into(),
+            fingerprint: Some(admitted.unwrap_or_else(|| fingerprint.to_owned())),
+            phone: Some(phone_number.to_owned()),
+            send_at: Some(crate::domain::rfc3339(send_at)),
+            ..Entry::default()
+        };
+        Ok(Scheduled::Held)
+    }
+
+    async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        detail: &str,
+    ) -> Result<CancelVerdict, CacheError> {
+        self.check()?;
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap();
+        let entry = entries.entry(key.to_string()).or_default();
+        let before = entry.cancelled;
+        let known = !entry.status.is_empty();
+        if !before {
+            let open = match entry.status.as_str() {
+                "" | "accepted" | "scheduled" => true,
+                "retrying" => entry.pinned.is_none(),
+                _ => false,
+            };
+            if !open {
+                return Ok(CancelVerdict::TooLate);
+            }
+            let failed_at = crate::domain::rfc3339(std::time::SystemTime::now());
+            entry.status = "failed".into();
+            entry.cancelled = true;
+            entry.invalid = false;
+            entry.published = false;
+            entry.lease = None;
+            entry.dead_since = None;
+            entry.failed = Some(FailedRecord {
+                reason: crate::domain::FailureReason::Cancelled,
+                detail: detail.to_owned(),
+                attempts: entry.attempts,
+                failed_at,
+            });
+        }
+        let held = before && entry.lease.as_ref().is_some_and(|(_, until)| *until > now);
+        match (&entry.phone, entry.published || held) {
+            (Some(phone), false) => {
+                let phone_number = phone.clone();
+                entry.lease = Some((owner.clone(), now + self.lease));
+                Ok(CancelVerdict::Publish {
+                    record: entry.failed.clone().expect("a tombstone has its record"),
+                    phone_number,
+                })
+            }
+            _ => Ok(CancelVerdict::Cancelled { known }),
+        }
+    }
+
     async fn record_invalid(
         &self,
         key: &IdempotencyKey,
@@ -611,6 +705,7 @@ impl CacheService for MemoryCache {
             let failed = e.failed.as_ref().filter(|_| e.status == "failed");
             let delivery_status = e.ledger.delivery.as_ref().map(|(d, _)| d.status);
             MessageStatus {
+                send_at: e.send_at.clone(),
                 status: match (e.status.as_str(), delivery_status) {
                     ("retrying" | "accepted", _) => "processing".into(),
                     ("sent", Some(d)) => d.as_str().into(),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::domain::{DeliveryStatus, FailureReason, IdempotencyKey, RateWindow};
 use crate::ports::{
-    Admission, CacheService, Claim, FailedRecord, InvalidVerdict, Owner, ProviderReport,
-    RecipientSend, Recorded, ReportOutcome, SentRecord,
+    Admission, CacheService, CancelVerdict, Claim, FailedRecord, InvalidVerdict, Owner,
+    ProviderReport, RecipientSend, Recorded, ReportOutcome, Scheduled, SentRecord,
 };
 
 /// Runs every case; panics naming the first that fails.
@@ -47,6 +47,14 @@ pub async fn check(store: &dyn CacheService, lease: Duration, liveness: Duration
     c.renew_extends_the_holders_lease_only().await;
     c.status_follows_the_key().await;
     c.an_admitted_key_is_processing_and_new_to_its_claim().await;
+    c.a_scheduled_key_shows_when_it_is_due_and_is_new_to_its_claim()
+        .await;
+    c.a_key_cancelled_before_its_command_arrives_fails_that_command_once()
+        .await;
+    c.a_cancelled_scheduled_key_is_published_by_the_cancel_while_claims_wait()
+        .await;
+    c.a_key_sent_in_work_perhaps_sent_or_failed_is_too_late_to_cancel()
+        .await;
     c.a_reused_key_with_another_payload_conflicts().await;
     c.a_withdrawn_admission_is_forgotten_but_nothing_else_is()
         .await;
@@ -525,6 +533,253 @@ impl Case<'_> {
             ),
             "admitted: the claim is the first"
         );
+    }
+
+    async fn a_scheduled_key_shows_when_it_is_due_and_is_new_to_its_claim(&self) {
+        let key = self.key("scheduled");
+        let due = std::time::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let due_text = crate::domain::rfc3339(due);
+        // Admitted first: its fingerprint stays the one a reuse is checked by.
+        self.store.admit(&key, "fp-1").await.unwrap();
+        let held = self
+            .store
+            .schedule(&key, "fp-other", "+254712345678", due)
+            .await
+            .unwrap();
+        assert_eq!(held, Scheduled::Held, "scheduled: admitted");
+        let again = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(again.unwrap(), Scheduled::Held, "scheduled: again");
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                status.status.as_str(),
+                status.send_at.as_deref(),
+                status.attempts
+            ),
+            ("scheduled", Some(due_text.as_str()), 0)
+        );
+        assert_eq!(
+            self.store.admit(&key, "fp-2").await.unwrap(),
+            Admission::Conflict,
+            "scheduled: the admitted fingerprint kept"
+        );
+        let a = self.live("a", 1).await;
+        assert!(
+            matches!(
+                self.claim(&key, &a).await,
+                Claim::Send {
+                    attempts: 0,
+                    takeovers: 0,
+                    ..
+                }
+            ),
+            "scheduled: the claim when due is the first"
+        );
+        let known = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(known.unwrap(), Scheduled::Known, "scheduled: in work");
+        self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
+        let known = self
+            .store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(known.unwrap(), Scheduled::Known, "scheduled: sent");
+        // An invalid command reserves nothing.
+        let invalid = self.key("scheduled-invalid");
+        self.store
+            .record_invalid(&invalid, &failed())
+            .await
+            .unwrap();
+        let held = self
+            .store
+            .schedule(&invalid, "fp-1", "+254712345678", due)
+            .await;
+        assert_eq!(
+            held.unwrap(),
+            Scheduled::Held,
+            "scheduled: after an invalid command"
+        );
+        let status = self.store.status(invalid.as_str()).await.unwrap().unwrap();
+        assert_eq!((status.status.as_str(), status.reason), ("scheduled", None));
+    }
+
+    async fn cancel(&self, key: &IdempotencyKey, owner: &Owner) -> CancelVerdict {
+        self.store
+            .cancel(key, owner, "cancelled by test")
+            .await
+            .unwrap()
+    }
+
+    async fn a_key_cancelled_before_its_command_arrives_fails_that_command_once(&self) {
+        let key = self.key("cancel-unknown");
+        let door = self.live("door", 1).await;
+        let verdict = self.cancel(&key, &door).await;
+        assert_eq!(
+            verdict,
+            CancelVerdict::Cancelled { known: false },
+            "unknown"
+        );
+        let status = self.store.status(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(
+            (status.status.as_str(), status.reason.as_deref()),
+            ("failed", Some("cancelled"))
+        );
+        assert_eq!(
+            self.cancel(&key, &door).await,
+            CancelVerdict::Cancelled { known: true },
+            "cancelled again: nothing more"
+        );
+        // The command arrives: no provider call, it publishes the SmsFailed.
+        let a = self.live("a", 1).await;
+        let record = match self.claim(&key, &a).await {
+            Claim::PublishFailed(record) => record,
+            other => panic!("cancelled, then claimed: {other:?}"),
+        };
+        assert_eq!(
+            (record.reason, record.detail.as_str(), record.attempts),
+            (FailureReason::Cancelled, "cancelled by test", 0)
+        );
+        self.store.mark_published(&key, &a).await.unwrap();
+        let b = self.live("b", 1).await;
+        assert!(
+            matches!(self.claim(&key, &b).await, Claim::AlreadyFailed(r) if r.reason == FailureReason::Cancelled),
+            "published: done"
+        );
+        // A key admitted, or waiting in a delay tier, is known.
+        let admitted = self.key("cancel-admitted");
+        self.store.admit(&admitted, "fp-1").await.unwrap();
+        let verdict = self.cancel(&admitted, &door).await;
+        assert_eq!(
+            verdict,
+            CancelVerdict::Cancelled { known: true },
+            "admitted"
+        );
+        let retrying = self.key("cancel-retrying");
+        self.claim(&retrying, &a).await;
+        self.store.release(&retrying, &a, 1).await.unwrap();
+        let verdict = self.cancel(&retrying, &door).await;
+        assert_eq!(
+            verdict,
+            CancelVerdict::Cancelled { known: true },
+            "retrying"
+        );
+        let status = self.store.status(retrying.as_str()).await.unwrap().unwrap();
+        assert_eq!((status.status.as_str(), status.attempts), ("failed", 1));
+    }
+
+    async fn a_cancelled_scheduled_key_is_published_by_the_cancel_while_claims_wait(&self) {
+        let key = self.key("cancel-scheduled");
+        let due = std::time::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        self.store
+            .schedule(&key, "fp-1", "+254712345678", due)
+            .await
+            .unwrap();
+        let door = self.live("door", 1).await;
+        match self.cancel(&key, &door).await {
+            CancelVerdict::Publish {
+                record,
+                phone_number,
+            } => {
+                assert_eq!(phone_number, "+254712345678");
+                assert_eq!(record.reason, FailureReason::Cancelled);
+            }
+            other => panic!("scheduled: {other:?}"),
+        }
+        // The held command comes back meanwhile: it waits, sends nothing.
+        let a = self.live("a", 1).await;
+        match self.claim(&key, &a).await {
+            Claim::Cancelling { retry_in } => {
+                assert!(retry_in > Duration::ZERO && retry_in <= self.lease)
+            }
+            other => panic!("while the cancel publishes: {other:?}"),
+        }
+        let again = self.live("door", 2).await;
+        assert_eq!(
+            self.cancel(&key, &again).await,
+            CancelVerdict::Cancelled { known: true },
+            "a second cancel while the first publishes: no second event"
+        );
+        self.store.mark_published(&key, &door).await.unwrap();
+        assert!(
+            matches!(self.claim(&key, &a).await, Claim::AlreadyFailed(r) if r.reason == FailureReason::Cancelled),
+            "its SmsFailed out: done"
+        );
+        assert_eq!(
+            self.cancel(&key, &again).await,
+            CancelVerdict::Cancelled { known: true },
+            "published: nothing more"
+        );
+        // A cancel whose publish failed hands the key back: the command
+        // publishes it.
+        let handed = self.key("cancel-handed-back");
+        self.store
+            .schedule(&handed, "fp-1", "+254712345678", due)
+            .await
+            .unwrap();
+        assert!(matches!(
+            self.cancel(&handed, &door).await,
+            CancelVerdict::Publish { .. }
+        ));
+        self.store.release(&handed, &door, 0).await.unwrap();
+        assert!(
+            matches!(self.claim(&handed, &a).await, Claim::PublishFailed(r) if r.reason == FailureReason::Cancelled),
+            "handed back: the command publishes"
+        );
+    }
+
+    async fn a_key_sent_in_work_perhaps_sent_or_failed_is_too_late_to_cancel(&self) {
+        let door = self.live("door", 1).await;
+        let a = self.live("a", 1).await;
+        let in_work = self.key("late-in-work");
+        self.claim(&in_work, &a).await;
+        assert_eq!(
+            self.cancel(&in_work, &door).await,
+            CancelVerdict::TooLate,
+            "in work"
+        );
+        let pinned = self.key("late-pinned");
+        self.claim(&pinned, &a).await;
+        self.store.pin(&pinned, &a, "generic").await.unwrap();
+        self.store.release(&pinned, &a, 1).await.unwrap();
+        assert_eq!(
+            self.cancel(&pinned, &door).await,
+            CancelVerdict::TooLate,
+            "perhaps sent"
+        );
+        self.store
+            .record_sent(&in_work, &a, &sent(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            self.cancel(&in_work, &door).await,
+            CancelVerdict::TooLate,
+            "sent"
+        );
+        let status = self.store.status(in_work.as_str()).await.unwrap().unwrap();
+        assert_eq!(status.status, "sent", "too late: unchanged");
+        let failed_key = self.key("late-failed");
+        self.claim(&failed_key, &a).await;
+        self.store
+            .record_failed(&failed_key, &a, &failed())
+            .await
+            .unwrap();
+        assert_eq!(
+            self.cancel(&failed_key, &door).await,
+            CancelVerdict::TooLate,
+            "failed"
+        );
+        let status = self
+            .store
+            .status(failed_key.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.reason.as_deref(), Some("provider_rejected"));
     }
 
     async fn a_reused_key_with_another_payload_conflicts(&self) {

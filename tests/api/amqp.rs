@@ -289,7 +289,10 @@ async fn a_held_command_waits_as_a_persistent_message_in_a_durable_hold_queue_an
         .unwrap();
     // Durable, with these arguments: declaring it so again is accepted
     // (a differing declaration would close the channel).
-    for hop_ms in [1000i64, 10_000, 60_000, 600_000, 3_600_000, 28_800_000] {
+    for hop_ms in [
+        1000i64, 3000, 10_000, 30_000, 60_000, 180_000, 600_000, 1_800_000, 3_600_000, 10_800_000,
+        28_800_000,
+    ] {
         let mut arguments = FieldTable::default();
         arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(hop_ms));
         arguments.insert(

@@ -297,10 +297,12 @@ impl Drop for Leftovers {
 
 /// The hold queues of `origin` with the default waits (`amqp.hold_hops_ms`).
 pub fn hold_queues(origin: &str) -> Vec<String> {
-    ["1s", "10s", "1m", "10m", "1h", "8h"]
-        .iter()
-        .map(|wait| format!("{origin}.hold.{wait}"))
-        .collect()
+    [
+        "1s", "3s", "10s", "30s", "1m", "3m", "10m", "30m", "1h", "3h", "8h",
+    ]
+    .iter()
+    .map(|wait| format!("{origin}.hold.{wait}"))
+    .collect()
 }
 
 /// A plain AMQP client, as a producer or subscriber would use.

@@ -3,6 +3,7 @@
 
 mod amqp;
 mod auth;
+mod cancel;
 mod cli;
 mod compose;
 mod delivery;
@@ -27,6 +28,7 @@ mod providers_vonage;
 mod proxy;
 mod resilience;
 mod scale;
+mod schedule;
 mod schemas;
 mod startup;
 mod store;

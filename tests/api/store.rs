@@ -74,3 +74,40 @@ async fn every_granted_claim_refreshes_the_keys_ttl() {
     assert!(ttl > 500, "TTL not refreshed by the claim: {ttl}");
     delete_redis_keys(&names.key_prefix).await;
 }
+
+async fn ttl_of(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("TTL").arg(key).query_async(redis).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_scheduled_record_and_a_cancel_outlive_the_send_at_they_wait_for() {
+    let names = Names::unique();
+    let store = store(&names);
+    let mut redis = redis_connection().await;
+    // The test settings remember a key 600 s.
+    let idempotency_ttl = 600;
+    let day = 86_400;
+    let scheduled = IdempotencyKey::parse("in-ten-days").unwrap();
+    let due = std::time::SystemTime::now() + Duration::from_secs(10 * day);
+    store
+        .schedule(&scheduled, "fp", "+254712345678", due)
+        .await
+        .unwrap();
+    let msg = format!("{}:msg:in-ten-days", names.key_prefix);
+    let ttl = ttl_of(&mut redis, &msg).await;
+    assert!(
+        (10 * day as i64 + idempotency_ttl - 5..=10 * day as i64 + idempotency_ttl + 5)
+            .contains(&ttl),
+        "scheduled: kept until it is due and the idempotency TTL after: {ttl}"
+    );
+    // A cancel of a key not seen yet: its command may be due 30 days on.
+    let unknown = IdempotencyKey::parse("never-seen").unwrap();
+    let owner = Owner::cancel("ttlinstance", 1);
+    store.cancel(&unknown, &owner, "test").await.unwrap();
+    let ttl = ttl_of(&mut redis, &format!("{}:msg:never-seen", names.key_prefix)).await;
+    assert!(
+        ttl >= 30 * day as i64 + idempotency_ttl - 5,
+        "tombstone: kept past the latest sendAt: {ttl}"
+    );
+    delete_redis_keys(&names.key_prefix).await;
+}

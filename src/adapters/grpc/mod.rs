@@ -235,6 +235,29 @@ impl SmsService for GrpcDoor {
         }))
     }
 
+    async fn cancel(
+        &self,
+        request: Request<proto::CancelRequest>,
+    ) -> Result<Response<proto::MessageStatus>, Status> {
+        let metadata = request.metadata();
+        let (traceparent, tracestate) =
+            (text(metadata, "traceparent"), text(metadata, "tracestate"));
+        let meta = event_meta(text(metadata, "x-correlation-id"), traceparent, tracestate);
+        let span = request_span("sms.v1.SmsService/Cancel", traceparent, tracestate);
+        let key = request.get_ref().idempotency_key.clone();
+        let answer = self
+            .door
+            .cancel(&key, &meta)
+            .instrument(span.clone())
+            .await
+            .map_err(refuse);
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        span.record("rpc.grpc.status_code", code as i64);
+        Ok(Response::new(message(&key, answer?.status)))
+    }
+
     async fn get_status(
         &self,
         request: Request<proto::GetStatusRequest>,
@@ -378,6 +401,7 @@ fn refuse(refusal: Refusal) -> Status {
     match refusal {
         Refusal::Invalid { .. } => Status::invalid_argument(text),
         Refusal::KeyReused { .. } => Status::already_exists(text),
+        Refusal::NotCancellable { .. } => Status::failed_precondition(text),
         Refusal::UnknownKey => Status::not_found(text),
         Refusal::StoreUnavailable(_) | Refusal::BrokerUnavailable(_) => Status::unavailable(text),
     }
@@ -430,6 +454,7 @@ fn message(key: &str, s: MessageStatus) -> proto::MessageStatus {
         detail: s.detail,
         provider: s.provider,
         delivery_status: s.delivery_status.map(|d| d.as_str().to_owned()),
+        send_at: s.send_at,
         history: s
             .history
             .into_iter()
@@ -448,7 +473,7 @@ mod tests {
     use super::*;
     use crate::domain::IdempotencyKey;
     use crate::ports::CacheService;
-    use crate::testing::{MemoryCache, MemoryQueue};
+    use crate::testing::{MemoryCache, MemoryEvents, MemoryQueue};
 
     fn door(cache: Arc<MemoryCache>, limits: WatchLimits) -> (GrpcDoor, CancellationToken) {
         let shutdown = CancellationToken::new();
@@ -458,6 +483,9 @@ mod tests {
                 queue: MemoryQueue::new(),
                 consuming: Arc::default(),
                 redis_address: "memory".into(),
+                events: Arc::new(MemoryEvents::default()),
+                instance: "grpc".into(),
+                cancels: Arc::default(),
             },
             api_access: ApiAccess::OpenOnLoopback,
             max_message_bytes: 65536,

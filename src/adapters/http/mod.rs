@@ -86,7 +86,7 @@ pub fn router(state: HttpState) -> Router {
 fn message_routes(state: HttpState) -> Router<HttpState> {
     Router::new()
         .route("/v1/messages", post(submit))
-        .route("/v1/messages/{key}", get(status))
+        .route("/v1/messages/{key}", get(status).delete(cancel))
         .route_layer(middleware::from_fn_with_state(state, auth::require_api_key))
 }
 
@@ -177,6 +177,39 @@ async fn submit(State(state): State<HttpState>, headers: HeaderMap, body: Bytes)
     response
 }
 
+/// Cancels a message not yet sent ([`FrontDoor::cancel`]): 200 with its
+/// status document (`failed`, reason `cancelled`), 202 when the service
+/// has not seen the key yet (its command is cancelled when it arrives),
+/// 409 with the status document when it is too late.
+async fn cancel(
+    State(state): State<HttpState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+    let meta = event_meta(header("x-correlation-id"), traceparent, tracestate);
+    let span = request_span("DELETE /v1/messages/{key}", traceparent, tracestate);
+    let cancelled = state
+        .door
+        .cancel(&key, &meta)
+        .instrument(span.clone())
+        .await;
+    let response = match cancelled {
+        Ok(c) => {
+            let code = if c.known {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (code, Json(status_document(&key, &c.status))).into_response()
+        }
+        Err(refusal) => refuse(refusal),
+    };
+    answered(&span, &response);
+    response
+}
+
 /// Records a request's answer on its span.
 fn answered(span: &tracing::Span, response: &Response) {
     let status = i64::from(response.status().as_u16());
@@ -184,17 +217,18 @@ fn answered(span: &tracing::Span, response: &Response) {
 }
 
 /// A front door's refusal as HTTP: the status code and the JSON error; a
-/// reused key also shows the key's status document.
+/// reused key, or one too late to cancel, also shows the key's status
+/// document.
 fn refuse(refusal: Refusal) -> Response {
     let status = match &refusal {
         Refusal::Invalid { .. } => StatusCode::BAD_REQUEST,
-        Refusal::KeyReused { .. } => StatusCode::CONFLICT,
+        Refusal::KeyReused { .. } | Refusal::NotCancellable { .. } => StatusCode::CONFLICT,
         Refusal::UnknownKey => StatusCode::NOT_FOUND,
         Refusal::StoreUnavailable(_) | Refusal::BrokerUnavailable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
     };
-    if let Refusal::KeyReused { key, known } = &refusal {
+    if let Refusal::KeyReused { key, known } | Refusal::NotCancellable { key, known } = &refusal {
         let mut answer = match known {
             Some(known) => status_document(key.as_str(), known),
             None => json!({"idempotencyKey": key.as_str()}),

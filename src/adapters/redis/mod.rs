@@ -4,13 +4,15 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `status` | `processing`, `retrying`, `sent`, `failed`, `delivered`, `undelivered` |
+//! | `status` | `accepted`, `scheduled`, `processing`, `retrying`, `sent`, `failed` |
 //! | `published` | `1` once the outcome's event is confirmed by the broker |
 //! | `owner`, `holder`, `lease_until` | which claim holds the lease, of which instance, until when (Redis clock, ms) |
 //! | `attempts` | provider calls made for the key (counted at the claim that makes one) |
 //! | `first_attempt_ms` | when the first claim that could send was granted |
 //! | `takeovers` | leases taken from a holder that was dead or whose lease ran out |
 //! | `phone`, `parts`, `p:{partId}` | the destination; every part's provider id; each part's reported status |
+//! | `send_at` | when a scheduled message is due (RFC 3339) |
+//! | `cancelled` | `1` on a tombstone: `failed`, reason `cancelled`, by a cancel |
 //! | `delivery`, `d_*` | the final status delivery reports set, the report that set it, and `d_published` once its SmsDeliveryReport is confirmed |
 //! | others | the provider's id, segments, reason, times |
 //!
@@ -25,7 +27,7 @@
 //! of idempotency keys by time, expiring with the longest window). The scripts are in [`scripts`].
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -36,10 +38,12 @@ use tokio::sync::OnceCell;
 use crate::config::RedisSettings;
 use crate::domain::{
     rfc3339, DeliveryReport, DeliveryStatus, FailureReason, IdempotencyKey, RateWindow,
+    MAX_SCHEDULE_AHEAD,
 };
 use crate::ports::{
-    Admission, CacheError, CacheService, Claim, FailedRecord, HistoryEntry, InvalidVerdict,
-    MessageStatus, Owner, ProviderReport, RecipientSend, Recorded, ReportOutcome, SentRecord,
+    Admission, CacheError, CacheService, CancelVerdict, Claim, FailedRecord, HistoryEntry,
+    InvalidVerdict, MessageStatus, Owner, ProviderReport, RecipientSend, Recorded, ReportOutcome,
+    Scheduled, SentRecord,
 };
 
 mod scripts;
@@ -48,6 +52,8 @@ struct Scripts {
     claim: Script,
     admit: Script,
     withdraw: Script,
+    schedule: Script,
+    cancel: Script,
     record_invalid: Script,
     mark_published: Script,
     pin: Script,
@@ -105,6 +111,8 @@ impl RedisStore {
                 claim: Script::new(scripts::CLAIM),
                 admit: Script::new(scripts::ADMIT),
                 withdraw: Script::new(scripts::WITHDRAW),
+                schedule: Script::new(scripts::SCHEDULE),
+                cancel: Script::new(scripts::CANCEL),
                 record_invalid: Script::new(scripts::RECORD_INVALID),
                 mark_published: Script::new(scripts::MARK_PUBLISHED),
                 pin: Script::new(scripts::PIN),
@@ -397,6 +405,10 @@ impl CacheService for RedisStore {
                 lease_left: millis(reply.get(1), self.lease_ms),
                 holder_alive_for: millis(reply.get(2), self.lease_ms),
             },
+            ("cancelling", _) => Claim::Cancelling {
+                retry_in: millis(reply.get(1), self.lease_ms)
+                    .min(millis(reply.get(2), self.lease_ms)),
+            },
             ("done", "failed") => Claim::AlreadyFailed(failed_record(&f)),
             ("done", _) => Claim::AlreadySent,
             ("claimed", "sent" | "delivered" | "undelivered") => {
@@ -611,6 +623,64 @@ impl CacheService for RedisStore {
             .map(drop)
     }
 
+    async fn schedule(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        phone_number: &str,
+        send_at: SystemTime,
+    ) -> Result<Scheduled, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        // Until it is due, then as long as any record.
+        let ahead = send_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let ttl = (ahead.as_secs() + 1).saturating_add(self.ttl_secs);
+        let (send_at, ttl, now) = (rfc3339(send_at), ttl.to_string(), now());
+        let args = [fingerprint, phone_number, &send_at, &ttl, &now];
+        let verdict: String = self.run(&self.scripts.schedule, &[&msg], &args).await?;
+        Ok(match verdict.as_str() {
+            "scheduled" => Scheduled::Held,
+            _ => Scheduled::Known,
+        })
+    }
+
+    async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        detail: &str,
+    ) -> Result<CancelVerdict, CacheError> {
+        let msg = self.msg_key(key.as_str());
+        // A command still on its way may be due up to 30 days from now.
+        let keep = MAX_SCHEDULE_AHEAD.as_secs().saturating_add(self.ttl_secs);
+        let (lease, keep, now) = (self.lease_ms.to_string(), keep.to_string(), now());
+        let args = [
+            owner.id.as_str(),
+            &owner.instance,
+            &lease,
+            detail,
+            &now,
+            &keep,
+        ];
+        let reply: Vec<Value> = self.run(&self.scripts.cancel, &[&msg], &args).await?;
+        let verdict = reply.first().and_then(text).unwrap_or_default();
+        Ok(match verdict.as_str() {
+            "publish" => {
+                let f = fields(reply.get(1).unwrap_or(&Value::Nil));
+                CancelVerdict::Publish {
+                    record: failed_record(&f),
+                    phone_number: field(&f, "phone"),
+                }
+            }
+            "cancelled" => CancelVerdict::Cancelled {
+                known: reply.get(1).and_then(text).as_deref() == Some("known"),
+            },
+            "too_late" => CancelVerdict::TooLate,
+            _ => return Err(CacheError(format!("unexpected cancel reply {verdict:?}"))),
+        })
+    }
+
     async fn record_invalid(
         &self,
         key: &IdempotencyKey,
@@ -645,6 +715,7 @@ impl CacheService for RedisStore {
         };
         let present = |name: &str| f.get(name).filter(|v| !v.is_empty()).cloned();
         Ok(Some(MessageStatus {
+            send_at: present("send_at"),
             provider_message_id: present("provider_message_id"),
             attempts: number(&f, "attempts"),
             updated_at: field(&f, "updated_at"),

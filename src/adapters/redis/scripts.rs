@@ -8,7 +8,8 @@
 /// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
 /// takeovers, took_over, pinned_provider}`, `{'claimed', fields...}` (an outcome to publish),
 /// `{'done'}` / `{'done', fields...}` (failed), or
-/// `{'busy', lease_left_ms, holder_alive_ms}`.
+/// `{'busy', lease_left_ms, holder_alive_ms}` (`'cancelling'` instead of
+/// `'busy'` for a cancelled key whose SmsFailed its holder publishes).
 ///
 /// A lease held by another claim is respected while it lasts and its
 /// instance's liveness record exists; once that record is gone, for a
@@ -22,12 +23,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = tostring(now + tonumber(ARGV[3]))
 local h = redis.call('HMGET', KEYS[1], 'status', 'published', 'lease_until', 'owner', 'holder',
-  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since', 'pinned')
+  'attempts', 'first_attempt_ms', 'takeovers', 'invalid', 'fingerprint', 'dead_since', 'pinned',
+  'cancelled')
 local status = h[1]
--- Admitted at a front door, or failed as an invalid command: nothing was
--- sent, so the key is new to a valid command.
+local busy = 'busy'
+if h[13] == '1' then busy = 'cancelling' end
+-- Admitted at a front door, held until its sendAt, or failed as an
+-- invalid command: nothing was sent, so the key is new to a valid command.
 local fingerprint = h[10] or ARGV[7]
-if status == 'accepted' or (status == 'failed' and h[9] == '1') then
+if status == 'accepted' or status == 'scheduled' or (status == 'failed' and h[9] == '1') then
   if status == 'failed' then fingerprint = ARGV[7] end
   redis.call('HDEL', KEYS[1], 'reason', 'detail', 'failed_at', 'invalid')
   status = nil
@@ -67,7 +71,7 @@ if h[4] then
     if alive == -1 then alive = left end
     if alive > 0 then
       if h[11] then redis.call('HDEL', KEYS[1], 'dead_since') end
-      return {'busy', tostring(left), tostring(alive)}
+      return {busy, tostring(left), tostring(alive)}
     end
     -- The holder looks dead. It may only have lost its record in a store
     -- outage: it is taken over only once it has stayed dead for a whole
@@ -79,7 +83,7 @@ if h[4] then
     end
     local wait = since + tonumber(ARGV[8]) - now
     if wait > 0 then
-      return {'busy', tostring(left), tostring(wait)}
+      return {busy, tostring(left), tostring(wait)}
     end
   end
   takeovers = takeovers + 1
@@ -371,6 +375,66 @@ if not h[1] or (h[1] == 'failed' and h[3] == '1') then
 end
 if h[2] and h[2] ~= ARGV[1] then return 'conflict' end
 return 'same'
+"#;
+
+/// `schedule(key; fingerprint, phone, send_at, ttl_secs, now)`: `scheduled`
+/// (recorded as `scheduled`, or it was already) when the key is new,
+/// admitted (its admitted fingerprint kept) or failed as an invalid
+/// command; else `known`. The record's TTL only ever grows.
+pub const SCHEDULE: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'status', 'invalid', 'fingerprint')
+local status = h[1]
+if status and status ~= 'accepted' and status ~= 'scheduled'
+    and not (status == 'failed' and h[2] == '1') then
+  return 'known'
+end
+if status ~= 'scheduled' then
+  local fingerprint = ARGV[1]
+  if status == 'accepted' and h[3] then fingerprint = h[3] end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'status', 'scheduled', 'attempts', '0', 'published', '0',
+    'fingerprint', fingerprint, 'phone', ARGV[2], 'send_at', ARGV[3], 'updated_at', ARGV[5])
+end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
+return 'scheduled'
+"#;
+
+/// `cancel(key; owner, instance, lease_ms, detail, failed_at, keep_secs)`:
+/// `{'too_late'}` for a key sent, in work, pinned after an ambiguous call,
+/// or failed; else the key is (or already was) a tombstone: `failed`,
+/// reason `cancelled`, `cancelled` = 1, kept at least `keep_secs`. Then
+/// `{'publish', fields...}` when the number is known, the SmsFailed is not
+/// out and nobody else holds the key (the caller now does, as `owner`),
+/// else `{'cancelled', 'known' | 'unknown'}`.
+pub const CANCEL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = redis.call('HMGET', KEYS[1], 'status', 'cancelled', 'pinned', 'phone', 'published',
+  'owner', 'lease_until')
+local status = h[1]
+local before = status == 'failed' and h[2] == '1'
+if not before then
+  local open = not status or status == 'accepted' or status == 'scheduled'
+    or (status == 'retrying' and not h[3])
+  if not open then return {'too_late'} end
+  redis.call('HDEL', KEYS[1], 'owner', 'holder', 'lease_until', 'dead_since', 'invalid')
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'cancelled', '1', 'reason', 'cancelled',
+    'detail', ARGV[4], 'failed_at', ARGV[5], 'updated_at', ARGV[5], 'published', '0')
+  redis.call('HSETNX', KEYS[1], 'attempts', '0')
+end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[6]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+end
+local held = before and h[6] and tonumber(h[7] or '0') > now
+if h[4] and h[5] ~= '1' and not held then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'holder', ARGV[2],
+    'lease_until', tostring(now + tonumber(ARGV[3])))
+  return {'publish', redis.call('HGETALL', KEYS[1])}
+end
+if status then return {'cancelled', 'known'} end
+return {'cancelled', 'unknown'}
 "#;
 
 /// `withdraw(key)`: forgets an admission nothing else touched.
