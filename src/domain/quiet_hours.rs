@@ -91,7 +91,21 @@ impl QuietHours {
     /// quiet in none of them, plus the key's share of the spread. `None`:
     /// now (not quiet anywhere, no zone known, or no common open moment
     /// within two days).
+    ///
+    /// Within the spread after a window's end, a key whose share has not
+    /// come yet still waits for it: a held message comes back from its
+    /// hold queues at the end (or before), and is asked again.
     pub fn release_at(&self, now: SystemTime, zones: &[TimeZone], key: &str) -> Option<SystemTime> {
+        if let Some(at) = self.release_from(now, zones, key) {
+            return Some(at);
+        }
+        let earlier = now.checked_sub(self.spread)?;
+        self.release_from(earlier, zones, key)
+            .filter(|at| *at > now)
+    }
+
+    /// [`QuietHours::release_at`] for a message that comes at `now`.
+    fn release_from(&self, now: SystemTime, zones: &[TimeZone], key: &str) -> Option<SystemTime> {
         let now = Timestamp::try_from(now).ok()?;
         let horizon = now
             .checked_add(jiff::SignedDuration::try_from(HORIZON).ok()?)
@@ -199,6 +213,28 @@ mod tests {
         assert_eq!((field, why.as_str()), ("end", "must differ from start"));
         let spread = QuietHours::new("21:00", "08:00", Duration::from_secs(21_601));
         assert_eq!(spread.unwrap_err().0, "release_spread_s");
+    }
+
+    #[test]
+    fn after_the_window_a_key_still_waits_for_its_share_of_the_spread() {
+        let nairobi = [zone("Africa/Nairobi")];
+        let spread = QuietHours::new("21:00", "08:00", Duration::from_secs(1800)).unwrap();
+        let end = at("2026-01-15T08:00", "Africa/Nairobi");
+        let share = spread_share("k", Duration::from_secs(1800));
+        assert!(share > Duration::from_secs(1), "{share:?}");
+        // Held at night, it comes back at 08:00 sharp: still not its turn.
+        let night_release =
+            spread.release_at(at("2026-01-14T23:00", "Africa/Nairobi"), &nairobi, "k");
+        assert_eq!(night_release, Some(end + share));
+        assert_eq!(spread.release_at(end, &nairobi, "k"), Some(end + share));
+        assert_eq!(
+            spread.release_at(end + share / 2, &nairobi, "k"),
+            Some(end + share)
+        );
+        // Its turn, and after the spread: now.
+        assert_eq!(spread.release_at(end + share, &nairobi, "k"), None);
+        let later = end + Duration::from_secs(1801);
+        assert_eq!(spread.release_at(later, &nairobi, "k"), None);
     }
 
     #[test]
@@ -344,8 +380,13 @@ mod tests {
                 Some(releases[7])
             );
         }
-        // Once the window is over the message goes, within its spread or not.
-        assert_eq!(hours.release_at(morning, &nairobi, "key-7"), None);
+        // Back at the window's end (its last hold queue ends there), it
+        // still waits for its share; at its share it goes.
+        let own = releases[7];
+        if own > morning {
+            assert_eq!(hours.release_at(morning, &nairobi, "key-7"), Some(own));
+        }
+        assert_eq!(hours.release_at(own, &nairobi, "key-7"), None);
     }
 
     #[test]

@@ -374,7 +374,10 @@ impl Notifier {
     /// It is marked returning without climbing a tier: waiting is no
     /// failure.
     pub(super) async fn postpone(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
-        let delay = self.forgo_claim(a, wait).await;
+        // Back from the delay tier it counts as returning: a lease left
+        // behind by a failed release is waited out, never taken for a
+        // duplicate's.
+        let (delay, _released) = self.forgo_claim(a, wait).await;
         let mut retry = self.carried_retry(a);
         retry.delays = retry.delays.max(1);
         if retry.attempts == 0 {
@@ -385,10 +388,16 @@ impl Notifier {
 
     /// Parks the command in the broker for `wait` before any call under
     /// this claim (quiet hours): see [`Notifier::forgo_claim`].
+    /// A lease that could not be released is not left behind a hold: a
+    /// command back from the hold queues is not a returning one, and
+    /// would take that lease for a live holder's and be acked as a
+    /// duplicate. It is requeued instead (the store is away).
     pub(super) async fn hold_for(&self, a: &mut Attempt<'_>, wait: Duration) -> Outcome {
-        let wait = self.forgo_claim(a, wait).await;
-        Outcome::Hold {
-            until: SystemTime::now() + wait,
+        match self.forgo_claim(a, wait).await {
+            (wait, true) => Outcome::Hold {
+                until: SystemTime::now() + wait,
+            },
+            (_, false) => Outcome::StoreUnavailable,
         }
     }
 
@@ -396,12 +405,16 @@ impl Notifier {
     /// for a key that never made a call, no age either), and says how long
     /// the command is to wait: `wait`, at least [`MIN_POSTPONE`], but no
     /// longer than until just past its `expiresAt`, so that it comes back
-    /// then and fails as expired.
-    async fn forgo_claim(&self, a: &Attempt<'_>, wait: Duration) -> Duration {
+    /// then and fails as expired; and whether the lease was released.
+    async fn forgo_claim(&self, a: &Attempt<'_>, wait: Duration) -> (Duration, bool) {
         let key = &a.cmd.idempotency_key;
-        if let Err(e) = self.cache.postpone(key, a.owner, a.retry.attempts).await {
-            warn!(error = %e, "could not release the lease; it will expire");
-        }
+        let released = match self.cache.postpone(key, a.owner, a.retry.attempts).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "could not release the lease; it will expire");
+                false
+            }
+        };
         let mut wait = wait.max(MIN_POSTPONE);
         if let Some(expires_at) = a.cmd.expires_at {
             let left = expires_at
@@ -409,7 +422,7 @@ impl Notifier {
                 .unwrap_or_default();
             wait = wait.min(left + PAST_EXPIRY);
         }
-        wait
+        (wait, released)
     }
 
     /// The retry state a command takes to a delay tier: its own, pinned

@@ -1778,6 +1778,25 @@ fn quiet_for(left: Duration) -> crate::domain::QuietHours {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_quiet_hours_hold_whose_lease_could_not_be_released_is_requeued_not_held() {
+    // Back from the hold queues a command is not a returning one: it would
+    // take the lease left behind for a live holder's, and be acked.
+    let mut h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(3600)),
+    );
+    h.notifier.settings.quiet_hours = Some(quiet_for(Duration::from_secs(3600)));
+    h.cache
+        .postpone_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        h.handle(&to("q1", "+3545551234", "bulk"), false).await,
+        Outcome::StoreUnavailable
+    );
+    assert_eq!(h.provider.calls(), 0);
+}
+
+#[tokio::test]
 async fn quiet_hours_postpone_a_normal_command_uncounted_and_never_a_high_one() {
     let mut h = limited(
         ScriptedProvider::new(vec![]),

@@ -181,6 +181,8 @@ pub struct MemoryCache {
     pub liveness: Duration,
     /// Fail every call: the store is down.
     pub down: AtomicBool,
+    /// Fail only `postpone` (a lease release lost on its way).
+    pub postpone_down: AtomicBool,
     /// Fail `record_sent` and `record_failed`.
     pub fail_records: AtomicBool,
     /// Answer `record_sent` this long after writing it (the caller
@@ -507,6 +509,9 @@ impl CacheService for MemoryCache {
         attempts: u32,
     ) -> Result<(), CacheError> {
         self.check()?;
+        if self.postpone_down.load(Ordering::SeqCst) {
+            return Err(CacheError("postpone lost".into()));
+        }
         let mut entries = self.entries.lock().unwrap();
         if let Some(entry) = entries.get_mut(key.as_str()) {
             if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
