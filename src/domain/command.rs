@@ -356,6 +356,12 @@ impl SendSms {
                         "sendAt must be at most 30 days ahead",
                     ));
                 }
+                if expires_at.is_some_and(|expires| at >= expires) {
+                    return Err(invalid(
+                        FailureReason::InvalidCommand,
+                        "sendAt must be before expiresAt",
+                    ));
+                }
                 Some(at)
             }
         };
@@ -567,6 +573,10 @@ mod tests {
         ));
         assert_eq!(reason, FailureReason::InvalidCommand);
         assert!(detail.contains("30 days"), "{detail}");
+        let (_, detail) = invalid(&format!(
+            r#"{{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","sendAt":"{soon_raw}","expiresAt":"{soon_raw}"}}"#
+        ));
+        assert_eq!(detail, "sendAt must be before expiresAt");
         let (_, detail) = invalid(
             r#"{"idempotencyKey":"k1","phoneNumber":"+254712345678","text":"hi","sendAt":"tomorrow"}"#,
         );
