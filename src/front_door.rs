@@ -161,7 +161,9 @@ pub fn request_span(
         key = tracing::field::Empty,
         provider = tracing::field::Empty,
     );
-    crate::telemetry::continue_trace(&span, traceparent, tracestate);
+    // Bounded here, for every door and callback alike.
+    let tracestate = tracestate.and_then(crate::telemetry::bounded_tracestate);
+    crate::telemetry::continue_trace(&span, traceparent, tracestate.as_deref());
     span
 }
 

@@ -590,3 +590,16 @@ pub async fn post_signed_report(
         .status()
         .as_u16()
 }
+
+/// The value of an unlabelled counter on a metrics page (0 when absent).
+pub fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}

@@ -5,20 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::e2e::{distinct_sent, stack};
-use crate::helpers::{init_logs, Names, TestBroker};
-
-/// The value of an unlabelled counter on a metrics page (0 when absent).
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
+use crate::helpers::{counter, init_logs, Names, TestBroker};
 
 async fn sent_by(base: &str) -> f64 {
     let page = reqwest::get(format!("{base}/metrics"))

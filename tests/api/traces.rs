@@ -16,7 +16,7 @@ use sms_service::telemetry;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::helpers::{command, spawn_app};
+use crate::helpers::{command, counter, spawn_app};
 
 const WAIT: Duration = Duration::from_secs(10);
 const PHONE: &str = "+254712345678";
@@ -392,19 +392,6 @@ async fn a_command_sent_over_grpc_joins_the_callers_trace() {
     assert_eq!(sent[0].header("tracestate").as_deref(), Some("vendor=5"));
     assert_private(&trace);
     app.cleanup().await;
-}
-
-/// The value of an unlabelled counter on a metrics page (0 when absent).
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -64,8 +64,8 @@ pub async fn callback(
 /// A callback's span: a trace of its own (or the caller's, if it sent a
 /// `traceparent`), naming the instance when it is a configured one (the
 /// path is not trusted); the key of each message it reports on is
-/// recorded on it, which finds the send's trace (the service keeps no
-/// trace id with a message, so the two are not linked).
+/// recorded on it, and a report that moves a message to a final status
+/// links it to the send's trace.
 fn callback_span(
     route: &'static str,
     instance: Option<&str>,
