@@ -293,7 +293,7 @@ impl FrontDoor {
             tracing::Instrument::instrument(self.events.publish_failed(&event, meta), span).await;
         if let Err(e) = published {
             warn!(error = %e, "the cancel's SmsFailed is not confirmed: the command publishes it when it next arrives");
-            if let Err(e) = self.cache.release(key, owner, record.attempts).await {
+            if let Err(e) = self.cache.release(key, owner, record.attempts, None).await {
                 warn!(error = %e, "cannot hand the cancelled key back; its hold runs out");
             }
             return;

@@ -676,12 +676,18 @@ pub trait CacheService: Send + Sync {
     /// the key still holds that invalid command's record.
     async fn mark_invalid_published(&self, key: &IdempotencyKey) -> Result<(), CacheError>;
     /// Releases `owner`'s lease without an outcome, writing the attempts
-    /// actually made; nothing if `owner` does not hold it.
+    /// actually made; nothing if `owner` does not hold it. With `pinned`,
+    /// the provider an ambiguous answer came from is recorded in the same
+    /// step (as [`CacheService::pin`] does): a key handed to a delay tier
+    /// after an ambiguous call is never left unpinned, which would let a
+    /// cancel answer "cancelled" for a message that may be out, even when
+    /// the separate pin write failed.
     async fn release(
         &self,
         key: &IdempotencyKey,
         owner: &Owner,
         attempts: u32,
+        pinned: Option<&str>,
     ) -> Result<(), CacheError>;
     /// Releases `owner`'s lease on a key whose claim made no provider call
     /// and must wait (a per-recipient limit): as [`CacheService::release`],

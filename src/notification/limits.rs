@@ -79,7 +79,7 @@ impl Notifier {
             }
             Err(e) => {
                 warn!(error = %e, "cannot count the message against its recipient's limits; pausing");
-                self.release(key, a.owner, a.retry.attempts).await;
+                self.release(a, a.retry.attempts).await;
                 return Some(Outcome::StoreUnavailable);
             }
         };

@@ -74,7 +74,7 @@ impl Notifier {
         // span's context as its `traceparent`.
         let span = tracing::info_span!("publish", otel.kind = "producer", event = name);
         if let Err(e) = self.renewing(a, publishing.instrument(span)).await {
-            self.release(key, a.owner, attempts).await;
+            self.release(a, attempts).await;
             return self.unpublished(&e, &a.retry);
         }
         self.unroutable_said.store(false, Ordering::Relaxed);

@@ -10,8 +10,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::publish::Event;
 use super::{Attempt, Notifier};
-use crate::domain::{rfc3339, FailureReason, IdempotencyKey};
-use crate::ports::{CacheError, FailedRecord, Outcome, Owner, Recorded, SentRecord};
+use crate::domain::{rfc3339, FailureReason};
+use crate::ports::{CacheError, FailedRecord, Outcome, Recorded, SentRecord};
 
 /// Counts a held write for as long as it lives, so that
 /// [`Notifier::ready`](crate::ports::NotificationService::ready) stays
@@ -174,10 +174,19 @@ impl Notifier {
         }
     }
 
-    /// Releases the lease without an outcome, keeping the attempts made.
-    pub(super) async fn release(&self, key: &IdempotencyKey, owner: &Owner, attempts: u32) {
-        // If this fails the lease simply runs out; nothing is lost.
-        if let Err(e) = self.cache.release(key, owner, attempts).await {
+    /// Releases the lease of `a`'s claim without an outcome, keeping the
+    /// attempts made, and the pin of its route if it is pinned (in the
+    /// same step: see [`crate::ports::CacheService::release`]).
+    pub(super) async fn release(&self, a: &Attempt<'_>, attempts: u32) {
+        let pinned = self.carried_retry(a).pinned_provider;
+        let (key, owner) = (&a.cmd.idempotency_key, a.owner);
+        // If this fails the lease simply runs out; nothing is lost: a
+        // command that goes to a delay tier carries its pin in a header.
+        if let Err(e) = self
+            .cache
+            .release(key, owner, attempts, pinned.as_deref())
+            .await
+        {
             warn!(error = %e, "could not release lease; it will expire");
         }
     }

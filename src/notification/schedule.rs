@@ -11,6 +11,9 @@
 //! back here on every return from its hold, so a cancel takes effect at its
 //! next return; once due it goes on to the claim, and `expiresAt` is
 //! checked before the provider call as for every command.
+//!
+//! A command that is due but in the quiet hours where its recipient is
+//! (`quiet.rs`) is held here the same way, until they end for it.
 
 use std::time::SystemTime;
 
@@ -23,7 +26,11 @@ use crate::ports::{Outcome, Scheduled};
 impl Notifier {
     /// `Some` when the command is not due yet (held), or the store is away.
     pub(super) async fn not_due(&self, cmd: &SendSms) -> Option<Outcome> {
-        let send_at = cmd.send_at.filter(|at| *at > SystemTime::now())?;
+        let now = SystemTime::now();
+        let (send_at, quiet) = match cmd.send_at.filter(|at| *at > now) {
+            Some(at) => (at, false),
+            None => (self.quiet_release(cmd, now)?, true),
+        };
         let span = tracing::info_span!("schedule", scheduled = tracing::field::Empty);
         let scheduled = self
             .cache
@@ -38,7 +45,12 @@ impl Notifier {
         match scheduled {
             Ok(Scheduled::Held) => {
                 span.record("scheduled", "held");
-                debug!(send_at = %rfc3339(send_at), "not due yet: held");
+                if quiet {
+                    let wait = send_at.duration_since(now).unwrap_or_default();
+                    self.held_for_quiet_hours(cmd, wait);
+                } else {
+                    debug!(send_at = %rfc3339(send_at), "not due yet: held");
+                }
                 Some(Outcome::Hold { until: send_at })
             }
             Ok(Scheduled::Known) => {

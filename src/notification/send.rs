@@ -25,7 +25,7 @@ const MIN_POSTPONE: Duration = Duration::from_millis(100);
 
 /// A postponed command comes back this long past its `expiresAt`, if that
 /// comes first, so that it is found expired.
-const PAST_EXPIRY: Duration = Duration::from_secs(1);
+pub(super) const PAST_EXPIRY: Duration = Duration::from_secs(1);
 
 /// What to do after a failed call.
 enum Next {
@@ -304,8 +304,7 @@ impl Notifier {
             return Some(self.fail(a, FailureReason::RetriesExhausted, detail).await);
         }
         if a.inbound.stop.is_cancelled() {
-            self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
-                .await;
+            self.release(a, a.retry.attempts).await;
             return Some(Outcome::HandBack);
         }
         if !self.still_owner(a).await {
@@ -361,8 +360,7 @@ impl Notifier {
     /// Releases the lease (keeping the attempts) and asks for a delay tier,
     /// carrying the instance the command is pinned to, if it is.
     async fn hand_over(&self, a: &mut Attempt<'_>, delay: Duration) -> Outcome {
-        self.release(&a.cmd.idempotency_key, a.owner, a.retry.attempts)
-            .await;
+        self.release(a, a.retry.attempts).await;
         Outcome::Delay {
             delay,
             retry: one_more_delay(&self.carried_retry(a)),

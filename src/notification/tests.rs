@@ -521,7 +521,9 @@ async fn a_command_that_is_due_is_sent_and_its_expiry_still_counts() {
         h.handle(&scheduled_body("due", past, None), false).await,
         Outcome::Sent
     );
-    let expired = scheduled_body("expired", past, Some(past));
+    // Due two seconds ago, expired one second ago: sendAt before expiresAt,
+    // as the parser requires, and both past.
+    let expired = scheduled_body("expired", past, Some(past + Duration::from_secs(1)));
     match h.handle(&expired, false).await {
         Outcome::Failed(reason) => assert!(reason.starts_with("expired"), "{reason}"),
         other => panic!("{other:?}"),
@@ -1459,6 +1461,32 @@ async fn an_ambiguous_answer_is_retried_at_the_same_provider_only_even_after_a_d
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_key_handed_to_a_tier_after_an_ambiguous_answer_is_pinned_even_if_its_pin_write_failed() {
+    let ambiguous = || {
+        Err(ProviderError::Ambiguous {
+            detail: "timeout".into(),
+            retry_after: None,
+        })
+    };
+    let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), ambiguous()]);
+    let b = ScriptedProvider::named("b", vec![]);
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        ..policy()
+    };
+    let (n, cache, _) = two_providers(a.clone(), b.clone(), policy);
+    cache.pin_down.store(true, SeqCst);
+    let none = RetryState::default();
+    let (_, retry) = delayed(handle_on(&n, &body("k1"), false, &none).await);
+    assert_eq!(retry.pinned_provider.as_deref(), Some("a"));
+    // The SMS may be out: a cancel must not answer "cancelled".
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let door = Owner::cancel("door", 1);
+    let verdict = cache.cancel(&key, &door, "cancelled by test").await;
+    assert_eq!(verdict.unwrap(), CancelVerdict::TooLate);
+}
+
+#[tokio::test(start_paused = true)]
 async fn with_every_provider_of_the_route_open_the_command_waits_in_a_tier_without_a_call() {
     let a = ScriptedProvider::named("a", vec![refused(), refused(), refused()]);
     let b = ScriptedProvider::named("b", vec![refused(), refused(), refused()]);
@@ -1782,17 +1810,63 @@ async fn a_quiet_hours_hold_whose_lease_could_not_be_released_is_requeued_not_he
     // Back from the hold queues a command is not a returning one: it would
     // take the lease left behind for a live holder's, and be acked.
     let mut h = limited(
-        ScriptedProvider::new(vec![]),
+        ScriptedProvider::new(vec![refused(), refused(), refused()]),
         at_most(1, Duration::from_secs(3600)),
     );
+    let command = to("q1", "+3545551234", "bulk");
+    // In its retries (a key known to the store), it reaches the quiet
+    // hours' check under its claim.
+    let (_, retry) = delayed(h.handle(&command, false).await);
     h.notifier.settings.quiet_hours = Some(quiet_for(Duration::from_secs(3600)));
     h.cache
         .postpone_down
         .store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
-        h.handle(&to("q1", "+3545551234", "bulk"), false).await,
+        h.handle_retry(&command, false, &retry).await,
         Outcome::StoreUnavailable
     );
+    assert_eq!(h.provider.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_in_quiet_hours_is_held_before_any_claim_as_scheduled_and_can_be_cancelled() {
+    let mut h = limited(
+        ScriptedProvider::new(vec![]),
+        at_most(1, Duration::from_secs(3600)),
+    );
+    h.notifier.settings.quiet_hours = Some(quiet_for(Duration::from_secs(3600)));
+    let command = to("q1", "+3545551234", "bulk");
+    let Outcome::Hold { until } = h.handle(&command, false).await else {
+        panic!("not held");
+    };
+    // No claim was made: the key is scheduled until the release, each
+    // return from the hold queues the same.
+    let status = h.cache.status("q1").await.unwrap().unwrap();
+    assert_eq!(status.status, "scheduled");
+    assert_eq!(status.send_at, Some(crate::domain::rfc3339(until)));
+    assert_eq!(h.cache.lease_holder("q1"), None);
+    assert!(matches!(
+        h.handle(&command, false).await,
+        Outcome::Hold { .. }
+    ));
+    let key = IdempotencyKey::parse("q1").unwrap();
+    let door = Owner::cancel("door", 1);
+    let verdict = h.cache.cancel(&key, &door, "cancelled by test").await;
+    assert!(
+        matches!(verdict, Ok(CancelVerdict::Publish { .. })),
+        "{verdict:?}"
+    );
+    // One that expires before the quiet hours end comes back just after
+    // its expiry, and fails as expired then.
+    let expires = std::time::SystemTime::now() + Duration::from_secs(60);
+    let body = format!(
+        r#"{{"idempotencyKey":"q2","phoneNumber":"+3545551234","text":"hello","priority":"bulk","expiresAt":"{}"}}"#,
+        crate::domain::rfc3339(expires)
+    );
+    let Outcome::Hold { until } = h.handle(body.as_bytes(), false).await else {
+        panic!("not held");
+    };
+    assert!(until > expires && until <= expires + Duration::from_secs(2));
     assert_eq!(h.provider.calls(), 0);
 }
 
@@ -1813,7 +1887,10 @@ async fn quiet_hours_postpone_a_normal_command_uncounted_and_never_a_high_one() 
         "until the quiet hours end: {ahead:?}"
     );
     assert_eq!(h.cache.lease_holder("q1"), None);
-    assert_eq!(h.cache.status_of("q1"), Some(("retrying".into(), false, 0)));
+    assert_eq!(
+        h.cache.status_of("q1"),
+        Some(("scheduled".into(), false, 0))
+    );
     // Held before the limits: the held one took no place in the window.
     assert_eq!(
         h.handle(&to("q2", iceland, "high"), false).await,

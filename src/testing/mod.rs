@@ -183,6 +183,8 @@ pub struct MemoryCache {
     pub down: AtomicBool,
     /// Fail only `postpone` (a lease release lost on its way).
     pub postpone_down: AtomicBool,
+    /// Fail only `pin` (the pin write after an ambiguous answer lost).
+    pub pin_down: AtomicBool,
     /// Fail `record_sent` and `record_failed`.
     pub fail_records: AtomicBool,
     /// Answer `record_sent` this long after writing it (the caller
@@ -381,6 +383,9 @@ impl CacheService for MemoryCache {
         provider: &str,
     ) -> Result<(), CacheError> {
         self.check()?;
+        if self.pin_down.load(Ordering::SeqCst) {
+            return Err(CacheError("pin down".into()));
+        }
         let mut entries = self.entries.lock().unwrap();
         if let Some(entry) = entries.get_mut(key.as_str()) {
             if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
@@ -487,12 +492,16 @@ impl CacheService for MemoryCache {
         key: &IdempotencyKey,
         owner: &Owner,
         attempts: u32,
+        pinned: Option<&str>,
     ) -> Result<(), CacheError> {
         self.check()?;
         let mut entries = self.entries.lock().unwrap();
         if let Some(entry) = entries.get_mut(key.as_str()) {
             if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
                 entry.lease = None;
+                if let Some(provider) = pinned {
+                    entry.pinned = Some(provider.to_owned());
+                }
                 if entry.status == "processing" {
                     entry.status = "retrying".into();
                     entry.attempts = attempts;

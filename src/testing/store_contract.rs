@@ -349,7 +349,7 @@ impl Case<'_> {
             matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
             "unpublished: leased while the holder publishes"
         );
-        self.store.release(&key, &a, 1).await.unwrap();
+        self.store.release(&key, &a, 1, None).await.unwrap();
         assert_eq!(
             self.claim(&key, &b).await,
             Claim::PublishSent(sent(1)),
@@ -392,12 +392,12 @@ impl Case<'_> {
         let b = self.live("b", 1).await;
         self.claim(&key, &a).await;
         // Released by someone who does not hold it: nothing happens.
-        self.store.release(&key, &b, 7).await.unwrap();
+        self.store.release(&key, &b, 7, None).await.unwrap();
         assert!(
             matches!(self.claim(&key, &b).await, Claim::Busy { .. }),
             "release: only by the holder"
         );
-        self.store.release(&key, &a, 3).await.unwrap();
+        self.store.release(&key, &a, 3, None).await.unwrap();
         match self.claim(&key, &b).await {
             Claim::Send {
                 attempts: 3,
@@ -433,7 +433,7 @@ impl Case<'_> {
             "postponed: age afresh ({before} then {after})"
         );
         // A key that made a call keeps its age.
-        self.store.release(&key, &b, 1).await.unwrap();
+        self.store.release(&key, &b, 1, None).await.unwrap();
         let c = self.live("c", 1).await;
         let (_, kept) = first_ms(self.claim(&key, &c).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -494,7 +494,7 @@ impl Case<'_> {
         self.claim(&key, &a).await;
         let status = self.store.status(key.as_str()).await.unwrap().unwrap();
         assert_eq!(status.status, "processing");
-        self.store.release(&key, &a, 1).await.unwrap();
+        self.store.release(&key, &a, 1, None).await.unwrap();
         let status = self.store.status(key.as_str()).await.unwrap().unwrap();
         assert_eq!((status.status.as_str(), status.attempts), ("processing", 1));
         self.claim(&key, &a).await;
@@ -661,7 +661,7 @@ impl Case<'_> {
         );
         let retrying = self.key("cancel-retrying");
         self.claim(&retrying, &a).await;
-        self.store.release(&retrying, &a, 1).await.unwrap();
+        self.store.release(&retrying, &a, 1, None).await.unwrap();
         let verdict = self.cancel(&retrying, &door).await;
         assert_eq!(
             verdict,
@@ -725,7 +725,7 @@ impl Case<'_> {
             self.cancel(&handed, &door).await,
             CancelVerdict::Publish { .. }
         ));
-        self.store.release(&handed, &door, 0).await.unwrap();
+        self.store.release(&handed, &door, 0, None).await.unwrap();
         assert!(
             matches!(self.claim(&handed, &a).await, Claim::PublishFailed(r) if r.reason == FailureReason::Cancelled),
             "handed back: the command publishes"
@@ -745,11 +745,23 @@ impl Case<'_> {
         let pinned = self.key("late-pinned");
         self.claim(&pinned, &a).await;
         self.store.pin(&pinned, &a, "generic").await.unwrap();
-        self.store.release(&pinned, &a, 1).await.unwrap();
+        self.store.release(&pinned, &a, 1, None).await.unwrap();
         assert_eq!(
             self.cancel(&pinned, &door).await,
             CancelVerdict::TooLate,
             "perhaps sent"
+        );
+        // The pin written by the release itself, without a pin before.
+        let released_pinned = self.key("late-released-pinned");
+        self.claim(&released_pinned, &a).await;
+        self.store
+            .release(&released_pinned, &a, 1, Some("generic"))
+            .await
+            .unwrap();
+        assert_eq!(
+            self.cancel(&released_pinned, &door).await,
+            CancelVerdict::TooLate,
+            "pinned by its release"
         );
         self.store
             .record_sent(&in_work, &a, &sent(1))
@@ -901,7 +913,7 @@ impl Case<'_> {
         self.store.record_sent(&key, &a, &sent(1)).await.unwrap();
         self.store.mark_published(&key, &b).await.unwrap();
         self.store.mark_invalid_published(&key).await.unwrap();
-        self.store.release(&key, &a, 1).await.unwrap();
+        self.store.release(&key, &a, 1, None).await.unwrap();
         assert_eq!(
             self.claim(&key, &b).await,
             Claim::PublishSent(sent(1)),
@@ -1283,7 +1295,7 @@ impl Case<'_> {
         // Only the holder pins.
         self.store.pin(&key, &b, "elsewhere").await.unwrap();
         self.store.pin(&key, &a, "twilio").await.unwrap();
-        self.store.release(&key, &a, 1).await.unwrap();
+        self.store.release(&key, &a, 1, None).await.unwrap();
         match self.claim(&key, &b).await {
             Claim::Send { pinned, .. } => {
                 assert_eq!(pinned.as_deref(), Some("twilio"), "pinned")

@@ -58,7 +58,7 @@ async fn every_granted_claim_refreshes_the_keys_ttl() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    store.release(&key, &owner, 1).await.unwrap();
+    store.release(&key, &owner, 1, None).await.unwrap();
     assert!(matches!(
         store
             .claim(&key, &Owner::new("ttlinstance", 2), "fp")

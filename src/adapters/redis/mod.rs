@@ -534,13 +534,14 @@ impl CacheService for RedisStore {
         key: &IdempotencyKey,
         owner: &Owner,
         attempts: u32,
+        pinned: Option<&str>,
     ) -> Result<(), CacheError> {
         let msg = self.msg_key(key.as_str());
         let attempts = attempts.to_string();
         self.run::<i64>(
             &self.scripts.release,
             &[&msg],
-            &[&owner.id, &attempts, &now()],
+            &[&owner.id, &attempts, &now(), "0", pinned.unwrap_or("")],
         )
         .await
         .map(drop)

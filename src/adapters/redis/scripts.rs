@@ -308,14 +308,16 @@ return 1
     )
 }
 
-/// `release(key; owner, attempts, now[, postpone])`: ends `owner`'s lease
-/// without an outcome, writing the attempts actually made. With
-/// `postpone` = `1` (a wait before any call, `CacheService::postpone`), a
-/// key that made no call also forgets its `first_attempt_ms`: the next
-/// claim that may send starts its age.
+/// `release(key; owner, attempts, now[, postpone[, pinned]])`: ends
+/// `owner`'s lease without an outcome, writing the attempts actually made.
+/// With `postpone` = `1` (a wait before any call, `CacheService::postpone`),
+/// a key that made no call also forgets its `first_attempt_ms`: the next
+/// claim that may send starts its age. A non-empty `pinned` is written as
+/// the key's pin in the same step.
 pub const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'owner', 'holder', 'lease_until')
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'pinned', ARGV[5]) end
 if redis.call('HGET', KEYS[1], 'status') == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempts', ARGV[2], 'updated_at', ARGV[3])
   if ARGV[4] == '1' and ARGV[2] == '0' then redis.call('HDEL', KEYS[1], 'first_attempt_ms') end
