@@ -1028,7 +1028,13 @@ impl MemoryQueue {
         let senders = self.senders.lock().unwrap();
         let sender = &senders[lane.index()];
         sender
-            .send(delivery(body, redelivered, &self.log, sender))
+            .send(delivery(
+                body,
+                redelivered,
+                RetryState::default(),
+                &self.log,
+                sender,
+            ))
             .unwrap();
     }
 
@@ -1055,6 +1061,7 @@ impl MemoryQueue {
 fn delivery(
     body: &[u8],
     redelivered: bool,
+    retry: RetryState,
     log: &Log,
     queue: &tokio::sync::mpsc::UnboundedSender<InboundMessage>,
 ) -> InboundMessage {
@@ -1062,9 +1069,10 @@ fn delivery(
         body: body.to_vec(),
         redelivered,
         meta: EventMeta::default(),
-        retry: RetryState::default(),
+        retry: retry.clone(),
         handle: Box::new(MemoryHandle {
             body: body.to_vec(),
+            retry,
             log: log.clone(),
             queue: queue.clone(),
         }),
@@ -1073,6 +1081,9 @@ fn delivery(
 
 struct MemoryHandle {
     body: Vec<u8>,
+    /// The retry state it came with: a hold returns it unchanged, as the
+    /// broker's hold queues return the headers.
+    retry: RetryState,
     log: Log,
     /// The queue it came from, for a hold to return it to.
     queue: tokio::sync::mpsc::UnboundedSender<InboundMessage>,
@@ -1111,8 +1122,8 @@ impl DeliveryHandle for MemoryHandle {
         self.log.lock().unwrap().push((self.body.clone(), settled));
         Ok(())
     }
-    /// Logs the hold, and pushes the body again (as a fresh delivery) once
-    /// `until` is reached.
+    /// Logs the hold, and pushes the body again (as a fresh delivery, with
+    /// the retry state it came with) once `until` is reached.
     async fn hold(&mut self, body: &[u8], until: std::time::SystemTime) -> Result<(), QueueError> {
         let settled = Settled::Held(until);
         self.log.lock().unwrap().push((self.body.clone(), settled));
@@ -1120,9 +1131,10 @@ impl DeliveryHandle for MemoryHandle {
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         let (body, log, queue) = (body.to_vec(), self.log.clone(), self.queue.clone());
+        let retry = self.retry.clone();
         tokio::spawn(async move {
             tokio::time::sleep(left).await;
-            let _ = queue.send(delivery(&body, false, &log, &queue));
+            let _ = queue.send(delivery(&body, false, retry, &log, &queue));
         });
         Ok(())
     }
