@@ -45,6 +45,7 @@ pub struct RunningApp {
     /// Fire to stop the service gracefully.
     pub shutdown: CancellationToken,
     task: JoinHandle<()>,
+    broker: RabbitMq,
 }
 
 impl RunningApp {
@@ -52,6 +53,13 @@ impl RunningApp {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+    }
+
+    /// Resolves when the broker's queues conflict with the configuration
+    /// (a queue of the other type): the service cannot work, and the
+    /// message says what the operator must do. `run` stops on it.
+    pub async fn conflict(&self) -> String {
+        self.broker.conflict().await
     }
 
     /// Waits until the service stops (after `shutdown` fired).
@@ -172,6 +180,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         ),
     };
     let depths = broker.clone();
+    let conflicts = broker.clone();
     let door = FrontDoor {
         cache: store.clone(),
         queue: Arc::new(broker.clone()),
@@ -269,6 +278,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
         grpc_addr,
         shutdown,
         task,
+        broker: conflicts,
     })
 }
 

@@ -49,6 +49,13 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: SecretString,
+    /// The type every queue of the service is declared with.
+    #[serde(deserialize_with = "explain::choice")]
+    pub queue_type: QueueType,
+    /// Quorum queues only: the broker's own `x-delivery-limit` on the
+    /// command queues, a second guard against poison behind
+    /// `processing.max_redeliveries`.
+    pub delivery_limit: u32,
     pub command_queue: String,
     pub dead_letter_queue: String,
     pub sent_exchange: String,
@@ -207,6 +214,27 @@ pub struct ProcessingConfig {
     pub min_sends: usize,
     pub max_redeliveries: u32,
     pub shutdown_grace_ms: u64,
+}
+
+/// How the service's queues are declared (`amqp.queue_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Classic queues, declared without `x-queue-type` (as before the
+    /// setting existed, so existing queues stay equivalent).
+    #[default]
+    Classic,
+    /// Quorum queues, replicated over a RabbitMQ cluster.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
 }
 
 impl AmqpSettings {
@@ -407,6 +435,17 @@ impl Settings {
             self.amqp.url.expose_secret(),
             &["amqp", "amqps"],
         )?;
+        if self.amqp.queue_type == QueueType::Quorum
+            && self.amqp.delivery_limit <= self.processing.max_redeliveries
+        {
+            return bad(
+                "amqp.delivery_limit",
+                &format!(
+                    "must be above processing.max_redeliveries ({}): the broker's limit is the second guard, behind the service's own",
+                    self.processing.max_redeliveries
+                ),
+            );
+        }
         check_url(
             "redis.url",
             self.redis.url.expose_secret(),
@@ -878,6 +917,31 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::load_from(None, environment().source(Some(map)))
+    }
+
+    #[test]
+    fn queue_type_is_classic_or_quorum_and_a_quorum_delivery_limit_must_exceed_the_services_own() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.amqp.queue_type, QueueType::Classic);
+        assert!(s.amqp.delivery_limit > s.processing.max_redeliveries);
+        let err = load(&[("SMS__AMQP__QUEUE_TYPE", "stream")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"amqp.queue_type (from SMS__AMQP__QUEUE_TYPE): expected "classic" or "quorum", got "stream""#),
+            "{err}"
+        );
+        let low = [
+            ("SMS__AMQP__QUEUE_TYPE", "quorum"),
+            ("SMS__AMQP__DELIVERY_LIMIT", "10"),
+        ];
+        let err = load(&low).unwrap_err().to_string();
+        assert!(
+            err.contains("amqp.delivery_limit (from SMS__AMQP__DELIVERY_LIMIT): must be above processing.max_redeliveries (10)"),
+            "{err}"
+        );
+        // Only quorum queues have the limit.
+        load(&[("SMS__AMQP__DELIVERY_LIMIT", "10")]).unwrap();
     }
 
     #[test]

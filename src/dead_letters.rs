@@ -77,6 +77,7 @@ fn describe(body: &[u8], headers: Option<&FieldTable>) -> DeadLetter {
     let reason = header("x-sms-error")
         .and_then(|v| v.as_long_string())
         .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned())
+        .or_else(|| broker_reason(header("x-death")))
         .unwrap_or_else(|| "(no x-sms-error header)".into());
     let dead_lettered_at = match header(DEAD_LETTERED_AT) {
         Some(AMQPValue::Timestamp(secs)) => UNIX_EPOCH
@@ -94,6 +95,33 @@ fn describe(body: &[u8], headers: Option<&FieldTable>) -> DeadLetter {
         bytes: body.len(),
         dead_lettered_at,
     }
+}
+
+/// Why the broker itself dead-lettered a message, from its `x-death`
+/// header (newest death first): a quorum command queue's
+/// `x-delivery-limit` (`amqp.delivery_limit`), or a producer's own expiry.
+/// <https://www.rabbitmq.com/docs/dlx#effects>
+fn broker_reason(x_death: Option<&AMQPValue>) -> Option<String> {
+    let Some(AMQPValue::FieldArray(deaths)) = x_death else {
+        return None;
+    };
+    let AMQPValue::FieldTable(death) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let text = |name: &str| match death.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    };
+    let queue = text("queue").unwrap_or_else(|| "?".into());
+    Some(match text("reason")?.as_str() {
+        "delivery_limit" => format!(
+            "delivery_limit: delivered more often than amqp.delivery_limit from {queue}, dead-lettered by the broker"
+        ),
+        "expired" => format!("expired: its own expiration ran out in {queue}, dead-lettered by the broker"),
+        "rejected" => format!("rejected: refused without requeue from {queue}, dead-lettered by the broker"),
+        "maxlen" => format!("maxlen: {queue} was over its length limit, dead-lettered by the broker"),
+        other => format!("{other}: dead-lettered by the broker from {queue}"),
+    })
 }
 
 /// Up to `limit` dead letters, oldest first, left in the queue.

@@ -392,10 +392,20 @@ fn init_one_shot_logs() {
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let running = app::start(settings).await?;
-    app::shutdown_signal().await;
-    tracing::info!("signal received; shutting down");
-    running.stop().await;
-    Ok(())
+    tokio::select! {
+        _ = app::shutdown_signal() => {
+            tracing::info!("signal received; shutting down");
+            running.stop().await;
+            Ok(())
+        }
+        // A queue of the other type: no reconnect can help. Say it once,
+        // clearly, and exit non-zero rather than retry forever.
+        conflict = running.conflict() => {
+            tracing::error!("{conflict}");
+            running.stop().await;
+            anyhow::bail!("{conflict}")
+        }
+    }
 }
 
 async fn bench(

@@ -36,6 +36,10 @@ pub enum QueueError {
     NotConfirmed(String),
     #[error("message returned unroutable by {0}: no queue is bound to it")]
     Unroutable(String),
+    /// The broker holds a queue declared otherwise than configured (its
+    /// type, most often): no retry can help, the operator must act.
+    #[error("the broker's queues conflict with the configuration: {0}")]
+    Conflict(String),
 }
 
 /// Which of the two command queues: the command queue (`sms.send`), or the

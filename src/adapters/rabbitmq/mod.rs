@@ -46,7 +46,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, QueueType};
 use crate::domain::{DeliveryReport, Event, EventKind, SmsFailed, SmsSent};
 use crate::ports::{DeliveryStream, EventBus, EventMeta, Lane, QueueClient, QueueError};
 
@@ -77,6 +77,19 @@ pub struct Topology {
     /// fixed queue, and the existing tiers' arguments cannot change under
     /// a broker that has them.
     pub high_retry_tiers: Vec<RetryTier>,
+    /// The type of every queue above (`amqp.queue_type`).
+    pub queue_type: QueueType,
+    /// Quorum queues: the broker's `x-delivery-limit` on the command and
+    /// high queues (`amqp.delivery_limit`).
+    pub delivery_limit: u32,
+}
+
+/// One queue the service declares, with its arguments: made only by
+/// [`Topology::queues`].
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub arguments: FieldTable,
 }
 
 #[derive(Debug, Clone)]
@@ -130,7 +143,107 @@ impl Topology {
                 .map(|k| (*k, s.exchange(*k).clone()))
                 .collect(),
             hold_hops,
+            queue_type: s.queue_type,
+            delivery_limit: s.delivery_limit,
         }
+    }
+
+    /// Every queue the service declares, with its arguments, in the order
+    /// declared (the dead-letter queue before the queues dead-lettering to
+    /// it). The one place queue arguments are made.
+    ///
+    /// Classic queues are declared without `x-queue-type`, as they were
+    /// before `amqp.queue_type` existed, so existing queues stay
+    /// equivalent. Quorum queues get `x-queue-type: quorum`; every one
+    /// that dead-letters (the command queues to the dead-letter queue, the
+    /// delay tiers and hold queues back to their queue) does so
+    /// `at-least-once`: the broker keeps a message until the target queue
+    /// confirms it, so an expiry never drops a command. That strategy needs
+    /// `x-overflow: reject-publish` (it is ignored otherwise; with no length
+    /// limit set, nothing is ever rejected by it). RabbitMQ 3.10 and later:
+    /// <https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>. The
+    /// command queues also get the broker's `x-delivery-limit`: a message
+    /// delivered more often is dead-lettered by the broker, with reason
+    /// `delivery_limit` in its `x-death` header
+    /// (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
+    pub fn queues(&self) -> Vec<QueueSpec> {
+        let quorum = self.queue_type == QueueType::Quorum;
+        let base = || {
+            let mut arguments = FieldTable::default();
+            if quorum {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+            }
+            arguments
+        };
+        let dead_lettering_to = |target: &str| {
+            let mut arguments = base();
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(target.into()),
+            );
+            if quorum {
+                arguments.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                arguments.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
+            arguments
+        };
+        let expiring = |target: &str, ttl: Duration| {
+            let mut arguments = dead_lettering_to(target);
+            let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            arguments
+        };
+        let mut queues = vec![QueueSpec {
+            name: self.dead_letter_queue.clone(),
+            arguments: base(),
+        }];
+        // The high queue exactly as the command queue.
+        for queue in [&self.command_queue, &self.high_queue] {
+            let mut arguments = dead_lettering_to(&self.dead_letter_queue);
+            if quorum {
+                arguments.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+                );
+            }
+            queues.push(QueueSpec {
+                name: queue.clone(),
+                arguments,
+            });
+        }
+        for tier in self.retry_tiers.iter().chain(&self.high_retry_tiers) {
+            queues.push(QueueSpec {
+                name: tier.queue.clone(),
+                arguments: expiring(&tier.returns_to, tier.delay),
+            });
+        }
+        // Every message of a hold queue expires after its wait (the same
+        // for all, so they expire in the order they came: the head is
+        // always the next due) back to the queue it serves. No length
+        // limit: a full disk blocks publishers (the broker's alarm), it
+        // never drops a held command.
+        for origin in self.consumed_queues() {
+            for hop in &self.hold_hops {
+                queues.push(QueueSpec {
+                    name: Self::hold_queue(origin, *hop),
+                    arguments: expiring(origin, *hop),
+                });
+            }
+        }
+        queues
     }
 
     /// The queues the service consumes commands from. Each has hold
@@ -240,6 +353,9 @@ struct Inner {
     /// connection is replaced once, and in a task of its own, so a caller
     /// that stops waiting does not cancel it for the others.
     connecting: Mutex<Option<Attempt>>,
+    /// The first [`QueueError::Conflict`] met declaring the topology: the
+    /// service cannot work until the operator acts ([`RabbitMq::conflict`]).
+    conflict: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// The broker: command queue, events, dead letters.
@@ -313,12 +429,30 @@ impl RabbitMq {
                 connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
                 current: RwLock::new(None),
                 connecting: Mutex::new(None),
+                conflict: tokio::sync::watch::channel(None).0,
             }),
         }
     }
 
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
+    }
+
+    /// Resolves when a connection found a queue declared otherwise than
+    /// configured (a classic `sms.send` with `amqp.queue_type = "quorum"`),
+    /// with the message for the operator. Retrying cannot help, so the
+    /// service stops on it rather than reconnect forever.
+    pub async fn conflict(&self) -> String {
+        let mut seen = self.inner.conflict.subscribe();
+        let found = seen
+            .wait_for(Option::is_some)
+            .await
+            .map(|message| message.clone().unwrap_or_default());
+        match found {
+            Ok(message) => message,
+            // The sender lives as long as `self`.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Reads the depth of the command, high, dead-letter and hold queues with a passive
@@ -476,6 +610,13 @@ impl Inner {
     async fn connect(&self) -> Result<Session, QueueError> {
         let sockets = Arc::new(Sockets::default());
         let session = match tokio::time::timeout(self.connect_timeout, self.open(&sockets)).await {
+            Ok(Err(QueueError::Conflict(message))) => {
+                self.conflict.send_if_modified(|seen| {
+                    seen.get_or_insert_with(|| message.clone());
+                    true
+                });
+                return Err(QueueError::Conflict(message));
+            }
             Ok(result) => result?,
             Err(_) => {
                 sockets.abandon();
@@ -597,61 +738,19 @@ async fn passive_count(channel: &Channel, queue: &str) -> Result<u32, QueueError
         .map_err(unavailable)
 }
 
-/// Declares the contract's topology; declaring again is a no-op.
+/// Declares the contract's topology; declaring again is a no-op. A queue
+/// that exists with other arguments (another type, most often) is a
+/// [`QueueError::Conflict`] naming it: retrying cannot help.
 async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let mut dead_lettering = FieldTable::default();
-    dead_lettering.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    dead_lettering.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(t.dead_letter_queue.as_str().into()),
-    );
-    channel
-        .queue_declare(
-            t.dead_letter_queue.as_str().into(),
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    // The high queue exactly as the command queue: the same dead-lettering.
-    for queue in [&t.command_queue, &t.high_queue] {
+    for queue in t.queues() {
         channel
-            .queue_declare(queue.as_str().into(), durable, dead_lettering.clone())
+            .queue_declare(queue.name.as_str().into(), durable, queue.arguments)
             .await
-            .map_err(unavailable)?;
-    }
-    for tier in t.retry_tiers.iter().chain(&t.high_retry_tiers) {
-        let mut expiring = FieldTable::default();
-        let ttl = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
-        expiring.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        expiring.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        expiring.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(tier.returns_to.as_str().into()),
-        );
-        channel
-            .queue_declare(tier.queue.as_str().into(), durable, expiring)
-            .await
-            .map_err(unavailable)?;
-    }
-    for origin in t.consumed_queues() {
-        for hop in &t.hold_hops {
-            let queue = Topology::hold_queue(origin, *hop);
-            channel
-                .queue_declare(queue.as_str().into(), durable, hold_arguments(origin, *hop))
-                .await
-                .map_err(unavailable)?;
-        }
+            .map_err(|e| declare_error(&queue.name, t.queue_type, &e))?;
     }
     for (_, exchange) in &t.exchanges {
         channel
@@ -670,24 +769,52 @@ async fn declare_topology(channel: &Channel, t: &Topology) -> Result<(), QueueEr
     Ok(())
 }
 
-/// The arguments of a hold queue: every message in it expires after `hop`
-/// (the same for all, so they expire in the order they came: the head is
-/// always the next due) and is dead-lettered through the default exchange
-/// back to `origin`. No length limit and no overflow policy: a full disk
-/// blocks publishers (the broker's alarm), it never drops a held command.
-fn hold_arguments(origin: &str, hop: Duration) -> FieldTable {
-    let mut arguments = FieldTable::default();
-    let ttl = i64::try_from(hop.as_millis()).unwrap_or(i64::MAX);
-    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    arguments.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(origin.into()),
-    );
-    arguments
+/// A failed declare of `queue`: the broker's 406 PRECONDITION_FAILED (the
+/// queue exists with other arguments) is a conflict the operator must
+/// resolve; anything else is the broker being away.
+fn declare_error(queue: &str, configured: QueueType, e: &lapin::Error) -> QueueError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(refusal) if refusal.get_id() == 406 => {
+            QueueError::Conflict(conflict_message(
+                queue,
+                configured,
+                refusal.get_message().as_str(),
+            ))
+        }
+        _ => unavailable(e),
+    }
+}
+
+/// What to tell the operator about a queue that exists with other
+/// arguments than configured, from the broker's reply, such as
+/// `PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue
+/// 'sms.send' in vhost '/': received none but current is the value
+/// 'quorum' of type 'longstr'` (a classic declare of a quorum queue).
+pub fn conflict_message(queue: &str, configured: QueueType, reply: &str) -> String {
+    let fix = "README, \"Changing amqp.queue_type\"";
+    if reply.contains("'x-queue-type'") {
+        // `current is none`: a queue declared without a type, classic.
+        let existing = reply
+            .split("current is the value '")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .unwrap_or("classic");
+        format!(
+            "queue {queue:?} exists as a {existing} queue but amqp.queue_type is \"{}\": \
+             the type of an existing queue cannot change. Either set amqp.queue_type = \"{existing}\" \
+             again, or migrate its messages to queues of the new type and delete it; \
+             stop every instance first ({fix}). Broker: {reply}",
+            configured.as_str()
+        )
+    } else {
+        format!(
+            "queue {queue:?} exists with other arguments than this configuration declares \
+             (amqp.queue_type \"{}\", amqp.delivery_limit, the delay tiers' and hold queues' waits): \
+             a queue's arguments cannot change. Either restore the settings it was declared with, \
+             or move its messages and delete it ({fix}). Broker: {reply}",
+            configured.as_str()
+        )
+    }
 }
 
 /// Properties every message the service publishes carries: JSON,
@@ -907,7 +1034,13 @@ mod tests {
 
     #[test]
     fn a_hold_queue_expires_all_its_messages_after_its_wait_back_into_its_origin() {
-        let arguments = hold_arguments("sms.send.high", Duration::from_secs(10));
+        let t = topology(&[10_000]);
+        let arguments = t
+            .queues()
+            .into_iter()
+            .find(|q| q.name == "sms.send.high.hold.10s")
+            .unwrap()
+            .arguments;
         let get = |name: &str| arguments.inner().get(name).cloned();
         assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(10_000)));
         assert_eq!(
