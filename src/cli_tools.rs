@@ -99,15 +99,25 @@ fn local_address(bind: &str) -> String {
 }
 
 /// Opens a connection of the operator's own to `amqp.url`, and a channel.
+/// With `amqp.urls`, the first node that accepts.
 pub(crate) async fn open(settings: &Settings) -> anyhow::Result<(Connection, Channel)> {
-    let connection = Connection::connect(
-        settings.amqp.url.expose_secret(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .context("connecting to RabbitMQ (amqp.url)")?;
-    let channel = connection.create_channel().await?;
-    Ok((connection, channel))
+    let mut last = None;
+    for url in settings.amqp.node_urls() {
+        match Connection::connect(url.expose_secret(), ConnectionProperties::default()).await {
+            Ok(connection) => {
+                let channel = connection.create_channel().await?;
+                return Ok((connection, channel));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let key = if settings.amqp.urls.is_empty() {
+        "amqp.url"
+    } else {
+        "amqp.urls"
+    };
+    Err(anyhow::Error::from(last.expect("at least one node")))
+        .context(format!("connecting to RabbitMQ ({key})"))
 }
 
 /// True for the broker's 404 NOT_FOUND: no such queue or exchange.

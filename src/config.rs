@@ -49,6 +49,10 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: SecretString,
+    /// The nodes of a RabbitMQ cluster, tried in turn; when not empty it
+    /// replaces `url` ([`AmqpSettings::node_urls`]).
+    #[serde(deserialize_with = "secret_list")]
+    pub urls: Vec<SecretString>,
     /// The type every queue of the service is declared with.
     #[serde(deserialize_with = "explain::choice")]
     pub queue_type: QueueType,
@@ -238,6 +242,16 @@ impl QueueType {
 }
 
 impl AmqpSettings {
+    /// The broker's nodes, in the order they are tried: `amqp.urls` when
+    /// set, else `amqp.url` alone.
+    pub fn node_urls(&self) -> Vec<SecretString> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+
     /// The exchange `kind`'s events go to.
     pub fn exchange(&self, kind: EventKind) -> &String {
         match kind {
@@ -435,6 +449,17 @@ impl Settings {
             self.amqp.url.expose_secret(),
             &["amqp", "amqps"],
         )?;
+        // Named by position: a URL may hold a password.
+        for (i, url) in self.amqp.urls.iter().enumerate() {
+            check_url(
+                &format!("amqp.urls[{i}]"),
+                url.expose_secret(),
+                &["amqp", "amqps"],
+            )?;
+        }
+        if self.amqp.urls.len() > 64 {
+            return bad("amqp.urls", "must list at most 64 nodes");
+        }
         if self.amqp.queue_type == QueueType::Quorum
             && self.amqp.delivery_limit <= self.processing.max_redeliveries
         {
@@ -942,6 +967,35 @@ mod tests {
         );
         // Only quorum queues have the limit.
         load(&[("SMS__AMQP__DELIVERY_LIMIT", "10")]).unwrap();
+    }
+
+    #[test]
+    fn amqp_urls_replace_amqp_url_and_a_bad_one_is_named_by_position_only() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.amqp.node_urls().len(), 1);
+        let s = load(&[(
+            "SMS__AMQP__URLS",
+            "amqp://u:p@n1:5672/%2f, amqps://u:p@n2:5671/%2f",
+        )])
+        .unwrap();
+        let nodes: Vec<String> = s
+            .amqp
+            .node_urls()
+            .iter()
+            .map(|u| u.expose_secret().to_owned())
+            .collect();
+        assert_eq!(nodes, ["amqp://u:p@n1:5672/%2f", "amqps://u:p@n2:5671/%2f"]);
+        let err = load(&[(
+            "SMS__AMQP__URLS",
+            "amqp://u:p@n1:5672/%2f,http://u:hunter2@n2",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("amqp.urls[1] (from SMS__AMQP__URLS): scheme must be one of amqp, amqps"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -427,3 +427,61 @@ async fn a_dead_letter_reason_never_carries_a_full_phone_number() {
     rabbit.close().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn with_several_nodes_a_dead_first_node_is_skipped_and_a_lost_node_is_replaced_by_the_next() {
+    let names = Names::unique();
+    let broker = TestBroker::connect(&names).await;
+    // Two "nodes" of one broker, each behind a proxy that can die, and a
+    // first node that refuses everything.
+    let (a, b) = (
+        Proxy::start("127.0.0.1:5672").await,
+        Proxy::start("127.0.0.1:5672").await,
+    );
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = refused.local_addr().unwrap();
+    drop(refused);
+    let url = |addr: std::net::SocketAddr| format!("amqp://guest:guest@{addr}/%2f");
+    let urls = [url(dead), url(a.addr), url(b.addr)].join(",");
+    let rabbit = adapter(
+        &names,
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        &[("SMS__AMQP__URLS", urls.as_str())],
+    );
+    rabbit.connect().await.expect("the first node that answers");
+    let body = command("nodes-1", "+254712345678", "hi");
+    rabbit
+        .publish_command(&body, &EventMeta::default(), Lane::Normal)
+        .await
+        .unwrap();
+    // The connected node (a) dies and stays dead: the next publish
+    // reconnects to b.
+    a.cut();
+    eventually(
+        "the lost connection is noticed",
+        Duration::from_secs(5),
+        || !rabbit.is_connected(),
+    )
+    .await;
+    rabbit
+        .publish_command(&body, &EventMeta::default(), Lane::Normal)
+        .await
+        .expect("reconnected to the next node");
+    assert!(rabbit.is_connected());
+    assert_eq!(broker.commands_waiting().await, 2);
+    // Every node dead: the error names each by host:port, never a password.
+    b.cut();
+    eventually(
+        "the lost connection is noticed",
+        Duration::from_secs(5),
+        || !rabbit.is_connected(),
+    )
+    .await;
+    let err = rabbit.connect().await.unwrap_err().to_string();
+    for address in [dead, a.addr, b.addr] {
+        assert!(err.contains(&address.to_string()), "{err}");
+    }
+    assert!(!err.contains("guest:guest"), "{err}");
+    rabbit.close().await;
+    broker.cleanup().await;
+}

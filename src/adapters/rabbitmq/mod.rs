@@ -10,7 +10,9 @@
 //! One connection carries one publishing channel in confirm mode, shared by
 //! every task (confirms are awaited concurrently, each by its publisher), and
 //! one channel per subscription. When the connection dies the next call
-//! reconnects and redeclares the topology.
+//! reconnects and redeclares the topology. With several nodes (`amqp.urls`,
+//! a cluster) a connection attempt tries them in turn, starting with the
+//! node after the one last connected to, so a dead node is tried last.
 //!
 //! Nothing waits on the broker without a bound. A connection attempt (the
 //! handshake and the topology) runs as a task of its own, shared by all who
@@ -334,9 +336,13 @@ impl Session {
 type Attempt = Shared<BoxFuture<'static, Result<Session, QueueError>>>;
 
 struct Inner {
-    url: SecretString,
-    /// `host:port` of the broker, for messages (the URL holds a password).
-    address: String,
+    /// The broker's nodes (`amqp.urls`, or `amqp.url` alone), each with its
+    /// `host:port` for messages (the URL holds a password).
+    nodes: Vec<(SecretString, String)>,
+    /// The node the next attempt tries first: the one after the node last
+    /// connected to, so that when a node dies the survivors are tried
+    /// before it.
+    next_node: std::sync::atomic::AtomicUsize,
     topology: Topology,
     /// Deliveries the broker may push to a subscription of the command
     /// queue before they are acked, and of the high queue.
@@ -420,8 +426,15 @@ impl RabbitMq {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                url: settings.url.clone(),
-                address: broker_address(settings.url.expose_secret()),
+                nodes: settings
+                    .node_urls()
+                    .into_iter()
+                    .map(|url| {
+                        let address = broker_address(url.expose_secret());
+                        (url, address)
+                    })
+                    .collect(),
+                next_node: std::sync::atomic::AtomicUsize::new(0),
                 topology: Topology::new(settings, retry_tiers),
                 prefetch: settings.prefetch,
                 high_prefetch,
@@ -605,34 +618,75 @@ impl RabbitMq {
 }
 
 impl Inner {
-    /// One connection attempt, bounded by `amqp.connect_timeout_ms`; the
-    /// session it makes becomes the current one.
+    /// One connection attempt: each node in turn (from
+    /// [`Inner::next_node`]) until one accepts, each bounded by
+    /// `amqp.connect_timeout_ms`; the session it makes becomes the current
+    /// one. A conflict in the topology ends the attempt at once: every node
+    /// of a cluster would say the same.
     async fn connect(&self) -> Result<Session, QueueError> {
-        let sockets = Arc::new(Sockets::default());
-        let session = match tokio::time::timeout(self.connect_timeout, self.open(&sockets)).await {
-            Ok(Err(QueueError::Conflict(message))) => {
-                self.conflict.send_if_modified(|seen| {
-                    seen.get_or_insert_with(|| message.clone());
-                    true
-                });
-                return Err(QueueError::Conflict(message));
+        use std::sync::atomic::Ordering;
+        let count = self.nodes.len();
+        let first = self.next_node.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        for i in (0..count).map(|k| (first + k) % count) {
+            let (url, address) = &self.nodes[i];
+            match self.connect_to(url, address).await {
+                Ok(session) => {
+                    self.next_node.store((i + 1) % count, Ordering::Relaxed);
+                    if count > 1 {
+                        info!(node = %address, "connected to RabbitMQ; topology declared");
+                    } else {
+                        info!("connected to RabbitMQ; topology declared");
+                    }
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                        Some(session.clone());
+                    return Ok(session);
+                }
+                Err(QueueError::Conflict(message)) => {
+                    self.conflict.send_if_modified(|seen| {
+                        seen.get_or_insert_with(|| message.clone());
+                        true
+                    });
+                    return Err(QueueError::Conflict(message));
+                }
+                Err(e) if count == 1 => return Err(e),
+                Err(e) => {
+                    warn!(node = %address, error = %e, "RabbitMQ node unavailable; trying the next");
+                    failures.push(e.to_string());
+                }
             }
+        }
+        Err(QueueError::Unavailable(format!(
+            "no RabbitMQ node of amqp.urls answers: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// One node, bounded by `amqp.connect_timeout_ms`.
+    async fn connect_to(&self, url: &SecretString, address: &str) -> Result<Session, QueueError> {
+        let sockets = Arc::new(Sockets::default());
+        let open = self.open(url, address, &sockets);
+        let session = match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(result) => result?,
             Err(_) => {
                 sockets.abandon();
-                return Err(QueueError::Unavailable(
-                    "no answer within amqp.connect_timeout_ms".into(),
-                ));
+                return Err(QueueError::Unavailable(format!(
+                    "{address}: no answer within amqp.connect_timeout_ms"
+                )));
             }
         };
         sockets.hand_over();
-        info!("connected to RabbitMQ; topology declared");
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
         Ok(session)
     }
 
-    async fn open(&self, sockets: &Arc<Sockets>) -> Result<Session, QueueError> {
-        let uri: AMQPUri = self.url.expose_secret().parse().map_err(unavailable)?;
+    async fn open(
+        &self,
+        url: &SecretString,
+        address: &str,
+        sockets: &Arc<Sockets>,
+    ) -> Result<Session, QueueError> {
+        // lapin's own parse error never echoes the URL.
+        let uri: AMQPUri = url.expose_secret().parse().map_err(unavailable)?;
         let runtime = lapin::runtime::default_runtime().map_err(unavailable)?;
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from("sms-service"));
@@ -656,7 +710,7 @@ impl Inner {
         };
         let connection = Connection::connector(uri, runtime, connect, properties)
             .await
-            .map_err(|e| connect_error(&self.address, &e))?;
+            .map_err(|e| connect_error(address, &e))?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         declare_topology(&publisher, &self.topology).await?;
         publisher
