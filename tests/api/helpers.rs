@@ -317,7 +317,12 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn connect(names: &Names) -> Self {
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        Self::connect_at(names, AMQP_URL).await
+    }
+
+    /// As [`Self::connect`], to the broker (node) at `url`.
+    pub async fn connect_at(names: &Names, url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/ensure-services)");
         let channel = connection.create_channel().await.unwrap();

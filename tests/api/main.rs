@@ -5,6 +5,7 @@ mod amqp;
 mod auth;
 mod cancel;
 mod cli;
+mod cluster_rabbitmq;
 mod compose;
 mod delivery;
 mod docs;
