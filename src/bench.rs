@@ -154,7 +154,8 @@ pub fn check_provider_is_local(settings: &Settings, allow_remote: bool) -> anyho
 /// Runs the benchmark against the broker and service that `settings` name.
 pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
     check_provider_is_local(settings, options.allow_remote_provider)?;
-    let url = settings.amqp.url.expose_secret().to_owned();
+    // The first node of amqp.urls, else amqp.url.
+    let url = settings.amqp.node_urls()[0].expose_secret().to_owned();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .context("connecting to RabbitMQ (amqp.url)")?;
@@ -482,7 +483,8 @@ pub async fn probe_high(
     broker.close().await;
     let command_queue = settings.amqp.command_queue.clone();
 
-    let url = settings.amqp.url.expose_secret().to_owned();
+    // The first node of amqp.urls, else amqp.url.
+    let url = settings.amqp.node_urls()[0].expose_secret().to_owned();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .context("connecting to RabbitMQ (amqp.url)")?;

@@ -845,7 +845,7 @@ fn declare_error(queue: &str, configured: QueueType, e: &lapin::Error) -> QueueE
 /// 'sms.send' in vhost '/': received none but current is the value
 /// 'quorum' of type 'longstr'` (a classic declare of a quorum queue).
 pub fn conflict_message(queue: &str, configured: QueueType, reply: &str) -> String {
-    let fix = "README, \"Changing amqp.queue_type\"";
+    let fix = "README, \"Changing amqp.queue_type\": new queues on a new vhost, the old ones shovelled over";
     if reply.contains("'x-queue-type'") {
         // `current is none`: a queue declared without a type, classic.
         let existing = reply
@@ -856,8 +856,7 @@ pub fn conflict_message(queue: &str, configured: QueueType, reply: &str) -> Stri
         format!(
             "queue {queue:?} exists as a {existing} queue but amqp.queue_type is \"{}\": \
              the type of an existing queue cannot change. Either set amqp.queue_type = \"{existing}\" \
-             again, or migrate its messages to queues of the new type and delete it; \
-             stop every instance first ({fix}). Broker: {reply}",
+             again, or move to queues of the new type ({fix}). Broker: {reply}",
             configured.as_str()
         )
     } else {
