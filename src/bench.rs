@@ -986,10 +986,7 @@ mod tests {
         assert_eq!(cmd.send_at, Some(due), "{body}");
         assert_eq!(cmd.idempotency_key.as_str(), "bench-r1-7");
         assert_eq!(cmd.priority, crate::domain::Priority::Bulk);
-        assert!(body.contains(&format!(
-            r#""sendAt":"{}""#,
-            crate::domain::rfc3339(due)
-        )));
+        assert!(body.contains(&format!(r#""sendAt":"{}""#, crate::domain::rfc3339(due))));
 
         let plain = command_body("r1", 8, false, None);
         let cmd = crate::domain::SendSms::from_json(plain.as_bytes()).unwrap();
@@ -1026,7 +1023,12 @@ mod tests {
 
         // Received after, but the provider accepted it a second early.
         let mut samples = LatenessSamples::default();
-        samples.record(3, due, due + Duration::from_millis(50), Some(at(1_795_000_239, 0)));
+        samples.record(
+            3,
+            due,
+            due + Duration::from_millis(50),
+            Some(at(1_795_000_239, 0)),
+        );
         let err = samples.report(Duration::from_secs(240)).unwrap_err();
         assert!(err.to_string().contains("key index 3"), "{err}");
 

@@ -898,9 +898,7 @@ async fn the_http_answers_of_a_real_run_fit_the_openapi_schemas_of_their_route_a
     // Cancels: a scheduled message, a key not seen yet, one too late, one
     // no command can carry, a path that is not UTF-8, no API key.
     let later = crate::schedule::scheduled("http-later", crate::schedule::in_seconds(60));
-    answers
-        .check("POST", "/v1/messages", submit(later))
-        .await;
+    answers.check("POST", "/v1/messages", submit(later)).await;
     wait_for_status(&app, "http-later", "scheduled").await;
     let cancel = |key: &str| request(&app, "DELETE", &format!("/v1/messages/{key}"));
     let cancelled = answers
