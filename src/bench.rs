@@ -19,9 +19,14 @@
 //! until the service works on it, then publishes N `high` commands to the
 //! high queue at a steady interval and reports their latency, publish to
 //! SmsSent, with the backlog still waiting meanwhile.
+//!
+//! With `--send-in SECS` every command is scheduled: its `sendAt` is its
+//! publish instant plus SECS, rounded up to the whole second. Besides the
+//! usual figures the run reports how late each SmsSent came after its
+//! `sendAt` ([`Lateness`]), and fails if any came before it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -53,6 +58,98 @@ pub struct BenchOptions {
     pub allow_remote_provider: bool,
     /// The commands carry `"priority": "bulk"`.
     pub bulk: bool,
+    /// `--send-in`: each command carries a `sendAt` this long after its
+    /// publish (see [`send_at_after`]).
+    pub send_in: Option<Duration>,
+}
+
+/// How late the SmsSent of a `--send-in` run came after their `sendAt`:
+/// the instant the bench received each event, on this machine's wall clock,
+/// minus the command's `sendAt`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lateness {
+    pub send_in_s: u64,
+    pub events: usize,
+    pub lateness_ms_p50: f64,
+    pub lateness_ms_p99: f64,
+    pub lateness_ms_max: f64,
+}
+
+/// SmsSent of a `--send-in` run, as they come.
+#[derive(Debug, Default)]
+struct LatenessSamples {
+    late: Vec<Duration>,
+    /// Keys sent before their `sendAt`, and by how much.
+    early: Vec<(usize, Duration)>,
+}
+
+impl LatenessSamples {
+    /// One SmsSent of key `key`, scheduled for `send_at`, received at
+    /// `received`, with the event's own `sentAt` if it has one. Early when
+    /// either instant is before `send_at`: `sentAt` is in whole seconds
+    /// (truncated), and so is a bench `sendAt`, so an on-time `sentAt` is
+    /// never below it.
+    fn record(
+        &mut self,
+        key: usize,
+        send_at: SystemTime,
+        received: SystemTime,
+        sent_at: Option<SystemTime>,
+    ) {
+        let first = sent_at.map_or(received, |s| s.min(received));
+        match send_at.duration_since(first) {
+            Ok(early) if !early.is_zero() => self.early.push((key, early)),
+            _ => self
+                .late
+                .push(received.duration_since(send_at).unwrap_or_default()),
+        }
+    }
+
+    /// The figures, or an error naming the keys sent before their `sendAt`.
+    fn report(mut self, send_in: Duration) -> anyhow::Result<Lateness> {
+        if !self.early.is_empty() {
+            self.early.sort_by_key(|(_, by)| std::cmp::Reverse(*by));
+            let (key, by) = self.early[0];
+            anyhow::bail!(
+                "{} SmsSent came BEFORE their sendAt (worst: key index {key}, {:.3} s early); \
+                 {} on time or late",
+                self.early.len(),
+                by.as_secs_f64(),
+                self.late.len()
+            );
+        }
+        anyhow::ensure!(!self.late.is_empty(), "no SmsSent to measure lateness on");
+        self.late.sort();
+        Ok(Lateness {
+            send_in_s: send_in.as_secs(),
+            events: self.late.len(),
+            lateness_ms_p50: percentile_ms(&self.late, 0.50),
+            lateness_ms_p99: percentile_ms(&self.late, 0.99),
+            lateness_ms_max: percentile_ms(&self.late, 1.0),
+        })
+    }
+}
+
+/// `sendAt` of a command published at `now` with `--send-in send_in`:
+/// `send_in` later, rounded up to the whole second, since the service's
+/// `sentAt` is in whole seconds.
+fn send_at_after(now: SystemTime, send_in: Duration) -> SystemTime {
+    let at = (now + send_in)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let whole = at.as_secs() + u64::from(at.subsec_nanos() > 0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(whole)
+}
+
+/// The SendSms body of a bench command.
+fn command_body(run_id: &str, key: usize, bulk: bool, send_at: Option<SystemTime>) -> String {
+    let priority = if bulk { r#","priority":"bulk""# } else { "" };
+    let send_at = send_at
+        .map(|at| format!(r#","sendAt":"{}""#, crate::domain::rfc3339(at)))
+        .unwrap_or_default();
+    format!(
+        r#"{{"idempotencyKey":"bench-{run_id}-{key}","phoneNumber":"+254712345678","text":"Your code is {key}"{priority}{send_at}}}"#
+    )
 }
 
 /// `--high-probe`: `high` commands published beside a backlog.
@@ -99,6 +196,9 @@ pub struct RunReport {
     pub latency_ms_p95: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,
+    /// With `--send-in`: SmsSent after `sendAt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lateness: Option<Lateness>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +254,10 @@ pub fn check_provider_is_local(settings: &Settings, allow_remote: bool) -> anyho
 /// Runs the benchmark against the broker and service that `settings` name.
 pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
     check_provider_is_local(settings, options.allow_remote_provider)?;
+    anyhow::ensure!(
+        !(options.baseline && options.send_in.is_some()),
+        "--send-in does not go with --baseline: the bare relay does not hold commands"
+    );
     // The first node of amqp.urls, else amqp.url.
     let url = settings.amqp.node_urls()[0].expose_secret().to_owned();
     let connection = Connection::connect(&url, ConnectionProperties::default())
@@ -223,16 +327,26 @@ async fn load(
 
     let published_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
         Arc::new(std::sync::Mutex::new(vec![None; distinct]));
+    let send_at: SendAts = Arc::new(std::sync::Mutex::new(vec![None; distinct]));
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let started = Instant::now();
     let publish = {
-        let published_at = published_at.clone();
+        let (published_at, send_at) = (published_at.clone(), send_at.clone());
         let (queue, run_id, options) = (queue.to_owned(), run_id.to_owned(), options.clone());
         tokio::spawn(async move {
-            publish_all(publisher, &queue, &run_id, &keys, &options, published_at).await
+            publish_all(
+                publisher,
+                &queue,
+                &run_id,
+                &keys,
+                &options,
+                published_at,
+                send_at,
+            )
+            .await
         })
     };
 
@@ -241,16 +355,24 @@ async fn load(
     let mut seen = vec![false; distinct];
     let mut last_progress = Instant::now();
     let mut last_event = started;
+    let mut lateness = LatenessSamples::default();
     while latencies.len() < distinct {
-        let delivery = match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
+        // A scheduled run's first event comes send_in after the first publish.
+        let limit = SILENCE_LIMIT
+            + options
+                .send_in
+                .filter(|_| latencies.is_empty())
+                .unwrap_or_default();
+        let delivery = match tokio::time::timeout(limit, consumer.next()).await {
             Ok(Some(Ok(d))) => d,
             Ok(_) => anyhow::bail!("event subscription ended"),
             Err(_) => anyhow::bail!(
-                "no event for 30 s with {}/{distinct} received: is the service running and consuming {queue}?",
+                "no event for {limit:?} with {}/{distinct} received: is the service running and consuming {queue}?",
                 latencies.len()
             ),
         };
         let now = Instant::now();
+        let received = SystemTime::now();
         let Some(index) = event_index(&delivery.data, &prefix) else {
             continue; // someone else's event on the same exchange
         };
@@ -259,6 +381,9 @@ async fn load(
         }
         if let Some(at) = published_at.lock().unwrap_or_else(|e| e.into_inner())[index] {
             latencies.push(now.duration_since(at));
+        }
+        if let Some(due) = send_at.lock().unwrap_or_else(|e| e.into_inner())[index] {
+            lateness.record(index, due, received, event_sent_at(&delivery.data));
         }
         last_event = now;
         if now.duration_since(last_progress) >= Duration::from_secs(1) {
@@ -275,6 +400,10 @@ async fn load(
     let seconds = last_event.duration_since(started).as_secs_f64();
     latencies.sort();
     let pct = |p: f64| percentile_ms(&latencies, p);
+    let lateness = options
+        .send_in
+        .map(|send_in| lateness.report(send_in))
+        .transpose()?;
     Ok(RunReport {
         target: target.to_owned(),
         commands: options.count,
@@ -286,6 +415,7 @@ async fn load(
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
         latency_ms_max: pct(1.0),
+        lateness,
     })
 }
 
@@ -345,7 +475,28 @@ fn event_index(body: &[u8], prefix: &str) -> Option<usize> {
     event.key.strip_prefix(prefix)?.parse().ok()
 }
 
-/// Publishes every command with confirms, `window` in flight; returns seconds taken.
+/// The `sentAt` of an SmsSent body, if it has one.
+fn event_sent_at(body: &[u8]) -> Option<SystemTime> {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "sentAt", borrow)]
+        sent_at: &'a str,
+    }
+    let event: Event = serde_json::from_slice(body).ok()?;
+    let at = time::OffsetDateTime::parse(
+        event.sent_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    Some(SystemTime::from(at))
+}
+
+/// The `sendAt` of each key of a `--send-in` run, set at its first publish.
+type SendAts = Arc<std::sync::Mutex<Vec<Option<SystemTime>>>>;
+
+/// Publishes every command with confirms, `window` in flight; returns seconds
+/// taken. With `options.send_in`, a key's commands (a duplicate too) carry
+/// the `sendAt` noted in `send_at` at its first publish.
 async fn publish_all(
     channel: Channel,
     queue: &str,
@@ -353,6 +504,7 @@ async fn publish_all(
     keys: &[usize],
     options: &BenchOptions,
     published_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
+    send_at: SendAts,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let window = Arc::new(Semaphore::new(options.window.max(1)));
@@ -366,14 +518,11 @@ async fn publish_all(
             tokio::time::sleep_until(due.into()).await;
         }
         let permit = window.clone().acquire_owned().await?;
-        let priority = if options.bulk {
-            r#","priority":"bulk""#
-        } else {
-            ""
-        };
-        let body = format!(
-            r#"{{"idempotencyKey":"bench-{run_id}-{key}","phoneNumber":"+254712345678","text":"Your code is {key}"{priority}}}"#
-        );
+        let due = options.send_in.map(|send_in| {
+            let mut due = send_at.lock().unwrap_or_else(|e| e.into_inner());
+            *due[*key].get_or_insert_with(|| send_at_after(SystemTime::now(), send_in))
+        });
+        let body = command_body(run_id, *key, options.bulk, due);
         {
             let mut at = published_at.lock().unwrap_or_else(|e| e.into_inner());
             at[*key].get_or_insert_with(Instant::now);
@@ -472,6 +621,10 @@ pub async fn probe_high(
     use crate::ports::QueueClient;
     check_provider_is_local(settings, options.allow_remote_provider)?;
     anyhow::ensure!(probe.probes > 0, "--high-probe must be at least 1");
+    anyhow::ensure!(
+        options.send_in.is_none(),
+        "--send-in does not go with --high-probe"
+    );
     // Declared as the service declares them: the backlog needs its queue
     // before the service (started later, perhaps) does.
     let broker = crate::adapters::rabbitmq::RabbitMq::new(&settings.amqp, &settings.retry_tiers());
@@ -509,6 +662,7 @@ pub async fn probe_high(
         .await?;
     let keys: Vec<usize> = (0..options.count).collect();
     let unused = Arc::new(std::sync::Mutex::new(vec![None; options.count]));
+    let no_send_at = Arc::new(std::sync::Mutex::new(vec![None; options.count]));
     let seconds = publish_all(
         publisher.clone(),
         &command_queue,
@@ -516,6 +670,7 @@ pub async fn probe_high(
         &keys,
         options,
         unused,
+        no_send_at,
     )
     .await?;
     eprintln!(
@@ -800,12 +955,99 @@ pub fn render(report: &BenchReport) -> String {
     if let Some(ratio) = report.ratio {
         out.push_str(&format!("ratio service/baseline: {ratio:.2}\n"));
     }
+    if let Some(l) = &report.service.lateness {
+        out.push_str(&format!(
+            "SmsSent after sendAt (send-in {} s, {} events): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+            l.send_in_s, l.events, l.lateness_ms_p50, l.lateness_ms_p99, l.lateness_ms_max
+        ));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(secs: u64, millis: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn a_scheduled_bench_command_carries_its_send_at_rounded_up_to_the_second() {
+        let publish = at(1_795_000_000, 250);
+        let due = send_at_after(publish, Duration::from_secs(240));
+        assert_eq!(due, at(1_795_000_241, 0));
+        // On a whole second already: exactly send_in later.
+        let due_exact = send_at_after(at(1_795_000_000, 0), Duration::from_secs(240));
+        assert_eq!(due_exact, at(1_795_000_240, 0));
+
+        let now = SystemTime::now();
+        let due = send_at_after(now, Duration::from_secs(60));
+        let body = command_body("r1", 7, true, Some(due));
+        let cmd = crate::domain::SendSms::from_json(body.as_bytes()).unwrap();
+        assert_eq!(cmd.send_at, Some(due), "{body}");
+        assert_eq!(cmd.idempotency_key.as_str(), "bench-r1-7");
+        assert_eq!(cmd.priority, crate::domain::Priority::Bulk);
+        assert!(body.contains(&format!(r#""sendAt":"{}""#, crate::domain::rfc3339(due))));
+
+        let plain = command_body("r1", 8, false, None);
+        let cmd = crate::domain::SendSms::from_json(plain.as_bytes()).unwrap();
+        assert_eq!(cmd.send_at, None);
+        assert!(!plain.contains("sendAt") && !plain.contains("priority"));
+    }
+
+    #[test]
+    fn lateness_is_measured_from_send_at_and_an_early_sms_sent_fails_the_run() {
+        let due = at(1_795_000_240, 0);
+        let mut samples = LatenessSamples::default();
+        for (i, late_ms) in [0u64, 400, 900, 1200].into_iter().enumerate() {
+            let received = due + Duration::from_millis(late_ms);
+            // sentAt is truncated to the second, as the service writes it.
+            let sent_at = at(1_795_000_240 + late_ms / 1000, 0);
+            samples.record(i, due, received, Some(sent_at));
+        }
+        let report = samples.report(Duration::from_secs(240)).unwrap();
+        assert_eq!((report.send_in_s, report.events), (240, 4));
+        assert_eq!(report.lateness_ms_p50, 400.0);
+        assert_eq!(report.lateness_ms_p99, 1200.0);
+        assert_eq!(report.lateness_ms_max, 1200.0);
+
+        // Received before sendAt.
+        let mut samples = LatenessSamples::default();
+        samples.record(0, due, due + Duration::from_millis(5), None);
+        samples.record(1, due, due - Duration::from_millis(1500), None);
+        let err = samples
+            .report(Duration::from_secs(240))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1 SmsSent came BEFORE"), "{err}");
+        assert!(err.contains("key index 1, 1.500 s early"), "{err}");
+
+        // Received after, but the provider accepted it a second early.
+        let mut samples = LatenessSamples::default();
+        samples.record(
+            3,
+            due,
+            due + Duration::from_millis(50),
+            Some(at(1_795_000_239, 0)),
+        );
+        let err = samples.report(Duration::from_secs(240)).unwrap_err();
+        assert!(err.to_string().contains("key index 3"), "{err}");
+
+        assert!(LatenessSamples::default()
+            .report(Duration::from_secs(1))
+            .is_err());
+    }
+
+    #[test]
+    fn the_sent_at_of_an_event_is_read() {
+        let body = br#"{"idempotencyKey":"bench-x-1","sentAt":"2026-11-22T10:00:00Z"}"#;
+        assert_eq!(
+            event_sent_at(body).map(crate::domain::rfc3339).as_deref(),
+            Some("2026-11-22T10:00:00Z")
+        );
+        assert_eq!(event_sent_at(br#"{"idempotencyKey":"k"}"#), None);
+    }
 
     fn with_provider(base_url: &str) -> Settings {
         let env = [("SMS__PROVIDER__BASE_URL".to_owned(), base_url.to_owned())];

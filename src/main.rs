@@ -85,6 +85,16 @@ enum Command {
         /// With --high-probe: milliseconds between two high commands.
         #[arg(long, default_value_t = 50, requires = "high_probe")]
         probe_interval_ms: u64,
+        /// Schedule every command: sendAt = its publish time + SECS (rounded
+        /// up to the second); also report how late each SmsSent came after
+        /// its sendAt, and fail if one came before it.
+        #[arg(
+            long,
+            value_name = "SECS",
+            conflicts_with_all = ["baseline", "high_probe"],
+            value_parser = clap::value_parser!(u64).range(1..=2_592_000)
+        )]
+        send_in: Option<u64>,
         /// Share of commands (0 to 1) that repeat an earlier key.
         #[arg(long, default_value_t = 0.0)]
         duplicates: f64,
@@ -276,6 +286,7 @@ fn main() -> ExitCode {
                 bulk,
                 high_probe,
                 probe_interval_ms,
+                send_in,
                 duplicates,
                 rate,
                 baseline,
@@ -291,6 +302,7 @@ fn main() -> ExitCode {
                     window,
                     allow_remote_provider: i_mean_it,
                     bulk,
+                    send_in: send_in.map(Duration::from_secs),
                 };
                 let probe = high_probe.map(|probes| sms_service::bench::HighProbe {
                     probes,

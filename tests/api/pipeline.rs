@@ -617,6 +617,7 @@ async fn the_bench_smoke_run_reports_relay_service_and_ratio() {
         window: 100,
         allow_remote_provider: false,
         bulk: false,
+        send_in: None,
     };
     let report = sms_service::bench::run(&settings, &options).await.unwrap();
     eprintln!("{}", sms_service::bench::render(&report));

@@ -237,6 +237,7 @@ async fn the_bench_measures_high_commands_published_beside_a_backlog() {
         window: 100,
         allow_remote_provider: false,
         bulk: true,
+        send_in: None,
     };
     let probe = sms_service::bench::HighProbe {
         probes: 3,

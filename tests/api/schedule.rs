@@ -124,3 +124,34 @@ async fn a_held_command_survives_a_restart_of_the_service_and_is_sent_once() {
         .is_empty());
     app.cleanup().await;
 }
+
+/// A smoke run of `sms-service bench --send-in` (small N, no thresholds:
+/// the figures come from the bench's report): every command carries a
+/// `sendAt`, each SmsSent is measured against it, and none came early.
+#[tokio::test]
+async fn the_bench_schedules_its_commands_and_reports_the_lateness_after_send_at() {
+    let app = spawn_app().await;
+    provider_accepts(&app, 40).await;
+    let settings = settings(&app.names.env(&app.provider.uri()));
+    let options = sms_service::bench::BenchOptions {
+        count: 40,
+        duplicates: 0.0,
+        rate: None,
+        baseline: false,
+        window: 10,
+        allow_remote_provider: false,
+        bulk: false,
+        send_in: Some(Duration::from_secs(2)),
+    };
+    let started = SystemTime::now();
+    let report = sms_service::bench::run(&settings, &options).await.unwrap();
+    eprintln!("{}", sms_service::bench::render(&report));
+    let lateness = report.service.lateness.clone().expect("a lateness report");
+    assert_eq!((lateness.send_in_s, lateness.events), (2, 40));
+    assert!(lateness.lateness_ms_p50 <= lateness.lateness_ms_p99);
+    assert!(lateness.lateness_ms_p99 <= lateness.lateness_ms_max);
+    // Publish to SmsSent is at least the 2 s each waited.
+    assert!(report.service.latency_ms_p50 >= 2000.0, "{report:?}");
+    assert!(started.elapsed().unwrap() >= Duration::from_secs(2));
+    app.cleanup().await;
+}

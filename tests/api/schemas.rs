@@ -890,6 +890,50 @@ async fn the_http_answers_of_a_real_run_fit_the_openapi_schemas_of_their_route_a
     answers
         .check("GET", "/v1/messages/{key}", plain("/v1/messages/http-sent"))
         .await;
+    // Not UTF-8 once percent-decoded: axum's own 400, plain text.
+    answers
+        .check("GET", "/v1/messages/{key}", status("bad%FF"))
+        .await;
+
+    // Cancels: a scheduled message, a key not seen yet, one too late, one
+    // no command can carry, a path that is not UTF-8, no API key.
+    let later = crate::schedule::scheduled("http-later", crate::schedule::in_seconds(60));
+    answers.check("POST", "/v1/messages", submit(later)).await;
+    wait_for_status(&app, "http-later", "scheduled").await;
+    let cancel = |key: &str| request(&app, "DELETE", &format!("/v1/messages/{key}"));
+    let cancelled = answers
+        .check("DELETE", "/v1/messages/{key}", cancel("http-later"))
+        .await;
+    assert_eq!(
+        (&cancelled["status"], &cancelled["reason"]),
+        (&json!("failed"), &json!("cancelled")),
+        "{cancelled}"
+    );
+    answers
+        .check("DELETE", "/v1/messages/{key}", cancel("http-not-yet"))
+        .await;
+    let too_late = answers
+        .check("DELETE", "/v1/messages/{key}", cancel("http-sent"))
+        .await;
+    assert_eq!(too_late["error"], "not_cancellable");
+    answers
+        .check(
+            "DELETE",
+            "/v1/messages/{key}",
+            cancel(&"k".repeat(MAX_KEY_LEN + 1)),
+        )
+        .await;
+    answers
+        .check("DELETE", "/v1/messages/{key}", cancel("bad%FF"))
+        .await;
+    answers
+        .check(
+            "DELETE",
+            "/v1/messages/{key}",
+            app.http
+                .delete(format!("{}/v1/messages/http-sent", app.base_url)),
+        )
+        .await;
 
     // Delivery reports: signed at /v1/callbacks/generic, and part 1's route.
     let callback = |body: &str, secret: &str| {
@@ -975,6 +1019,13 @@ async fn the_http_answers_of_a_real_run_fit_the_openapi_schemas_of_their_route_a
         "GET /v1/messages/{key} 200",
         "GET /v1/messages/{key} 401",
         "GET /v1/messages/{key} 404",
+        "GET /v1/messages/{key} 400",
+        "DELETE /v1/messages/{key} 200",
+        "DELETE /v1/messages/{key} 202",
+        "DELETE /v1/messages/{key} 400",
+        "DELETE /v1/messages/{key} 401",
+        "DELETE /v1/messages/{key} 404",
+        "DELETE /v1/messages/{key} 409",
         "POST /v1/callbacks/{instance} 204",
         "POST /v1/callbacks/{instance} 400",
         "POST /v1/callbacks/{instance} 401",

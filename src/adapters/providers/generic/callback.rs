@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn the_signed_example_of_the_reference_verifies() {
-        // docs/reference.md, section 7.6: secret s3cret, 2026-11-22T10:00:00Z.
+        // docs/reference.md, section 7.7: secret s3cret, 2026-11-22T10:00:00Z.
         let body = br#"{"id":"fake-17","status":"delivered"}"#;
         let signature = "sha256=8494982b539c8932521d8dacacca46dcc767843a3b44f68325a5bc20f1e5f54b";
         let now = UNIX_EPOCH + Duration::from_secs(1_795_341_600 + 60);
