@@ -26,6 +26,7 @@ mod providers_infobip;
 mod providers_twilio;
 mod providers_vonage;
 mod proxy;
+mod redis_ha;
 mod resilience;
 mod scale;
 mod schedule;

@@ -30,10 +30,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
-use secrecy::ExposeSecret;
-use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 use crate::domain::{
@@ -46,7 +43,11 @@ use crate::ports::{
     Scheduled, SentRecord,
 };
 
+mod connection;
 mod scripts;
+mod slot;
+
+use connection::{Backend, Conn};
 
 struct Scripts {
     claim: Script,
@@ -75,10 +76,10 @@ const PARK_CAP: usize = 20;
 
 /// The store over one multiplexed, self-reconnecting connection.
 pub struct RedisStore {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// Made on first use, so the service starts while Redis is still away.
-    manager: OnceCell<ConnectionManager>,
+    backend: Backend,
+    /// Replicas a `sent` record waits for (`WAIT`), and how long at most.
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
     prefix: String,
     ttl_secs: u64,
     lease_ms: u64,
@@ -92,17 +93,10 @@ fn store_error(e: impl std::fmt::Display) -> CacheError {
 
 impl RedisStore {
     pub fn new(settings: &RedisSettings) -> Result<Self, CacheError> {
-        let client = redis::Client::open(settings.url.expose_secret()).map_err(store_error)?;
-        let timeout = Duration::from_millis(settings.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
         Ok(Self {
-            client,
-            config,
-            manager: OnceCell::new(),
+            backend: Backend::new(settings)?,
+            wait_replicas: settings.wait_replicas,
+            wait_timeout_ms: settings.wait_timeout_ms,
             prefix: settings.key_prefix.clone(),
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
@@ -127,16 +121,6 @@ impl RedisStore {
                 unpublished_reports: Script::new(scripts::UNPUBLISHED_REPORTS),
             },
         })
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        self.manager
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
-            })
-            .await
-            .cloned()
-            .map_err(store_error)
     }
 
     fn msg_key(&self, key: &str) -> String {
@@ -178,6 +162,18 @@ impl RedisStore {
         keys: &[&str],
         args: &[&str],
     ) -> Result<T, CacheError> {
+        self.run_on(script, keys, args)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// As [`RedisStore::run`], also giving the connection that ran it.
+    async fn run_on<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<(T, Conn), CacheError> {
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(*key);
@@ -185,13 +181,21 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut connection = self.connection().await?;
-        match invocation.invoke_async(&mut connection).await {
-            Ok(value) => Ok(value),
-            Err(_) => invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(store_error),
+        let mut lease = self.backend.connection().await?;
+        match invocation.invoke_async(&mut lease.conn).await {
+            Ok(value) => Ok((value, lease.conn)),
+            Err(e) => {
+                // A master gone (sentinel): the retry goes to the new one.
+                self.backend.failed(&lease, &e);
+                let mut lease = self.backend.connection().await?;
+                match invocation.invoke_async(&mut lease.conn).await {
+                    Ok(value) => Ok((value, lease.conn)),
+                    Err(e) => {
+                        self.backend.failed(&lease, &e);
+                        Err(store_error(e))
+                    }
+                }
+            }
         }
     }
 
@@ -204,10 +208,55 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, CacheError> {
-        let mut connection = self.connection().await?;
-        match pipe.query_async(&mut connection).await {
+        let mut lease = self.backend.connection().await?;
+        match pipe.query_async(&mut lease.conn).await {
             Ok(value) => Ok(value),
-            Err(_) => pipe.query_async(&mut connection).await.map_err(store_error),
+            Err(e) => {
+                self.backend.failed(&lease, &e);
+                let mut lease = self.backend.connection().await?;
+                pipe.query_async(&mut lease.conn)
+                    .await
+                    .inspect_err(|e| self.backend.failed(&lease, e))
+                    .map_err(store_error)
+            }
+        }
+    }
+
+    /// `WAIT wait_replicas wait_timeout_ms` after a write to `key`, on the
+    /// connection that made it (in a cluster, to the master of the key's
+    /// slot): how many replicas acknowledged every write before it. An
+    /// error or a short count is logged and counted, never an error: the
+    /// record is written and the SMS is out; the wait only narrows what a
+    /// failover could lose (README, guarantees).
+    /// <https://redis.io/docs/latest/commands/wait/>
+    async fn wait_for_replicas(&self, lease: &mut Conn, key: &str) {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.wait_replicas).arg(self.wait_timeout_ms);
+        let answer: Result<Value, redis::RedisError> = match lease {
+            Conn::Cluster(cluster) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(slot::of(key), SlotAddr::Master);
+                cluster
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await
+            }
+            other => wait.query_async(other).await,
+        };
+        let acknowledged = match &answer {
+            Ok(Value::Int(n)) => *n,
+            _ => -1,
+        };
+        if acknowledged < i64::from(self.wait_replicas) {
+            metrics::counter!("sms_redis_wait_short_total").increment(1);
+            tracing::warn!(
+                acknowledged,
+                wanted = self.wait_replicas,
+                error = answer.err().map(|e| e.to_string()),
+                "a sent record reached fewer replicas than redis.wait_replicas asks"
+            );
         }
     }
 }
@@ -480,9 +529,12 @@ impl CacheService for RedisStore {
             &unpublished,
             r.traceparent.as_deref().unwrap_or_default(),
         ];
-        let written: i64 = self
-            .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
+        let (written, mut conn): (i64, Conn) = self
+            .run_on(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
             .await?;
+        if written != 0 && self.wait_replicas > 0 {
+            self.wait_for_replicas(&mut conn, &msg).await;
+        }
         Ok(match written {
             2 => Recorded::WrittenReported,
             n => recorded(n),
