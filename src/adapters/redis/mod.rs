@@ -44,10 +44,11 @@ use crate::ports::{
 };
 
 mod connection;
+mod replication;
 mod scripts;
-mod slot;
 
-use connection::{Backend, Conn};
+use connection::Backend;
+use replication::Replication;
 
 struct Scripts {
     claim: Script,
@@ -79,7 +80,8 @@ pub struct RedisStore {
     backend: Backend,
     /// Replicas a `sent` record waits for (`WAIT`), and how long at most.
     wait_replicas: u32,
-    wait_timeout_ms: u64,
+    /// Set when `wait_replicas` > 0.
+    replication: Option<Replication>,
     prefix: String,
     ttl_secs: u64,
     lease_ms: u64,
@@ -96,7 +98,9 @@ impl RedisStore {
         Ok(Self {
             backend: Backend::new(settings)?,
             wait_replicas: settings.wait_replicas,
-            wait_timeout_ms: settings.wait_timeout_ms,
+            replication: (settings.wait_replicas > 0)
+                .then(|| Replication::new(settings))
+                .transpose()?,
             prefix: settings.key_prefix.clone(),
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
@@ -162,18 +166,6 @@ impl RedisStore {
         keys: &[&str],
         args: &[&str],
     ) -> Result<T, CacheError> {
-        self.run_on(script, keys, args)
-            .await
-            .map(|(value, _)| value)
-    }
-
-    /// As [`RedisStore::run`], also giving the connection that ran it.
-    async fn run_on<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        keys: &[&str],
-        args: &[&str],
-    ) -> Result<(T, Conn), CacheError> {
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(*key);
@@ -183,18 +175,16 @@ impl RedisStore {
         }
         let mut lease = self.backend.connection().await?;
         match invocation.invoke_async(&mut lease.conn).await {
-            Ok(value) => Ok((value, lease.conn)),
+            Ok(value) => Ok(value),
             Err(e) => {
                 // A master gone (sentinel): the retry goes to the new one.
                 self.backend.failed(&lease, &e);
                 let mut lease = self.backend.connection().await?;
-                match invocation.invoke_async(&mut lease.conn).await {
-                    Ok(value) => Ok((value, lease.conn)),
-                    Err(e) => {
-                        self.backend.failed(&lease, &e);
-                        Err(store_error(e))
-                    }
-                }
+                invocation
+                    .invoke_async(&mut lease.conn)
+                    .await
+                    .inspect_err(|e| self.backend.failed(&lease, e))
+                    .map_err(store_error)
             }
         }
     }
@@ -222,39 +212,23 @@ impl RedisStore {
         }
     }
 
-    /// `WAIT wait_replicas wait_timeout_ms` after a write to `key`, on the
-    /// connection that made it (in a cluster, to the master of the key's
-    /// slot): how many replicas acknowledged every write before it. An
-    /// error or a short count is logged and counted, never an error: the
-    /// record is written and the SMS is out; the wait only narrows what a
-    /// failover could lose (README, guarantees).
-    /// <https://redis.io/docs/latest/commands/wait/>
-    async fn wait_for_replicas(&self, lease: &mut Conn, key: &str) {
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(self.wait_replicas).arg(self.wait_timeout_ms);
-        let answer: Result<Value, redis::RedisError> = match lease {
-            Conn::Cluster(cluster) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(slot::of(key), SlotAddr::Master);
-                cluster
-                    .route_command(
-                        wait,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await
-            }
-            other => wait.query_async(other).await,
+    /// Waits until `wait_replicas` replicas have every write made before
+    /// this call (the `sent` record just written), at most
+    /// `wait_timeout_ms`; see [`Replication`]. A short count or an error is
+    /// logged and counted, never an error: the record is written and the
+    /// SMS is out; the wait only narrows what a failover could lose
+    /// (README, guarantees).
+    async fn wait_for_replicas(&self) {
+        let Some(replication) = &self.replication else {
+            return;
         };
-        let acknowledged = match &answer {
-            Ok(Value::Int(n)) => *n,
-            _ => -1,
-        };
+        let (acknowledged, error) = replication.wait().await;
         if acknowledged < i64::from(self.wait_replicas) {
             metrics::counter!("sms_redis_wait_short_total").increment(1);
             tracing::warn!(
                 acknowledged,
                 wanted = self.wait_replicas,
-                error = answer.err().map(|e| e.to_string()),
+                error,
                 "a sent record reached fewer replicas than redis.wait_replicas asks"
             );
         }
@@ -529,11 +503,11 @@ impl CacheService for RedisStore {
             &unpublished,
             r.traceparent.as_deref().unwrap_or_default(),
         ];
-        let (written, mut conn): (i64, Conn) = self
-            .run_on(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
+        let written: i64 = self
+            .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
             .await?;
-        if written != 0 && self.wait_replicas > 0 {
-            self.wait_for_replicas(&mut conn, &msg).await;
+        if written != 0 {
+            self.wait_for_replicas().await;
         }
         Ok(match written {
             2 => Recorded::WrittenReported,
