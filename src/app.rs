@@ -164,7 +164,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningApp> {
     let (listener, http_addr) = http::bind(&settings.http.bind)
         .await
         .with_context(|| format!("http.bind: cannot listen on {}", settings.http.bind))?;
-    let redis_address = redis_durability::server_address(settings.redis.url.expose_secret());
+    let redis_address = settings.redis.describe();
     let redis_check = report_redis(
         store.clone(),
         redis_address.clone(),

@@ -79,7 +79,26 @@ pub struct AmqpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
+    /// How the service finds Redis: one server at `url`, the master that
+    /// `sentinels` name for `master_name`, or a Redis Cluster from `nodes`.
+    #[serde(deserialize_with = "explain::choice")]
+    pub mode: RedisMode,
+    /// Standalone: the server. Sentinel and cluster: only its user name,
+    /// password, database and TLS (`rediss`) apply, to the master or nodes.
     pub url: SecretString,
+    /// Sentinel: the Sentinels' addresses (`host:port`), asked in turn.
+    #[serde(deserialize_with = "text_list")]
+    pub sentinels: Vec<String>,
+    /// Sentinel: the name the Sentinels monitor the master under.
+    pub master_name: String,
+    /// Cluster: some of the cluster's nodes (`host:port`); the rest are
+    /// discovered from them.
+    #[serde(deserialize_with = "text_list")]
+    pub nodes: Vec<String>,
+    /// After a `sent` record, wait until this many replicas have it
+    /// (`WAIT`), at most `wait_timeout_ms`; 0: no wait.
+    pub wait_replicas: u32,
+    pub wait_timeout_ms: u64,
     pub key_prefix: String,
     pub idempotency_ttl_secs: u64,
     pub lease_ms: u64,
@@ -87,6 +106,118 @@ pub struct RedisSettings {
     /// the longest wait before a dead instance's keys are taken over.
     pub liveness_ttl_ms: u64,
     pub timeout_ms: u64,
+}
+
+/// `redis.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Sentinel,
+    Cluster,
+}
+
+impl RedisSettings {
+    /// Where the store is, for logs: never a password.
+    pub fn describe(&self) -> String {
+        match self.mode {
+            RedisMode::Standalone => {
+                crate::adapters::redis_durability::server_address(self.url.expose_secret())
+            }
+            RedisMode::Sentinel => format!(
+                "master {:?} of sentinels {}",
+                self.master_name,
+                self.sentinels.join(",")
+            ),
+            RedisMode::Cluster => format!("cluster {}", self.nodes.join(",")),
+        }
+    }
+
+    /// `redis.mode` and the settings it needs.
+    fn validate_mode(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        // A `{` or `}` in the prefix would move the hash tag of every key.
+        if self.key_prefix.is_empty()
+            || self.key_prefix.contains(['{', '}'])
+            || self.key_prefix.len() > 100
+        {
+            return bad(
+                "redis.key_prefix",
+                "must be 1 to 100 characters without { or }",
+            );
+        }
+        let (list_key, list) = match self.mode {
+            RedisMode::Standalone => return Ok(()),
+            RedisMode::Sentinel => ("redis.sentinels", &self.sentinels),
+            RedisMode::Cluster => ("redis.nodes", &self.nodes),
+        };
+        if list.is_empty() || list.len() > 32 {
+            return bad(
+                list_key,
+                &format!(
+                    "must list 1 to 32 addresses (host:port) with redis.mode = \"{}\"",
+                    if self.mode == RedisMode::Sentinel {
+                        "sentinel"
+                    } else {
+                        "cluster"
+                    }
+                ),
+            );
+        }
+        for (i, address) in list.iter().enumerate() {
+            if node_url(address).is_none() {
+                return bad(
+                    &format!("{list_key}[{i}]"),
+                    "must be an address like 10.0.0.5:26379 (or a redis:// URL)",
+                );
+            }
+        }
+        if self.mode == RedisMode::Sentinel && self.master_name.trim().is_empty() {
+            return bad(
+                "redis.master_name",
+                "must name the master the sentinels monitor with redis.mode = \"sentinel\"",
+            );
+        }
+        if self.mode == RedisMode::Cluster {
+            let db = url::Url::parse(self.url.expose_secret())
+                .ok()
+                .map(|u| u.path().trim_matches('/').to_owned())
+                .unwrap_or_default();
+            if !db.is_empty() && db != "0" {
+                return bad(
+                    "redis.url",
+                    "a Redis Cluster has only database 0: drop the database from the URL",
+                );
+            }
+        }
+        if self.mode == RedisMode::Cluster {
+            // The store's scripts still read keys they derive (the holder's
+            // liveness record, provider ids, the report index), which a
+            // cluster refuses across slots: no half-working mode.
+            return bad(
+                "redis.mode",
+                "\"cluster\" is not supported yet (the store's scripts are not cluster-safe); use \"standalone\" or \"sentinel\"",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A Redis node address as a URL: `host:port` gets `redis://`; a
+/// `redis://` or `rediss://` URL stays. `None` if it is neither.
+pub fn node_url(address: &str) -> Option<String> {
+    let address = address.trim();
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("redis://{address}")
+    };
+    let parsed = url::Url::parse(&url).ok()?;
+    (["redis", "rediss"].contains(&parsed.scheme())
+        && parsed.host_str().is_some_and(|h| !h.is_empty())
+        && parsed.port().is_some())
+    .then_some(url)
 }
 
 /// Which provider adapter sends the messages.
@@ -741,6 +872,19 @@ impl Settings {
                 "must be at most redis.idempotency_ttl_secs, or a key could still be retrying after it was forgotten",
             );
         }
+        self.redis.validate_mode()?;
+        if self.redis.wait_replicas > 16 {
+            return bad("redis.wait_replicas", "must be at most 16");
+        }
+        if self.redis.wait_replicas > 0
+            && (self.redis.wait_timeout_ms == 0
+                || self.redis.wait_timeout_ms >= self.redis.timeout_ms)
+        {
+            return bad(
+                "redis.wait_timeout_ms",
+                "must be at least 1 and shorter than redis.timeout_ms when redis.wait_replicas is set",
+            );
+        }
         self.validate_limits()?;
         self.quiet_hours()?;
         check_header_secret("provider.token", self.provider.token.expose_secret())?;
@@ -996,6 +1140,80 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn redis_mode_defaults_to_standalone_and_sentinel_needs_its_sentinels_and_master() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.redis.mode, RedisMode::Standalone);
+        assert_eq!(s.redis.wait_replicas, 0);
+        let s = load(&[
+            ("SMS__REDIS__MODE", "sentinel"),
+            (
+                "SMS__REDIS__SENTINELS",
+                "10.0.0.5:26379, redis://10.0.0.6:26379",
+            ),
+            ("SMS__REDIS__MASTER_NAME", "mymaster"),
+            ("SMS__REDIS__WAIT_REPLICAS", "1"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.mode, RedisMode::Sentinel);
+        assert_eq!(
+            s.redis.sentinels,
+            ["10.0.0.5:26379", "redis://10.0.0.6:26379"]
+        );
+        assert_eq!(
+            s.redis.describe(),
+            "master \"mymaster\" of sentinels 10.0.0.5:26379,redis://10.0.0.6:26379"
+        );
+        for (vars, key) in [
+            (vec![("SMS__REDIS__MODE", "sentinel")], "redis.sentinels"),
+            (
+                vec![
+                    ("SMS__REDIS__MODE", "sentinel"),
+                    ("SMS__REDIS__SENTINELS", "a:1"),
+                ],
+                "redis.master_name",
+            ),
+            (
+                vec![
+                    ("SMS__REDIS__MODE", "sentinel"),
+                    ("SMS__REDIS__SENTINELS", "a:1,nonsense"),
+                    ("SMS__REDIS__MASTER_NAME", "m"),
+                ],
+                "redis.sentinels[1]",
+            ),
+            (vec![("SMS__REDIS__MODE", "replicated")], "redis.mode"),
+            (
+                vec![
+                    ("SMS__REDIS__MODE", "cluster"),
+                    ("SMS__REDIS__NODES", "a:1"),
+                ],
+                "redis.mode",
+            ),
+            (vec![("SMS__REDIS__KEY_PREFIX", "a{b}")], "redis.key_prefix"),
+            (
+                vec![("SMS__REDIS__WAIT_REPLICAS", "17")],
+                "redis.wait_replicas",
+            ),
+            (
+                vec![
+                    ("SMS__REDIS__WAIT_REPLICAS", "1"),
+                    ("SMS__REDIS__WAIT_TIMEOUT_MS", "2000"),
+                ],
+                "redis.wait_timeout_ms",
+            ),
+        ] {
+            let err = load(&vars).unwrap_err().to_string();
+            assert!(err.contains(key), "{vars:?}: {err}");
+        }
+        let err = load(&[("SMS__REDIS__MODE", "replicated")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"standalone\", \"sentinel\" or \"cluster\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = {
         ("sms_lease_takeovers_total", Counter, "Claims that took a key over from a holder that died or ran out of lease before an outcome."),
         ("sms_records_fenced_total", Counter, "Outcomes not recorded, or events not published, because another holder had taken the key over (found by the record or by a lease check after a pause); that holder's outcome stands."),
         ("sms_store_write_failures_total", Counter, "Failed tries of a held Redis write after a provider call (record, mark published); it is tried until Redis takes it."),
+        ("sms_redis_wait_short_total", Counter, "Sent records that fewer replicas than redis.wait_replicas acknowledged within redis.wait_timeout_ms (WAIT): an asynchronous failover now could lose them."),
         ("sms_delivery_reports_total", Counter, "Delivery reports by provider instance and the status they set (an SmsDeliveryReport published), or unmatched (no message with that provider id yet: kept until its send is recorded, or refused)."),
         ("sms_callbacks_refused_total", Counter, "Provider callbacks refused, by provider instance and reason (bad_signature, wrong_token, invalid_report, no_callbacks); nothing was changed."),
         ("sms_circuit_state", Gauge, "Circuit breaker of each provider instance: 0 closed, 1 open, 2 half-open."),

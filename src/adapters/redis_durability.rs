@@ -20,6 +20,11 @@ pub const NO_EVICTION: &str = "noeviction";
 /// keys; `None` if it does not, or if it did not say (unreachable, or
 /// neither `CONFIG GET` nor `INFO` answered).
 pub async fn eviction_warning(settings: &RedisSettings) -> Option<String> {
+    // Through Sentinel or a cluster the URL names no server: the README
+    // asks for noeviction on every node of those.
+    if settings.mode != crate::config::RedisMode::Standalone {
+        return None;
+    }
     let policy = eviction_policy(settings).await?;
     warning_for(&policy, &server_address(settings.url.expose_secret()))
 }

@@ -28,6 +28,7 @@ mod providers_twilio;
 mod providers_vonage;
 mod proxy;
 mod quorum;
+mod redis_ha;
 mod resilience;
 mod scale;
 mod schedule;

@@ -30,10 +30,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
-use secrecy::ExposeSecret;
-use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 use crate::domain::{
@@ -46,7 +43,12 @@ use crate::ports::{
     Scheduled, SentRecord,
 };
 
+mod connection;
+mod replication;
 mod scripts;
+
+use connection::Backend;
+use replication::Replication;
 
 struct Scripts {
     claim: Script,
@@ -75,10 +77,11 @@ const PARK_CAP: usize = 20;
 
 /// The store over one multiplexed, self-reconnecting connection.
 pub struct RedisStore {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// Made on first use, so the service starts while Redis is still away.
-    manager: OnceCell<ConnectionManager>,
+    backend: Backend,
+    /// Replicas a `sent` record waits for (`WAIT`), and how long at most.
+    wait_replicas: u32,
+    /// Set when `wait_replicas` > 0.
+    replication: Option<Replication>,
     prefix: String,
     ttl_secs: u64,
     lease_ms: u64,
@@ -92,17 +95,12 @@ fn store_error(e: impl std::fmt::Display) -> CacheError {
 
 impl RedisStore {
     pub fn new(settings: &RedisSettings) -> Result<Self, CacheError> {
-        let client = redis::Client::open(settings.url.expose_secret()).map_err(store_error)?;
-        let timeout = Duration::from_millis(settings.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
         Ok(Self {
-            client,
-            config,
-            manager: OnceCell::new(),
+            backend: Backend::new(settings)?,
+            wait_replicas: settings.wait_replicas,
+            replication: (settings.wait_replicas > 0)
+                .then(|| Replication::new(settings))
+                .transpose()?,
             prefix: settings.key_prefix.clone(),
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
@@ -127,16 +125,6 @@ impl RedisStore {
                 unpublished_reports: Script::new(scripts::UNPUBLISHED_REPORTS),
             },
         })
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        self.manager
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
-            })
-            .await
-            .cloned()
-            .map_err(store_error)
     }
 
     fn msg_key(&self, key: &str) -> String {
@@ -185,13 +173,19 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut connection = self.connection().await?;
-        match invocation.invoke_async(&mut connection).await {
+        let mut lease = self.backend.connection().await?;
+        match invocation.invoke_async(&mut lease.conn).await {
             Ok(value) => Ok(value),
-            Err(_) => invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(store_error),
+            Err(e) => {
+                // A master gone (sentinel): the retry goes to the new one.
+                self.backend.failed(&lease, &e);
+                let mut lease = self.backend.connection().await?;
+                invocation
+                    .invoke_async(&mut lease.conn)
+                    .await
+                    .inspect_err(|e| self.backend.failed(&lease, e))
+                    .map_err(store_error)
+            }
         }
     }
 
@@ -204,10 +198,39 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, CacheError> {
-        let mut connection = self.connection().await?;
-        match pipe.query_async(&mut connection).await {
+        let mut lease = self.backend.connection().await?;
+        match pipe.query_async(&mut lease.conn).await {
             Ok(value) => Ok(value),
-            Err(_) => pipe.query_async(&mut connection).await.map_err(store_error),
+            Err(e) => {
+                self.backend.failed(&lease, &e);
+                let mut lease = self.backend.connection().await?;
+                pipe.query_async(&mut lease.conn)
+                    .await
+                    .inspect_err(|e| self.backend.failed(&lease, e))
+                    .map_err(store_error)
+            }
+        }
+    }
+
+    /// Waits until `wait_replicas` replicas have every write made before
+    /// this call (the `sent` record just written), at most
+    /// `wait_timeout_ms`; see [`Replication`]. A short count or an error is
+    /// logged and counted, never an error: the record is written and the
+    /// SMS is out; the wait only narrows what a failover could lose
+    /// (README, guarantees).
+    async fn wait_for_replicas(&self) {
+        let Some(replication) = &self.replication else {
+            return;
+        };
+        let (acknowledged, error) = replication.wait().await;
+        if acknowledged < i64::from(self.wait_replicas) {
+            metrics::counter!("sms_redis_wait_short_total").increment(1);
+            tracing::warn!(
+                acknowledged,
+                wanted = self.wait_replicas,
+                error,
+                "a sent record reached fewer replicas than redis.wait_replicas asks"
+            );
         }
     }
 }
@@ -483,6 +506,9 @@ impl CacheService for RedisStore {
         let written: i64 = self
             .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
             .await?;
+        if written != 0 {
+            self.wait_for_replicas().await;
+        }
         Ok(match written {
             2 => Recorded::WrittenReported,
             n => recorded(n),
