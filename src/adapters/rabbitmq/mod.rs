@@ -208,9 +208,22 @@ impl Topology {
             arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
             arguments
         };
+        // A quorum dead-letter queue gets a delivery limit it never
+        // reaches: from RabbitMQ 4.0 a quorum queue without one has a
+        // default of 20 and drops a message delivered more often, and every
+        // `dead-letters list` delivers each letter once (it reads, then
+        // hands back). 3.x has no default; the explicit limit is the same
+        // there.
+        let mut dead_letters = base();
+        if quorum {
+            dead_letters.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
+            );
+        }
         let mut queues = vec![QueueSpec {
             name: self.dead_letter_queue.clone(),
-            arguments: base(),
+            arguments: dead_letters,
         }];
         // The high queue exactly as the command queue.
         for queue in [&self.command_queue, &self.high_queue] {
@@ -1027,9 +1040,38 @@ async fn cancel(channel: &Channel, tag: ShortString) {
     }
 }
 
+/// The dead-letter queue's `x-delivery-limit` on quorum queues: far more
+/// deliveries than any reading of it makes (see [`Topology::queues`]).
+const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quorum_dead_letter_queue_has_a_delivery_limit_no_reading_of_it_reaches() {
+        let settings = crate::config::Settings::load_from(
+            None,
+            crate::config::environment().source(Some(
+                [("SMS__AMQP__QUEUE_TYPE".to_owned(), "quorum".to_owned())].into(),
+            )),
+        )
+        .unwrap();
+        let t = Topology::new(&settings.amqp, &settings.retry_tiers());
+        let queues = t.queues();
+        let dead = &queues
+            .iter()
+            .find(|q| q.name == "sms.send.dead")
+            .unwrap()
+            .arguments;
+        assert_eq!(
+            dead.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT))
+        );
+        // Classic: declared as before, with no arguments.
+        let classic = default_topology().queues();
+        assert!(classic[0].arguments.inner().is_empty());
+    }
 
     fn topology(hops_ms: &[u64]) -> Topology {
         let env = [(
