@@ -5,7 +5,12 @@
 //!   connection. A connection to a server that is no longer the master
 //!   (it answers `READONLY` after a failover, or drops) is given up and
 //!   the master found again through the Sentinels, with a backoff between
-//!   failed discoveries so a failover in progress is not hammered;
+//!   failed discoveries so a failover in progress is not hammered. A
+//!   master cut off from the Sentinels may keep answering as a master, so
+//!   the master in use is also re-checked at most every [`CHECK_EVERY`]
+//!   (its `ROLE`, and the address the Sentinels name) and given up when
+//!   either disagrees; `NOREPLICAS` (a master with `min-replicas-to-write`
+//!   that lost its replicas) also gives it up;
 //! - cluster: the crate's cluster connection, which follows `MOVED` and
 //!   `ASK` redirections and refreshes its slot map by itself.
 //!
@@ -14,7 +19,7 @@
 //! <https://docs.rs/redis/1.0.0/redis/sentinel/index.html>), hence
 //! [`SentinelMaster`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -23,8 +28,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisFuture,
-    ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError,
+    RedisFuture, ServerErrorKind, Value,
 };
 use secrecy::ExposeSecret;
 use tokio::sync::OnceCell;
@@ -83,7 +88,7 @@ pub(super) enum Backend {
         /// Made on first use, so the service starts while Redis is away.
         manager: OnceCell<ConnectionManager>,
     },
-    Sentinel(SentinelMaster),
+    Sentinel(Arc<SentinelMaster>),
     Cluster {
         client: ClusterClient,
         connection: OnceCell<ClusterConnection>,
@@ -111,7 +116,9 @@ impl Backend {
                     .set_max_delay(Duration::from_secs(2)),
                 manager: OnceCell::new(),
             },
-            RedisMode::Sentinel => Self::Sentinel(SentinelMaster::new(settings, timeout)?),
+            RedisMode::Sentinel => {
+                Self::Sentinel(Arc::new(SentinelMaster::new(settings, timeout)?))
+            }
             RedisMode::Cluster => {
                 let info = url.into_connection_info().map_err(store_error)?;
                 let redis = info.redis_settings();
@@ -157,7 +164,7 @@ impl Backend {
                     generation: 0,
                 })
             }
-            Self::Sentinel(master) => master.connection().await,
+            Self::Sentinel(master) => SentinelMaster::connection(master).await,
             Self::Cluster { client, connection } => {
                 let connection = connection
                     .get_or_try_init(|| client.get_async_connection())
@@ -185,7 +192,10 @@ impl Backend {
 
 /// Whether an error means the connection no longer leads to a writable
 /// master: dropped, timed out, or refused as a replica's (`READONLY`,
-/// also what a script's write gets on a replica) or a loading server's.
+/// also what a script's write gets on a replica), a loading server's, a
+/// master's that lost its replicas (`NOREPLICAS`, with
+/// `min-replicas-to-write`: likely cut off from the rest) or a replica's
+/// cut off from its master (`MASTERDOWN`).
 pub(super) fn stale(error: &RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()
@@ -200,16 +210,25 @@ pub(super) fn stale(error: &RedisError) -> bool {
                     | ServerErrorKind::MasterDown
             )
         )
-        || error.code() == Some("READONLY")
+        || matches!(error.code(), Some("READONLY" | "NOREPLICAS" | "MASTERDOWN"))
 }
 
 /// The master the Sentinels name, found again after a failover.
 pub(super) struct SentinelMaster {
     /// Discovery, one at a time.
     sentinel: tokio::sync::Mutex<Discovery>,
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<Current>>,
+    /// When the master in use was last re-checked (or found).
+    checked: Mutex<Instant>,
     config: AsyncConnectionConfig,
     timeout: Duration,
+}
+
+struct Current {
+    generation: u64,
+    conn: MultiplexedConnection,
+    /// Where the Sentinels said the master was.
+    addr: ConnectionAddr,
 }
 
 struct Discovery {
@@ -223,6 +242,9 @@ struct Discovery {
 /// The first wait after a failed discovery; it doubles up to the most.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MOST_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How often, at most, the master in use is re-checked (on use, in a task).
+pub(super) const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 impl SentinelMaster {
     fn new(settings: &RedisSettings, timeout: Duration) -> Result<Self, CacheError> {
@@ -253,6 +275,7 @@ impl SentinelMaster {
                 not_before: None,
             }),
             current: Mutex::new(None),
+            checked: Mutex::new(Instant::now()),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout)),
@@ -262,16 +285,88 @@ impl SentinelMaster {
 
     fn current(&self) -> Option<Lease> {
         let current = self.current.lock().expect("not poisoned");
-        current.as_ref().map(|(generation, conn)| Lease {
-            conn: Conn::Direct(conn.clone()),
-            generation: *generation,
+        current.as_ref().map(|c| Lease {
+            conn: Conn::Direct(c.conn.clone()),
+            generation: c.generation,
         })
     }
 
-    async fn connection(&self) -> Result<Lease, CacheError> {
-        if let Some(lease) = self.current() {
+    async fn connection(this: &Arc<Self>) -> Result<Lease, CacheError> {
+        if let Some(lease) = this.current() {
+            this.check_if_due(lease.generation);
             return Ok(lease);
         }
+        this.discover().await
+    }
+
+    /// Re-checks the master in use in a task when the last check is
+    /// [`CHECK_EVERY`] old: a master split off with a minority of the
+    /// Sentinels still answers as a master and takes writes until
+    /// `min-replicas-to-write` makes it refuse them.
+    fn check_if_due(self: &Arc<Self>, generation: u64) {
+        {
+            let mut checked = self.checked.lock().expect("not poisoned");
+            if checked.elapsed() < CHECK_EVERY {
+                return;
+            }
+            *checked = Instant::now();
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Some(why) = this.recheck(generation).await {
+                tracing::warn!(
+                    generation,
+                    why,
+                    "redis master in use is no longer the master"
+                );
+                this.forget(generation);
+            }
+        });
+    }
+
+    /// Why the master of `generation` is to be given up, if it is.
+    async fn recheck(&self, generation: u64) -> Option<&'static str> {
+        let (mut conn, addr) = {
+            let current = self.current.lock().expect("not poisoned");
+            let c = current.as_ref().filter(|c| c.generation == generation)?;
+            (c.conn.clone(), c.addr.clone())
+        };
+        // ROLE: https://redis.io/docs/latest/commands/role/
+        let role = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn),
+        )
+        .await;
+        match role {
+            Err(_) => return Some("ROLE timed out"),
+            Ok(Err(e)) if stale(&e) => return Some("ROLE failed"),
+            Ok(Err(_)) => {}
+            Ok(Ok(role)) => {
+                let master = matches!(role.first(), Some(Value::BulkString(b)) if b == b"master")
+                    || matches!(role.first(), Some(Value::SimpleString(s)) if s == "master");
+                if !master {
+                    return Some("ROLE is not master");
+                }
+            }
+        }
+        // The Sentinels' view; skipped while a discovery runs.
+        let mut discovery = self.sentinel.try_lock().ok()?;
+        let named = tokio::time::timeout(
+            self.timeout.saturating_mul(3),
+            discovery.client.async_get_client(),
+        )
+        .await;
+        match named {
+            Ok(Ok(client)) if *client.get_connection_info().addr() != addr => {
+                Some("the sentinels name another master")
+            }
+            // Sentinels unreachable: the master stays; a split-off one
+            // refuses writes with min-replicas-to-write (`NOREPLICAS`).
+            _ => None,
+        }
+    }
+
+    async fn discover(&self) -> Result<Lease, CacheError> {
         let mut discovery = self.sentinel.lock().await;
         // Another call may have found the master while this one waited.
         if let Some(lease) = self.current() {
@@ -289,15 +384,18 @@ impl SentinelMaster {
         }
         // The Sentinels are asked in turn, each bounded by the timeout,
         // then the master's ROLE is checked by the crate.
+        let config = &self.config;
         let found = tokio::time::timeout(self.timeout.saturating_mul(3), async {
-            discovery
-                .client
-                .get_async_connection_with_config(&self.config)
-                .await
+            let client = discovery.client.async_get_client().await?;
+            let addr = client.get_connection_info().addr().clone();
+            let conn = client
+                .get_multiplexed_async_connection_with_config(config)
+                .await?;
+            Ok::<_, RedisError>((conn, addr))
         })
         .await;
         match found {
-            Ok(Ok(conn)) => {
+            Ok(Ok((conn, addr))) => {
                 discovery.generation += 1;
                 discovery.failures = 0;
                 discovery.not_before = None;
@@ -305,7 +403,12 @@ impl SentinelMaster {
                 if generation > 1 {
                     tracing::warn!(generation, "redis master found again through the sentinels");
                 }
-                *self.current.lock().expect("not poisoned") = Some((generation, conn.clone()));
+                *self.current.lock().expect("not poisoned") = Some(Current {
+                    generation,
+                    conn: conn.clone(),
+                    addr,
+                });
+                *self.checked.lock().expect("not poisoned") = Instant::now();
                 Ok(Lease {
                     conn: Conn::Direct(conn),
                     generation,
@@ -334,12 +437,52 @@ impl SentinelMaster {
 
     fn forget(&self, generation: u64) {
         let mut current = self.current.lock().expect("not poisoned");
-        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+        if current.as_ref().is_some_and(|c| c.generation == generation) {
             tracing::warn!(
                 generation,
                 "redis master lost: finding it again through the sentinels"
             );
             *current = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's error reply, as the crate parses it.
+    fn reply(line: &str) -> RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(Value::ServerError(e)) => e.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_master_without_replicas_or_a_replica_is_stale() {
+        for line in [
+            "NOREPLICAS Not enough good replicas to write.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            assert!(stale(&reply(line)), "{line}");
+        }
+        assert!(stale(&redis::make_extension_error(
+            "NOREPLICAS".into(),
+            None
+        )));
+    }
+
+    #[test]
+    fn a_command_error_is_not_stale() {
+        for line in [
+            "ERR wrong number of arguments",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script",
+        ] {
+            assert!(!stale(&reply(line)), "{line}");
         }
     }
 }
