@@ -128,23 +128,24 @@ impl RedisSettings {
             RedisMode::Sentinel => format!(
                 "master {:?} of sentinels {}",
                 self.master_name,
-                self.sentinels.join(",")
+                addresses(&self.sentinels)
             ),
-            RedisMode::Cluster => format!("cluster {}", self.nodes.join(",")),
+            RedisMode::Cluster => format!("cluster {}", addresses(&self.nodes)),
         }
     }
 
     /// `redis.mode` and the settings it needs.
     fn validate_mode(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        // A `{` or `}` in the prefix would move the hash tag of every key.
-        if self.key_prefix.is_empty()
-            || self.key_prefix.contains(['{', '}'])
-            || self.key_prefix.len() > 100
-        {
+        if self.key_prefix.is_empty() || self.key_prefix.len() > 100 {
+            return bad("redis.key_prefix", "must be 1 to 100 characters");
+        }
+        // In a cluster, a `{` or `}` in the prefix would move the hash tag
+        // of every key; elsewhere it is only text (and deployments have it).
+        if self.mode == RedisMode::Cluster && self.key_prefix.contains(['{', '}']) {
             return bad(
                 "redis.key_prefix",
-                "must be 1 to 100 characters without { or }",
+                "must be without { or } with redis.mode = \"cluster\"",
             );
         }
         let (list_key, list) = match self.mode {
@@ -202,6 +203,20 @@ impl RedisSettings {
         }
         Ok(())
     }
+}
+
+/// The `host:port` of each entry of a node list, which may be a URL with
+/// a password (`redis://:pw@host:26379`): never the password.
+fn addresses(list: &[String]) -> String {
+    list.iter()
+        .map(|entry| {
+            node_url(entry)
+                .and_then(|u| url::Url::parse(&u).ok())
+                .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port()?)))
+                .unwrap_or_else(|| "(invalid address)".into())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A Redis node address as a URL: `host:port` gets `redis://`; a
@@ -1164,8 +1179,24 @@ mod tests {
         );
         assert_eq!(
             s.redis.describe(),
-            "master \"mymaster\" of sentinels 10.0.0.5:26379,redis://10.0.0.6:26379"
+            "master \"mymaster\" of sentinels 10.0.0.5:26379,10.0.0.6:26379"
         );
+        // Logged and shown on /readyz: an entry's password never is.
+        let s = load(&[
+            ("SMS__REDIS__MODE", "sentinel"),
+            (
+                "SMS__REDIS__SENTINELS",
+                "redis://:hunter2@10.0.0.5:26379,redis://user:hunter3@s2:26380/0",
+            ),
+            ("SMS__REDIS__MASTER_NAME", "mymaster"),
+        ])
+        .unwrap();
+        let described = s.redis.describe();
+        assert_eq!(
+            described,
+            "master \"mymaster\" of sentinels 10.0.0.5:26379,s2:26380"
+        );
+        assert!(!described.contains("hunter"), "{described}");
         for (vars, key) in [
             (vec![("SMS__REDIS__MODE", "sentinel")], "redis.sentinels"),
             (
@@ -1191,7 +1222,15 @@ mod tests {
                 ],
                 "redis.mode",
             ),
-            (vec![("SMS__REDIS__KEY_PREFIX", "a{b}")], "redis.key_prefix"),
+            (
+                vec![
+                    ("SMS__REDIS__MODE", "cluster"),
+                    ("SMS__REDIS__NODES", "a:1"),
+                    ("SMS__REDIS__KEY_PREFIX", "a{b}"),
+                ],
+                "redis.key_prefix",
+            ),
+            (vec![("SMS__REDIS__KEY_PREFIX", "")], "redis.key_prefix"),
             (
                 vec![("SMS__REDIS__WAIT_REPLICAS", "17")],
                 "redis.wait_replicas",
@@ -1206,6 +1245,18 @@ mod tests {
         ] {
             let err = load(&vars).unwrap_err().to_string();
             assert!(err.contains(key), "{vars:?}: {err}");
+        }
+        // A hash tag in the prefix matters to a cluster only: a standalone
+        // or sentinel deployment keeps its `{sms}` prefix.
+        for mode in ["standalone", "sentinel"] {
+            let s = load(&[
+                ("SMS__REDIS__MODE", mode),
+                ("SMS__REDIS__SENTINELS", "a:1"),
+                ("SMS__REDIS__MASTER_NAME", "m"),
+                ("SMS__REDIS__KEY_PREFIX", "{sms}"),
+            ])
+            .unwrap();
+            assert_eq!(s.redis.key_prefix, "{sms}");
         }
         let err = load(&[("SMS__REDIS__MODE", "replicated")])
             .unwrap_err()
