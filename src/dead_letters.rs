@@ -27,11 +27,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
-use secrecy::ExposeSecret;
 use serde::Serialize;
 
+use crate::adapters::redis::RedisStore;
 use crate::cli_tools::open;
 use crate::config::Settings;
 use crate::domain::{mask_phone, rfc3339, IdempotencyKey};
@@ -277,47 +275,32 @@ impl fmt::Display for Reset {
 
 /// Deletes `KEYS[1]` only if its `status` is `failed`; answers the status
 /// found (`failed` meaning deleted), or `''` for no record.
-const CLEAR_FAILED: &str = r#"
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return '' end
-if status == 'failed' then redis.call('DEL', KEYS[1]) end
-return status
-"#;
 
 /// The idempotency records in Redis, as far as clearing failed keys goes.
 pub struct FailedRecords {
-    connection: MultiplexedConnection,
-    key_prefix: String,
-    script: redis::Script,
+    store: RedisStore,
 }
 
 impl FailedRecords {
-    /// Connects to `redis.url`.
+    /// Reaches Redis as the service does: through the store's own
+    /// connection, so in sentinel mode the master the Sentinels name (not
+    /// `redis.url`, which then holds only the password and database).
+    /// Connects on first use.
     pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
-        let timeout = Some(Duration::from_millis(settings.redis.timeout_ms));
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout);
-        let connection = redis::Client::open(settings.redis.url.expose_secret())
-            .context("redis.url")?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .context("connecting to Redis (redis.url)")?;
-        Ok(Self {
-            connection,
-            key_prefix: settings.redis.key_prefix.clone(),
-            script: redis::Script::new(CLEAR_FAILED),
-        })
+        let store = RedisStore::new(&settings.redis)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("Redis ({})", settings.redis.describe()))?;
+        Ok(Self { store })
     }
 
     /// Deletes `key`'s record if, and only if, the key failed: atomically,
     /// so a record that turns `sent` meanwhile is never deleted.
     pub async fn clear(&mut self, key: &IdempotencyKey) -> anyhow::Result<Reset> {
-        let status: String = self
-            .script
-            .key(format!("{}:msg:{key}", self.key_prefix))
-            .invoke_async(&mut self.connection)
+        let status = self
+            .store
+            .clear_failed(key.as_str())
             .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("clearing the failed record of {key} in Redis"))?;
         Ok(match status.as_str() {
             "" => Reset::Unknown,

@@ -431,6 +431,49 @@ async fn clearing_a_failed_record_leaves_sent_and_in_progress_records_alone() {
     }
 }
 
+/// In sentinel mode `redis.url` holds only the master's password and
+/// database: clearing goes through the Sentinels (none answer here), never
+/// to the server `redis.url` names, which may be a stale master.
+#[tokio::test]
+async fn clearing_a_failed_record_in_sentinel_mode_goes_through_the_sentinels_not_redis_url() {
+    let names = Names::unique();
+    let _leftovers = Leftovers(names.clone());
+    let mut env = names.env("http://127.0.0.1:9");
+    for (k, v) in [
+        ("SMS__REDIS__MODE", "sentinel"),
+        ("SMS__REDIS__SENTINELS", "127.0.0.1:9"),
+        ("SMS__REDIS__MASTER_NAME", "nobody"),
+        ("SMS__REDIS__TIMEOUT_MS", "300"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let settings = settings(&env);
+    let mut redis = redis_connection().await;
+    let record = format!("{}:msg:k-failed", names.key_prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&record)
+        .arg("status")
+        .arg("failed")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut records = FailedRecords::connect(&settings).await.unwrap();
+    let err = records
+        .clear(&IdempotencyKey::parse("k-failed").unwrap())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("sentinel"), "{err}");
+    let still: Option<String> = redis::cmd("HGET")
+        .arg(&record)
+        .arg("status")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(still.as_deref(), Some("failed"), "redis.url not used");
+}
+
 #[tokio::test]
 async fn dead_letters_list_json_uses_the_contract_names_and_says_when_each_was_dead_lettered() {
     let mut app = spawn_app().await;

@@ -127,6 +127,15 @@ impl RedisStore {
         })
     }
 
+    /// Deletes `key`'s record if, and only if, it failed: atomically, so a
+    /// record that turns `sent` meanwhile stays. Returns the status it had
+    /// (empty: no record). Over the store's connection, so in sentinel
+    /// mode it goes to the master the Sentinels name.
+    pub async fn clear_failed(&self, key: &str) -> Result<String, CacheError> {
+        let script = Script::new(scripts::CLEAR_FAILED);
+        self.run(&script, &[&self.msg_key(key)], &[]).await
+    }
+
     fn msg_key(&self, key: &str) -> String {
         format!("{}:msg:{key}", self.prefix)
     }

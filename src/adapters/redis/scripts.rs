@@ -494,3 +494,12 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'pinned', ARGV[2])
 return 1
 "#;
+
+/// `sms-service forget` and `dead-letters replay --reset`: deletes a
+/// record only if it failed; returns the status it had, empty if none.
+pub const CLEAR_FAILED: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status == 'failed' then redis.call('DEL', KEYS[1]) end
+return status
+"#;
