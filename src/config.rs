@@ -84,7 +84,9 @@ pub struct RedisSettings {
     #[serde(deserialize_with = "explain::choice")]
     pub mode: RedisMode,
     /// Standalone: the server. Sentinel and cluster: only its user name,
-    /// password, database and TLS (`rediss`) apply, to the master or nodes.
+    /// password and database apply, to the master or nodes. TLS
+    /// (`rediss`) is not supported, in sentinel mode neither: the redis
+    /// crate is built without a TLS feature, so the store refuses it.
     pub url: SecretString,
     /// Sentinel: the Sentinels' addresses (`host:port`), asked in turn.
     #[serde(deserialize_with = "text_list")]
