@@ -273,9 +273,6 @@ impl fmt::Display for Reset {
     }
 }
 
-/// Deletes `KEYS[1]` only if its `status` is `failed`; answers the status
-/// found (`failed` meaning deleted), or `''` for no record.
-
 /// The idempotency records in Redis, as far as clearing failed keys goes.
 pub struct FailedRecords {
     store: RedisStore,
