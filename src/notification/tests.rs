@@ -1364,6 +1364,14 @@ fn two_providers(
     (notifier, cache, events)
 }
 
+/// An answer that may have sent the message (a timeout).
+fn ambiguous() -> Result<Accepted, ProviderError> {
+    Err(ProviderError::Ambiguous {
+        detail: "timeout".into(),
+        retry_after: None,
+    })
+}
+
 fn refused() -> Result<Accepted, ProviderError> {
     Err(ProviderError::transient(
         "connect error: connection refused",
@@ -1427,12 +1435,6 @@ async fn a_route_no_provider_takes_is_provider_rejected() {
 
 #[tokio::test(start_paused = true)]
 async fn an_ambiguous_answer_is_retried_at_the_same_provider_only_even_after_a_delay_tier() {
-    let ambiguous = || {
-        Err(ProviderError::Ambiguous {
-            detail: "timeout".into(),
-            retry_after: None,
-        })
-    };
     let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), ambiguous()]);
     let b = ScriptedProvider::named("b", vec![]);
     let policy = RetryPolicy {
@@ -1462,12 +1464,6 @@ async fn an_ambiguous_answer_is_retried_at_the_same_provider_only_even_after_a_d
 
 #[tokio::test(start_paused = true)]
 async fn a_key_handed_to_a_tier_after_an_ambiguous_answer_is_pinned_even_if_its_pin_write_failed() {
-    let ambiguous = || {
-        Err(ProviderError::Ambiguous {
-            detail: "timeout".into(),
-            retry_after: None,
-        })
-    };
     let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), ambiguous()]);
     let b = ScriptedProvider::named("b", vec![]);
     let policy = RetryPolicy {
@@ -1534,12 +1530,6 @@ async fn a_key_accepted_by_one_provider_is_never_sent_by_another_on_redelivery()
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_without_the_tiers_header_still_keeps_to_the_provider_that_answered_ambiguously(
 ) {
-    let ambiguous = || {
-        Err(ProviderError::Ambiguous {
-            detail: "timeout".into(),
-            retry_after: None,
-        })
-    };
     // a answers ambiguously twice, then is simply down (not sent).
     let a = ScriptedProvider::named("a", vec![ambiguous(), ambiguous(), refused(), refused()]);
     let b = ScriptedProvider::named("b", vec![]);

@@ -206,6 +206,35 @@ impl MemoryCache {
         })
     }
 
+    /// As the script `RELEASE`: `release` (with its pin) or `postpone`.
+    fn release_lease(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+        postpone: bool,
+        pinned: Option<&str>,
+    ) {
+        let mut entries = self.entries.lock().unwrap();
+        let Some(entry) = entries.get_mut(key.as_str()) else {
+            return;
+        };
+        if entry.lease.as_ref().is_none_or(|(o, _)| o.id != owner.id) {
+            return;
+        }
+        entry.lease = None;
+        if let Some(provider) = pinned {
+            entry.pinned = Some(provider.to_owned());
+        }
+        if entry.status == "processing" {
+            entry.status = "retrying".into();
+            entry.attempts = attempts;
+            if postpone && attempts == 0 {
+                entry.first_attempt_ms = 0;
+            }
+        }
+    }
+
     fn check(&self) -> Result<(), CacheError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(CacheError("down".into()));
@@ -495,19 +524,7 @@ impl CacheService for MemoryCache {
         pinned: Option<&str>,
     ) -> Result<(), CacheError> {
         self.check()?;
-        let mut entries = self.entries.lock().unwrap();
-        if let Some(entry) = entries.get_mut(key.as_str()) {
-            if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
-                entry.lease = None;
-                if let Some(provider) = pinned {
-                    entry.pinned = Some(provider.to_owned());
-                }
-                if entry.status == "processing" {
-                    entry.status = "retrying".into();
-                    entry.attempts = attempts;
-                }
-            }
-        }
+        self.release_lease(key, owner, attempts, false, pinned);
         Ok(())
     }
 
@@ -521,19 +538,7 @@ impl CacheService for MemoryCache {
         if self.postpone_down.load(Ordering::SeqCst) {
             return Err(CacheError("postpone lost".into()));
         }
-        let mut entries = self.entries.lock().unwrap();
-        if let Some(entry) = entries.get_mut(key.as_str()) {
-            if entry.lease.as_ref().is_some_and(|(o, _)| o.id == owner.id) {
-                entry.lease = None;
-                if entry.status == "processing" {
-                    entry.status = "retrying".into();
-                    entry.attempts = attempts;
-                    if attempts == 0 {
-                        entry.first_attempt_ms = 0;
-                    }
-                }
-            }
-        }
+        self.release_lease(key, owner, attempts, true, None);
         Ok(())
     }
 

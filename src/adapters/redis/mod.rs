@@ -169,6 +169,27 @@ impl RedisStore {
     }
 
     /// Runs a script; see [`RedisStore::retried`].
+    /// The `RELEASE` script: `release` (with its pin) or `postpone`.
+    async fn release_lease(
+        &self,
+        key: &IdempotencyKey,
+        owner: &Owner,
+        attempts: u32,
+        postpone: bool,
+        pinned: Option<&str>,
+    ) -> Result<(), CacheError> {
+        let msg = self.msg_key(key.as_str());
+        let attempts = attempts.to_string();
+        let postpone = if postpone { "1" } else { "0" };
+        self.run::<i64>(
+            &self.scripts.release,
+            &[&msg],
+            &[&owner.id, &attempts, &now(), postpone, pinned.unwrap_or("")],
+        )
+        .await
+        .map(drop)
+    }
+
     async fn run<T: redis::FromRedisValue>(
         &self,
         script: &Script,
@@ -571,15 +592,8 @@ impl CacheService for RedisStore {
         attempts: u32,
         pinned: Option<&str>,
     ) -> Result<(), CacheError> {
-        let msg = self.msg_key(key.as_str());
-        let attempts = attempts.to_string();
-        self.run::<i64>(
-            &self.scripts.release,
-            &[&msg],
-            &[&owner.id, &attempts, &now(), "0", pinned.unwrap_or("")],
-        )
-        .await
-        .map(drop)
+        self.release_lease(key, owner, attempts, false, pinned)
+            .await
     }
 
     async fn postpone(
@@ -588,15 +602,7 @@ impl CacheService for RedisStore {
         owner: &Owner,
         attempts: u32,
     ) -> Result<(), CacheError> {
-        let msg = self.msg_key(key.as_str());
-        let attempts = attempts.to_string();
-        self.run::<i64>(
-            &self.scripts.release,
-            &[&msg],
-            &[&owner.id, &attempts, &now(), "1"],
-        )
-        .await
-        .map(drop)
+        self.release_lease(key, owner, attempts, true, None).await
     }
 
     async fn record_recipient_send(
