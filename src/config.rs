@@ -194,13 +194,15 @@ impl RedisSettings {
                 );
             }
         }
-        if self.mode == RedisMode::Cluster {
-            // The store's scripts still read keys they derive (the holder's
-            // liveness record, provider ids, the report index), which a
-            // cluster refuses across slots: no half-working mode.
+        if self.mode == RedisMode::Cluster && self.wait_replicas > 0 {
+            // WAIT counts the replicas of the node it is sent to, for the
+            // writes of its connection
+            // (https://redis.io/docs/latest/commands/wait/); in a cluster
+            // each record is on the master of its slot, which the store's
+            // WAIT connection does not follow.
             return bad(
-                "redis.mode",
-                "\"cluster\" is not supported yet (the store's scripts are not cluster-safe); use \"standalone\" or \"sentinel\"",
+                "redis.wait_replicas",
+                "must be 0 with redis.mode = \"cluster\" (WAIT would not reach the master that took the write)",
             );
         }
         Ok(())
@@ -1229,8 +1231,10 @@ mod tests {
                 vec![
                     ("SMS__REDIS__MODE", "cluster"),
                     ("SMS__REDIS__NODES", "a:1"),
+                    ("SMS__REDIS__WAIT_REPLICAS", "1"),
+                    ("SMS__REDIS__WAIT_TIMEOUT_MS", "100"),
                 ],
-                "redis.mode",
+                "redis.wait_replicas",
             ),
             (
                 vec![
@@ -1268,6 +1272,14 @@ mod tests {
             .unwrap();
             assert_eq!(s.redis.key_prefix, "{sms}");
         }
+        // Cluster mode starts (its keys are tagged by the store).
+        let s = load(&[
+            ("SMS__REDIS__MODE", "cluster"),
+            ("SMS__REDIS__NODES", "10.0.0.5:7000,10.0.0.6:7000"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.mode, RedisMode::Cluster);
+        assert_eq!(s.redis.nodes.len(), 2);
         let err = load(&[("SMS__REDIS__MODE", "replicated")])
             .unwrap_err()
             .to_string();

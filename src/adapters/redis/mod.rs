@@ -44,10 +44,12 @@ use crate::ports::{
 };
 
 mod connection;
+mod keys;
 mod replication;
 mod scripts;
 
 use connection::Backend;
+use keys::Keys;
 use replication::Replication;
 
 struct Scripts {
@@ -68,6 +70,11 @@ struct Scripts {
     record_report: Script,
     mark_report_published: Script,
     unpublished_reports: Script,
+    // Cluster mode's steps.
+    link: Script,
+    apply_reports: Script,
+    index_unpublished: Script,
+    drop_unpublished: Script,
 }
 
 /// Most reports kept in a key's history.
@@ -82,7 +89,7 @@ pub struct RedisStore {
     wait_replicas: u32,
     /// Set when `wait_replicas` > 0.
     replication: Option<Replication>,
-    prefix: String,
+    keys: Keys,
     ttl_secs: u64,
     lease_ms: u64,
     liveness_ttl_ms: u64,
@@ -101,7 +108,10 @@ impl RedisStore {
             replication: (settings.wait_replicas > 0)
                 .then(|| Replication::new(settings))
                 .transpose()?,
-            prefix: settings.key_prefix.clone(),
+            keys: Keys::new(
+                &settings.key_prefix,
+                settings.mode == crate::config::RedisMode::Cluster,
+            ),
             ttl_secs: settings.idempotency_ttl_secs,
             lease_ms: settings.lease_ms,
             liveness_ttl_ms: settings.liveness_ttl_ms,
@@ -123,6 +133,10 @@ impl RedisStore {
                 record_report: Script::new(&scripts::record_report()),
                 mark_report_published: Script::new(scripts::MARK_REPORT_PUBLISHED),
                 unpublished_reports: Script::new(scripts::UNPUBLISHED_REPORTS),
+                link: Script::new(scripts::LINK),
+                apply_reports: Script::new(&scripts::apply_reports()),
+                index_unpublished: Script::new(scripts::INDEX_UNPUBLISHED),
+                drop_unpublished: Script::new(scripts::DROP_UNPUBLISHED),
             },
         })
     }
@@ -137,35 +151,108 @@ impl RedisStore {
     }
 
     fn msg_key(&self, key: &str) -> String {
-        format!("{}:msg:{key}", self.prefix)
-    }
-
-    fn pid_key(&self, provider: &str, provider_message_id: &str) -> String {
-        format!("{}:pid:{provider}:{provider_message_id}", self.prefix)
+        self.keys.msg(key)
     }
 
     fn hist_key(&self, key: &str) -> String {
-        format!("{}:hist:{key}", self.prefix)
+        self.keys.hist(key)
     }
 
-    fn park_key(&self, provider: &str, provider_message_id: &str) -> String {
-        format!("{}:park:{provider}:{provider_message_id}", self.prefix)
+    /// Cluster mode: maps each part's provider id to `key` and applies
+    /// the reports parked for them, in steps of one slot each:
+    ///
+    /// 1. per part, [`scripts::LINK`] (its provider-id slot): the id now
+    ///    leads to the key, so no later report for it is parked; answers
+    ///    what was parked before;
+    /// 2. when one of those may end the message, the key goes in the
+    ///    unpublished index ([`scripts::INDEX_UNPUBLISHED`]) first;
+    /// 3. [`scripts::apply_reports`] applies them to the message;
+    /// 4. their park lists are deleted.
+    ///
+    /// Stopped anywhere (a crash, a lost reply), nothing is lost and no
+    /// report applied twice changes anything (a repeat is `unchanged`):
+    /// every step may run again. The caller of `record_sent` retries it
+    /// until it succeeds and publishes SmsSent only after; a crash before
+    /// that leaves the key `sent` and unpublished, and the claim that
+    /// takes it over links it again (`claim`). Reports still parked after
+    /// step 3 are applied again by the next report for the id
+    /// (`record_report`). An index entry whose message got no final
+    /// status is dropped by the sweeper. Answers whether a parked report
+    /// set the final status (`Recorded::WrittenReported`).
+    async fn link_parts(
+        &self,
+        key: &str,
+        provider: &str,
+        parts: &[String],
+    ) -> Result<bool, CacheError> {
+        let ttl = self.ttl_secs.to_string();
+        let mut parked = Vec::new();
+        for part in parts {
+            let entries: Vec<String> = self
+                .run(
+                    &self.scripts.link,
+                    &[
+                        &self.keys.pid(provider, part),
+                        &self.keys.park(provider, part),
+                    ],
+                    &[key, &ttl],
+                )
+                .await?;
+            parked.extend(entries.into_iter().map(|e| (part.clone(), e)));
+        }
+        if parked.is_empty() {
+            return Ok(false);
+        }
+        let answer = self.apply_reports(key, &parked).await?;
+        let mut emptied: Vec<&String> = parked.iter().map(|(part, _)| part).collect();
+        emptied.dedup();
+        for part in emptied {
+            self.delete(&self.keys.park(provider, part)).await?;
+        }
+        Ok(answer.first().map(String::as_str) == Some("publish"))
     }
 
-    /// The keys whose SmsDeliveryReport is not confirmed yet, by when
-    /// their final status was set.
-    fn unpublished_key(&self) -> String {
-        format!("{}:dlr:unpublished", self.prefix)
+    /// Cluster mode: steps 2 and 3 of [`RedisStore::link_parts`] for
+    /// `reports` (part id, report as parked), also those of a report
+    /// that finds its key (`record_report`). The index entry is written
+    /// only when one of them is final (no other can end a message).
+    async fn apply_reports(
+        &self,
+        key: &str,
+        reports: &[(String, String)],
+    ) -> Result<Vec<String>, CacheError> {
+        let may_end = reports.iter().any(|(_, e)| {
+            serde_json::from_str::<StoredReport>(e)
+                .ok()
+                .and_then(|r| DeliveryStatus::parse(&r.status))
+                .is_none_or(DeliveryStatus::is_final)
+        });
+        if may_end {
+            self.run::<i64>(
+                &self.scripts.index_unpublished,
+                &[&self.keys.unpublished()],
+                &[key],
+            )
+            .await?;
+        }
+        let cap = HISTORY_CAP.to_string();
+        let mut args = vec![key, cap.as_str()];
+        for (part, entry) in reports {
+            args.push(part);
+            args.push(entry);
+        }
+        self.run(
+            &self.scripts.apply_reports,
+            &[&self.msg_key(key), &self.hist_key(key)],
+            &args,
+        )
+        .await
     }
 
-    /// A recipient's per-recipient-limit record (one key, so a cluster
-    /// keeps it in one slot).
-    fn recipient_key(&self, recipient: &str) -> String {
-        format!("{}:rcpt:{recipient}", self.prefix)
-    }
-
-    fn alive_key(&self, instance: &str) -> String {
-        format!("{}:alive:{instance}", self.prefix)
+    async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.del(key).ignore();
+        self.retried(&pipe).await
     }
 
     /// Runs a script; see [`RedisStore::retried`].
@@ -417,9 +504,9 @@ impl CacheService for RedisStore {
     ) -> Result<Claim, CacheError> {
         let msg = self.msg_key(key.as_str());
         let (lease, ttl, now) = (self.lease_ms.to_string(), self.ttl_secs.to_string(), now());
-        let alive = self.alive_key("");
+        let alive = self.keys.alive("");
         let liveness = self.liveness_ttl_ms.to_string();
-        let args = [
+        let base = [
             owner.id.as_str(),
             &owner.instance,
             &lease,
@@ -429,9 +516,45 @@ impl CacheService for RedisStore {
             fingerprint,
             &liveness,
         ];
-        let reply: Vec<Value> = self.run(&self.scripts.claim, &[&msg], &args).await?;
+        // Cluster mode: the holder's liveness as last observed (none yet),
+        // read again while the script names another holder (scripts::CLAIM).
+        let mut observed = (String::new(), String::new());
+        let mut checks = 0;
+        let reply: Vec<Value> = loop {
+            let mut args = base.to_vec();
+            if self.keys.cluster() {
+                args.extend(["cluster", &observed.0, &observed.1]);
+            }
+            let reply: Vec<Value> = self.run(&self.scripts.claim, &[&msg], &args).await?;
+            if reply.first().and_then(text).as_deref() != Some("check") {
+                break reply;
+            }
+            // Another holder at each check means claims racing: bounded,
+            // the caller retries the command later as for any store error.
+            checks += 1;
+            if checks > 3 {
+                return Err(CacheError(
+                    "claim: the key's holder changed at every liveness check".into(),
+                ));
+            }
+            let holder = reply.get(1).and_then(text).unwrap_or_default();
+            let mut pipe = redis::pipe();
+            pipe.pttl(self.keys.alive(&holder));
+            let (pttl,): (i64,) = self.retried(&pipe).await?;
+            observed = (holder, pttl.to_string());
+        };
         let verdict = reply.first().and_then(text).unwrap_or_default();
         let f = fields(reply.get(1).unwrap_or(&Value::Nil));
+        if self.keys.cluster() && verdict == "claimed" && field(&f, "status") == "sent" {
+            // A record_sent whose holder stopped before linking its parts:
+            // linked now, before its SmsSent goes out (link_parts).
+            let r = sent_record(&f);
+            if !r.provider_message_id.is_empty() {
+                let mut parts = vec![r.provider_message_id.clone()];
+                parts.extend(r.other_part_ids.iter().cloned());
+                self.link_parts(key.as_str(), &r.provider, &parts).await?;
+            }
+        }
         let first_attempt_ms = |at: usize| {
             reply
                 .get(at)
@@ -499,7 +622,6 @@ impl CacheService for RedisStore {
         r: &SentRecord,
     ) -> Result<Recorded, CacheError> {
         let msg = self.msg_key(key.as_str());
-        let pid = self.pid_key(&r.provider, &r.provider_message_id);
         let hist = self.hist_key(key.as_str());
         let (segments, attempts) = (r.segments.to_string(), r.attempts.to_string());
         let (ttl, lease) = (self.ttl_secs.to_string(), self.lease_ms.to_string());
@@ -509,12 +631,12 @@ impl CacheService for RedisStore {
             parts.push_str(id);
         }
         let (pid_prefix, park_prefix) = (
-            self.pid_key(&r.provider, ""),
-            self.park_key(&r.provider, ""),
+            self.keys.pid(&r.provider, ""),
+            self.keys.park(&r.provider, ""),
         );
         let cap = HISTORY_CAP.to_string();
-        let unpublished = self.unpublished_key();
-        let args = [
+        let unpublished = self.keys.unpublished();
+        let mut args = vec![
             owner.id.as_str(),
             &lease,
             &r.provider,
@@ -533,6 +655,23 @@ impl CacheService for RedisStore {
             &unpublished,
             r.traceparent.as_deref().unwrap_or_default(),
         ];
+        if self.keys.cluster() {
+            // The record alone, then its parts linked (link_parts).
+            args.push("cluster");
+            let written: i64 = self.run(&self.scripts.record_sent, &[&msg], &args).await?;
+            if written == 0 || r.provider_message_id.is_empty() {
+                return Ok(recorded(written));
+            }
+            let mut ids = vec![r.provider_message_id.clone()];
+            ids.extend(r.other_part_ids.iter().cloned());
+            let reported = self.link_parts(key.as_str(), &r.provider, &ids).await?;
+            return Ok(if written == 2 || reported {
+                Recorded::WrittenReported
+            } else {
+                Recorded::Written
+            });
+        }
+        let pid = self.keys.pid(&r.provider, &r.provider_message_id);
         let written: i64 = self
             .run(&self.scripts.record_sent, &[&msg, &pid, &hist], &args)
             .await?;
@@ -623,7 +762,7 @@ impl CacheService for RedisStore {
             args.push(w.limit.to_string());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let rcpt = self.recipient_key(recipient);
+        let rcpt = self.keys.recipient(recipient);
         let reply: Vec<String> = self
             .run(&self.scripts.record_recipient_send, &[&rcpt], &args)
             .await?;
@@ -782,28 +921,53 @@ impl CacheService for RedisStore {
         park_ttl: Option<Duration>,
     ) -> Result<ReportOutcome, CacheError> {
         let id = &report.provider_message_id;
-        let (pid, park) = (self.pid_key(provider, id), self.park_key(provider, id));
+        let (pid, park) = (self.keys.pid(provider, id), self.keys.park(provider, id));
         let (msg_prefix, hist_prefix) = (self.msg_key(""), self.hist_key(""));
         let park_ttl = park_ttl.map_or(0, |t| t.as_secs().max(1)).to_string();
         let (hist_cap, park_cap) = (HISTORY_CAP.to_string(), PARK_CAP.to_string());
-        let unpublished = self.unpublished_key();
-        let args = [
+        let unpublished = self.keys.unpublished();
+        let permanent = if report.permanent { "1" } else { "0" };
+        let mut args = vec![
             msg_prefix.as_str(),
             &hist_prefix,
             id,
             report.status.as_str(),
             &report.provider_status,
             report.error_code.as_deref().unwrap_or_default(),
-            if report.permanent { "1" } else { "0" },
+            permanent,
             reported_at,
             &park_ttl,
             &hist_cap,
             &park_cap,
             &unpublished,
         ];
-        let answer: Vec<String> = self
+        if self.keys.cluster() {
+            args.push("cluster");
+        }
+        let mut answer: Vec<String> = self
             .run(&self.scripts.record_report, &[&pid, &park], &args)
             .await?;
+        if answer.first().map(String::as_str) == Some("found") && answer.len() >= 2 {
+            // Cluster mode: the id leads to a key; this report, and any
+            // left parked by a link that stopped half-way, are applied to
+            // it (link_parts, steps 2 and 3), then those are deleted.
+            let leftover = answer.split_off(2);
+            let key = answer.pop().unwrap_or_default();
+            let this = serde_json::json!({
+                "status": report.status.as_str(),
+                "providerStatus": report.provider_status,
+                "errorCode": report.error_code.as_deref().unwrap_or_default(),
+                "permanent": permanent,
+                "at": reported_at,
+            })
+            .to_string();
+            let mut reports = vec![(id.clone(), this)];
+            reports.extend(leftover.iter().map(|e| (id.clone(), e.clone())));
+            answer = self.apply_reports(&key, &reports).await?;
+            if !leftover.is_empty() {
+                self.delete(&park).await?;
+            }
+        }
         Ok(match answer.first().map(String::as_str) {
             Some("publish") if answer.len() == 11 => ReportOutcome::Publish {
                 report: report_of(&answer[1..10])?,
@@ -828,7 +992,24 @@ impl CacheService for RedisStore {
         key: &str,
         status: DeliveryStatus,
     ) -> Result<(), CacheError> {
-        let (msg, unpublished) = (self.msg_key(key), self.unpublished_key());
+        let (msg, unpublished) = (self.msg_key(key), self.keys.unpublished());
+        if self.keys.cluster() {
+            // The message first: stopped before the index entry goes, the
+            // sweeper drops it (its report is confirmed).
+            let marked: i64 = self
+                .run(
+                    &self.scripts.mark_report_published,
+                    &[&msg],
+                    &[status.as_str(), key],
+                )
+                .await?;
+            if marked == 1 {
+                let mut pipe = redis::pipe();
+                pipe.zrem(&unpublished, key).ignore();
+                self.retried::<()>(&pipe).await?;
+            }
+            return Ok(());
+        }
         self.run::<i64>(
             &self.scripts.mark_report_published,
             &[&msg, &unpublished],
@@ -843,8 +1024,35 @@ impl CacheService for RedisStore {
         older_than: Duration,
         limit: usize,
     ) -> Result<Vec<DeliveryReport>, CacheError> {
-        let (unpublished, msg_prefix) = (self.unpublished_key(), self.msg_key(""));
+        let (unpublished, msg_prefix) = (self.keys.unpublished(), self.msg_key(""));
         let (age, limit) = (older_than.as_millis().to_string(), limit.to_string());
+        if self.keys.cluster() {
+            // The index, then each message in its own slot; an entry is
+            // dropped only if no report indexed its key again meanwhile.
+            let flat: Vec<String> = self
+                .run(
+                    &self.scripts.unpublished_reports,
+                    &[&unpublished],
+                    &[&msg_prefix, &age, &limit, "cluster"],
+                )
+                .await?;
+            let mut reports = Vec::new();
+            for pair in flat.chunks_exact(2) {
+                let (key, score) = (&pair[0], &pair[1]);
+                match self.pending_report(key).await? {
+                    Some(report) => reports.push(report),
+                    None => {
+                        self.run::<i64>(
+                            &self.scripts.drop_unpublished,
+                            &[&unpublished],
+                            &[key, score],
+                        )
+                        .await?;
+                    }
+                }
+            }
+            return Ok(reports);
+        }
         let flat: Vec<String> = self
             .run(
                 &self.scripts.unpublished_reports,
@@ -858,7 +1066,7 @@ impl CacheService for RedisStore {
     async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<(), CacheError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
-            .arg(self.alive_key(instance))
+            .arg(self.keys.alive(instance))
             .arg("1")
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
@@ -868,7 +1076,7 @@ impl CacheService for RedisStore {
 
     async fn retire(&self, instance: &str) -> Result<(), CacheError> {
         let mut pipe = redis::pipe();
-        pipe.del(self.alive_key(instance)).ignore();
+        pipe.del(self.keys.alive(instance)).ignore();
         self.retried(&pipe).await
     }
 
@@ -877,7 +1085,7 @@ impl CacheService for RedisStore {
     async fn ping(&self) -> Result<(), CacheError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
-            .arg(format!("{}:health", self.prefix))
+            .arg(self.keys.health())
             .arg("1")
             .arg("PX")
             .arg(10_000)

@@ -3,7 +3,7 @@
 //! Times come from the Redis clock (`TIME`), never from an instance's.
 
 /// `claim(key; owner, instance, lease_ms, ttl_secs, now, alive_prefix,
-/// fingerprint, liveness_ttl_ms)`.
+/// fingerprint, liveness_ttl_ms[, 'cluster', holder, holder_pttl])`.
 ///
 /// Answers `{'new', first_attempt_ms}`, `{'send', attempts, first_attempt_ms,
 /// takeovers, took_over, pinned_provider}`, `{'claimed', fields...}` (an outcome to publish),
@@ -18,6 +18,19 @@
 /// counted (`takeovers`): a delivery that never reached an outcome. A claim that may send counts the call about to be made in
 /// `attempts` and keeps `first_attempt_ms`, so that a crash during the call
 /// still counts. Every granted claim refreshes the key's TTL.
+///
+/// In cluster mode (`'cluster'` given) the holder's liveness record is in
+/// another hash slot, which a script may not read: the store passes the
+/// liveness it observed (`holder` and the `PTTL` of its record, read just
+/// before; empty: none observed yet). When the liveness matters (the key
+/// held by another claim whose lease runs) and the hash's holder is not
+/// the one observed, the script changes nothing and answers
+/// `{'check', holder}`; the store reads that holder's record and claims
+/// again. The observation is at most one round trip old: a holder seen
+/// alive that dies meanwhile is busy for one more claim (as if it died
+/// just after), and one seen dead that writes its record meanwhile is
+/// only marked `dead_since` (or, once dead a whole liveness TTL before,
+/// taken over: it had already stayed silent that long).
 pub const CLAIM: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,7 +80,13 @@ end
 if h[4] then
   local left = tonumber(h[3] or '0') - now
   if left > 0 then
-    local alive = redis.call('PTTL', ARGV[6] .. (h[5] or ''))
+    local alive
+    if ARGV[9] then
+      if ARGV[11] == '' or ARGV[10] ~= (h[5] or '') then return {'check', h[5] or ''} end
+      alive = tonumber(ARGV[11])
+    else
+      alive = redis.call('PTTL', ARGV[6] .. (h[5] or ''))
+    end
     if alive == -1 then alive = left end
     if alive > 0 then
       if h[11] then redis.call('HDEL', KEYS[1], 'dead_since') end
@@ -137,7 +156,13 @@ redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
 /// to the history (capped). Each part's status only moves forward, and
 /// the message's is set once: the failure of any part, or `delivered`
 /// once every part is, or `unknown` once all are final otherwise
-/// (`DeliveryStatus::of_parts`).
+/// (`DeliveryStatus::of_parts`). With `unpub` empty (cluster mode: the
+/// index is in another slot) the index is left to the caller.
+///
+/// `apply_entry(msg, hist, part, entry, cap, ttl, key, unpub)` applies a
+/// report stored as JSON (a parked one); one that cannot be decoded or
+/// applied is dropped (`'unchanged'`): the writes that apply parked
+/// reports are retried until they succeed, and must never fail for one.
 const APPLY: &str = r#"
 local FINAL = {delivered=true, undelivered=true, rejected=true, expired=true, unknown=true}
 local FAILURE = {undelivered=true, rejected=true, expired=true}
@@ -176,9 +201,20 @@ local function apply(msg, hist, part, st, pst, code, perm, at, cap, ttl, key, un
   redis.call('HSET', msg, 'delivery', final, 'd_provider_status', pst, 'd_error_code', code,
     'd_permanent', perm, 'd_at', at, 'd_part', part, 'd_published', '0', 'updated_at', at)
   -- Until its event is confirmed, the sweeper finds it here.
-  local t = redis.call('TIME')
-  redis.call('ZADD', unpub, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), key)
+  if unpub ~= '' then
+    local t = redis.call('TIME')
+    redis.call('ZADD', unpub, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), key)
+  end
   return 'publish'
+end
+local function apply_entry(msg, hist, part, e, cap, ttl, key, unpub)
+  local ok, r = pcall(cjson.decode, e)
+  if not ok or type(r) ~= 'table' then return 'unchanged' end
+  local applied, result = pcall(apply, msg, hist, part, tostring(r.status),
+    tostring(r.providerStatus), tostring(r.errorCode), tostring(r.permanent), tostring(r.at),
+    cap, ttl, key, unpub)
+  if applied then return result end
+  return 'unchanged'
 end
 "#;
 
@@ -188,6 +224,11 @@ end
 /// hist_cap, unpublished_key, traceparent)`: 1 written, 2 written and parked reports set a final status
 /// (its event to publish), 0 fenced. `parts` lists every part's id, one
 /// per line; each gets its own provider-id key.
+///
+/// Cluster mode (a 18th argument, `'cluster'`; only `key` in KEYS): the
+/// record alone, no provider-id key, parked report nor index (other
+/// slots); 1 also when this owner's record is already there. The store
+/// then links the parts ([`LINK`], [`APPLY_REPORTS`]).
 pub fn record_sent() -> String {
     format!(
         r#"{APPLY}
@@ -200,21 +241,16 @@ redis.call('HSET', KEYS[1], 'status', 'sent', 'published', '0', 'owner', ARGV[1]
   'provider', ARGV[3], 'provider_message_id', ARGV[4], 'segments', ARGV[5], 'attempts', ARGV[6],
   'sent_at', ARGV[7], 'updated_at', ARGV[7], 'phone', ARGV[11], 'parts', ARGV[12], 'tp', ARGV[17])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
-if ARGV[4] == '' then return 1 end
+if ARGV[4] == '' or ARGV[18] then return 1 end
 redis.call('SET', KEYS[2], ARGV[9], 'EX', ARGV[8])
 local answer = 1
 for part in string.gmatch(ARGV[12], '[^\n]+') do
   if part ~= ARGV[4] then redis.call('SET', ARGV[13] .. part, ARGV[9], 'EX', ARGV[8]) end
   local park = ARGV[14] .. part
   for _, e in ipairs(redis.call('LRANGE', park, 0, -1)) do
-    -- A parked entry that cannot be applied is dropped: this write is
-    -- retried until it succeeds, and must never fail for a report.
-    local ok, r = pcall(cjson.decode, e)
-    if ok and type(r) == 'table' then
-      local applied, result = pcall(apply, KEYS[1], KEYS[3], part, tostring(r.status),
-        tostring(r.providerStatus), tostring(r.errorCode), tostring(r.permanent), tostring(r.at),
-        ARGV[15], ARGV[8], ARGV[9], ARGV[16])
-      if applied and result == 'publish' then answer = 2 end
+    if apply_entry(KEYS[1], KEYS[3], part, e, ARGV[15], ARGV[8], ARGV[9], ARGV[16]) == 'publish'
+    then
+      answer = 2
     end
   end
   redis.call('DEL', park)
@@ -231,6 +267,12 @@ return answer
 /// `{'parked'}` (no message has this id yet: kept for `park_ttl_secs`,
 /// at most `park_cap` reports; never when `park_ttl_secs` is 0), or
 /// `{'unmatched'}`.
+///
+/// Cluster mode (a 13th argument, `'cluster'`): the provider-id slot only.
+/// Parks as above, or answers `{'found', key, parked...}`: the key the id
+/// maps to, and any reports still parked for it (left by a link that
+/// stopped half-way, [`LINK`]), for the store to apply with
+/// [`APPLY_REPORTS`].
 pub fn record_report() -> String {
     format!(
         r#"{APPLY}
@@ -243,6 +285,11 @@ if not key then
   redis.call('EXPIRE', KEYS[2], ARGV[9])
   return {{'parked'}}
 end
+if ARGV[13] then
+  local found = {{'found', key}}
+  for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(found, e) end
+  return found
+end
 local msg, hist = ARGV[1] .. key, ARGV[2] .. key
 if redis.call('EXISTS', msg) == 0 then return {{'unmatched'}} end
 local ttl = redis.call('TTL', msg)
@@ -251,20 +298,76 @@ if apply(msg, hist, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[1
     key, ARGV[12]) ~= 'publish' then
   return {{'unchanged'}}
 end
-local h = redis.call('HMGET', msg, 'phone', 'provider', 'provider_message_id', 'delivery',
-  'd_provider_status', 'd_error_code', 'd_permanent', 'd_at', 'tp')
-return {{'publish', key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h[6] or '',
-  h[7] or '0', h[8] or '', h[9] or ''}}
-"#
+{PUBLISH_ANSWER}"#
     )
 }
 
+/// The answer of a report that set (or repeats) the final status of
+/// `msg` (of idempotency key `key`).
+const PUBLISH_ANSWER: &str = r#"
+local h = redis.call('HMGET', msg, 'phone', 'provider', 'provider_message_id', 'delivery',
+  'd_provider_status', 'd_error_code', 'd_permanent', 'd_at', 'tp')
+return {'publish', key, h[1] or '', h[2] or '', h[3] or '', h[4], h[5] or '', h[6] or '',
+  h[7] or '0', h[8] or '', h[9] or ''}
+"#;
+
+/// Cluster mode, the provider-id slot of a sent record's part:
+/// `link(pid_key, park_key; idempotency_key, ttl_secs)` maps the id to the
+/// key and answers the reports parked for it, left in place: the store
+/// applies them to the message ([`APPLY_REPORTS`]), then deletes them.
+/// From here on no report for the id is parked (it finds the key), so
+/// that delete drops nothing new.
+pub const LINK: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"#;
+
+/// Cluster mode, the message's slot: `apply_reports(msg, hist;
+/// idempotency_key, hist_cap, part, report, part, report, ...)` applies
+/// each report (JSON as parked) as [`record_report`] does, the
+/// unpublished index left to the store (written before this). Answers as
+/// `record_report`: `{'publish', ...}` when one of them set the final
+/// status (or repeats the unconfirmed one that did), `{'unchanged'}`, or
+/// `{'unmatched'}` when the message is gone.
+pub fn apply_reports() -> String {
+    format!(
+        r#"{APPLY}
+local msg, hist, key = KEYS[1], KEYS[2], ARGV[1]
+if redis.call('EXISTS', msg) == 0 then return {{'unmatched'}} end
+local ttl = redis.call('TTL', msg)
+if ttl < 1 then ttl = 1 end
+local publish = false
+for i = 3, #ARGV - 1, 2 do
+  if apply_entry(msg, hist, ARGV[i], ARGV[i + 1], ARGV[2], ttl, key, '') == 'publish' then
+    publish = true
+  end
+end
+if not publish then return {{'unchanged'}} end
+{PUBLISH_ANSWER}"#
+    )
+}
+
+/// Cluster mode: `index_unpublished(unpublished_key; idempotency_key)`
+/// puts the key in the index of unconfirmed SmsDeliveryReports, scored
+/// by the Redis clock, before the reports that may set its final status
+/// are applied (the index is in another slot than the message). An entry
+/// whose message ends with no unconfirmed final status is dropped by the
+/// sweeper ([`UNPUBLISHED_REPORTS`]).
+pub const INDEX_UNPUBLISHED: &str = r#"
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+return 1
+"#;
+
 /// `mark_report_published(key, unpublished_key; status, idempotency_key)`:
-/// the SmsDeliveryReport of final `status` is confirmed.
+/// the SmsDeliveryReport of final `status` is confirmed. Cluster mode:
+/// `key` alone in KEYS (the index is in another slot); on 1 the store
+/// then removes the key from the index (if it stops before, the sweeper
+/// drops the entry: its report is confirmed).
 pub const MARK_REPORT_PUBLISHED: &str = r#"
 if redis.call('HGET', KEYS[1], 'delivery') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'd_published', '1')
-redis.call('ZREM', KEYS[2], ARGV[2])
+if KEYS[2] then redis.call('ZREM', KEYS[2], ARGV[2]) end
 return 1
 "#;
 
@@ -274,9 +377,17 @@ return 1
 /// as `key, phone, provider, provider_message_id, status, provider_status,
 /// error_code, permanent, at`; entries whose key is gone or confirmed are
 /// dropped from the index.
+///
+/// Cluster mode (a 4th argument, `'cluster'`): the index's slot only;
+/// answers those keys with their scores (`key, score, ...`); the store
+/// reads each message, and drops an entry with [`DROP_UNPUBLISHED`].
 pub const UNPUBLISHED_REPORTS: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[4] then
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'WITHSCORES',
+    'LIMIT', 0, tonumber(ARGV[3]))
+end
 local out = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]),
     'LIMIT', 0, tonumber(ARGV[3]))) do
@@ -292,6 +403,19 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber
   end
 end
 return out
+"#;
+
+/// Cluster mode: `drop_unpublished(unpublished_key; idempotency_key,
+/// score)` removes the entry only if its score is still the one the
+/// sweeper read: a report that set the key's final status meanwhile
+/// indexed it again (a new score), and that entry stays.
+pub const DROP_UNPUBLISHED: &str = r#"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
 "#;
 
 /// `record_failed(key; owner, lease_ms, reason, detail, attempts, failed_at,
