@@ -6,6 +6,8 @@
 use std::time::{Duration, Instant};
 
 use sms_service::adapters::redis::RedisStore;
+use sms_service::domain::{DeliveryStatus, IdempotencyKey};
+use sms_service::ports::{CacheService, Claim, Owner, ProviderReport, ReportOutcome, SentRecord};
 use sms_service::testing::store_contract;
 
 use crate::e2e::{distinct_sent, stack};
@@ -273,6 +275,177 @@ async fn the_store_contract_holds_through_a_cluster() {
     )
     .await;
     delete_keys(&CLUSTER, &names.key_prefix).await;
+}
+
+/// A connection to the cluster, for reading and upsetting the store's keys.
+async fn cluster_connection() -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(CLUSTER.map(|p| format!("redis://127.0.0.1:{p}")).to_vec())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .expect("no cluster: run scripts/redis-ha start DIR")
+}
+
+fn sent_as(id: &str) -> SentRecord {
+    SentRecord {
+        provider: "fake".into(),
+        provider_message_id: id.into(),
+        other_part_ids: Vec::new(),
+        phone_number: "+254712345678".into(),
+        segments: 1,
+        attempts: 1,
+        sent_at: "2026-12-01T10:00:00Z".into(),
+        traceparent: None,
+    }
+}
+
+fn report_of(id: &str, status: DeliveryStatus) -> ProviderReport {
+    ProviderReport {
+        provider_message_id: id.into(),
+        status,
+        provider_status: status.as_str().to_uppercase(),
+        error_code: None,
+        permanent: false,
+    }
+}
+
+/// Cluster mode records a send in steps of one slot each (the message,
+/// then each provider id). A holder killed after the first leaves the key
+/// `sent`, its provider id unknown and a report parked meanwhile: the
+/// claim that takes the key over links the id and applies the report
+/// before its SmsSent goes out. A report still parked once the id is
+/// linked (a link stopped before deleting it) is applied by the next
+/// report for the id.
+#[tokio::test]
+#[ignore = "needs scripts/redis-ha: run scripts/test-cluster"]
+async fn a_send_stopped_between_its_steps_is_completed_by_the_next_claim_or_report() {
+    let names = Names::unique();
+    let store = RedisStore::new(&settings(&env_of(&names, &cluster_env())).redis).unwrap();
+    let mut c = cluster_connection().await;
+    let p = &names.key_prefix;
+    let key = IdempotencyKey::parse("heal}1").unwrap();
+    let dead = Owner::new("deadinstance", 1);
+    assert!(matches!(
+        store.claim(&key, &dead, "fp").await.unwrap(),
+        Claim::Send { .. }
+    ));
+    store
+        .record_sent(&key, &dead, &sent_as("m}1"))
+        .await
+        .unwrap();
+    // As if killed after the message's step: the id not linked, and a
+    // final report for it parked meanwhile.
+    let pid = format!("{p}:pid:{{fake:m%7D1}}");
+    let _: () = redis::cmd("DEL")
+        .arg(&pid)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let parked = store
+        .record_report(
+            "fake",
+            &report_of("m}1", DeliveryStatus::Delivered),
+            "2026-12-01T10:00:05Z",
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(parked, ReportOutcome::Parked);
+    // The lease (700 ms) runs out: another instance takes the key over.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    store
+        .heartbeat("liveinstance", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let claim = store
+        .claim(&key, &Owner::new("liveinstance", 1), "fp")
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::PublishSent(_)), "{claim:?}");
+    let linked: Option<String> = redis::cmd("GET")
+        .arg(&pid)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        linked.as_deref(),
+        Some("heal}1"),
+        "the id leads to the key again"
+    );
+    let report = store.pending_report(key.as_str()).await.unwrap();
+    assert_eq!(
+        report.map(|r| r.status),
+        Some(DeliveryStatus::Delivered),
+        "the parked report is applied, its event to publish"
+    );
+    let park = format!("{p}:park:{{fake:m%7D1}}");
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&park)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the parked report is deleted once applied");
+
+    // A link stopped after its id was set, its parked report left: the
+    // next report for the id (not final itself) applies it.
+    let key = IdempotencyKey::parse("heal%2").unwrap();
+    let owner = Owner::new("liveinstance", 2);
+    store.claim(&key, &owner, "fp").await.unwrap();
+    store
+        .record_sent(&key, &owner, &sent_as("m-2"))
+        .await
+        .unwrap();
+    let park = format!("{p}:park:{{fake:m-2}}");
+    let entry = serde_json::json!({"status": "undelivered", "providerStatus": "FAILED",
+        "errorCode": "E9", "permanent": "1", "at": "2026-12-01T10:00:06Z"});
+    let _: () = redis::cmd("RPUSH")
+        .arg(&park)
+        .arg(entry.to_string())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let outcome = store
+        .record_report(
+            "fake",
+            &report_of("m-2", DeliveryStatus::Sent),
+            "2026-12-01T10:00:07Z",
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let ReportOutcome::Publish { report, .. } = outcome else {
+        panic!("the leftover report ends the message: {outcome:?}");
+    };
+    assert_eq!(report.status, DeliveryStatus::Undelivered);
+    assert_eq!(report.error_code.as_deref(), Some("E9"));
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&park)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // Until confirmed, the sweeper finds it; then it is gone from the index.
+    let found = store
+        .unpublished_reports(Duration::ZERO, 1000)
+        .await
+        .unwrap();
+    assert!(
+        found.iter().any(|r| r.idempotency_key == "heal%2"),
+        "{found:?}"
+    );
+    store
+        .mark_report_published("heal%2", DeliveryStatus::Undelivered)
+        .await
+        .unwrap();
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{p}:dlr:unpublished"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!index.contains(&"heal%2".to_owned()), "{index:?}");
+    delete_keys(&CLUSTER, p).await;
 }
 
 /// The cluster's masters, from `CLUSTER NODES` (a line per node: `id
