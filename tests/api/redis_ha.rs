@@ -583,9 +583,9 @@ async fn move_slot(layout: &Layout, slot: u16, from: u16, to: u16, pause: Durati
 
 /// The service in cluster mode sends 1,000 commands while the slots of
 /// the keys it is about to claim (and of its liveness records) move to
-/// another master, one by one: every command ends in one SmsSent, no key
-/// reaches the provider twice, and the sends stall for no longer than a
-/// few hundred milliseconds. The slots go back afterwards.
+/// another master, one by one: every command ends in one SmsSent and no
+/// key reaches the provider twice. Prints the longest time without a
+/// send. The slots go back afterwards.
 #[tokio::test]
 #[ignore = "needs scripts/redis-ha: run scripts/test-cluster"]
 async fn slots_moving_under_load_lose_nothing_and_send_nothing_twice() {
@@ -659,6 +659,7 @@ async fn slots_moving_under_load_lose_nothing_and_send_nothing_twice() {
         })
     };
     let started = Instant::now();
+    let sent_before = accepted(stack.provider_stats().await);
     let mut keys_moved = 0;
     for (slot, from, to) in &moves {
         keys_moved += move_slot(&layout, *slot, *from, *to, Duration::from_millis(5)).await;
@@ -674,18 +675,17 @@ async fn slots_moving_under_load_lose_nothing_and_send_nothing_twice() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let recovered = started.elapsed();
     let (keys, events) = distinct_sent(&mut broker, N, Duration::from_secs(120)).await;
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     let stall = watcher.await.unwrap();
     let stats = stack.provider_stats().await;
     eprintln!(
         "redis cluster: {N} commands, {keys} distinct SmsSent ({events} events), provider {stats}; \
-         {} slots ({keys_moved} keys) moved in {:.2} s while sending, sends went on {:.2} s \
-         after the move began, longest time without a send {} ms",
+         {} slots ({keys_moved} keys) moved in {:.2} s, {} commands sent meanwhile, \
+         longest time without a send {} ms",
         moves.len(),
         moved_in.as_secs_f64(),
-        recovered.as_secs_f64(),
+        before - sent_before,
         stall.as_millis()
     );
     // Back as it was, for the next test.
