@@ -25,6 +25,12 @@
 //! alive by its heartbeat; `{prefix}:rcpt:{phoneNumber}` counts the
 //! messages to one recipient for the per-recipient limits (a sorted set
 //! of idempotency keys by time, expiring with the longest window). The scripts are in [`scripts`].
+//!
+//! In cluster mode the names carry hash tags so that each script touches
+//! one slot ([`keys`]), and the transitions that span slots (the claim's
+//! look at the holder's liveness, a send's provider ids and parked
+//! reports, a delivery report, the report index) run as steps of one slot
+//! each, every one safe to run again ([`RedisStore::link_parts`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
