@@ -178,7 +178,7 @@ async fn leader_killed_under_load(cluster: &Cluster, connected: Connected) {
     let _heal = Heal(cluster);
     init_logs();
     let names = Names::unique();
-    const IN_FLIGHT: u64 = 32;
+    const IN_FLIGHT: u64 = 16;
     // Declared through node 1 alone: a quorum queue's leader is placed on
     // the node of the connection that declares it (`x-queue-leader-locator`
     // defaults to `client-local`,
@@ -194,8 +194,8 @@ async fn leader_killed_under_load(cluster: &Cluster, connected: Connected) {
             ("SMS__AMQP__CONNECT_TIMEOUT_MS", "5000"),
             ("SMS__REDIS__LEASE_MS", "60000"),
             ("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1000"),
-            ("SMS__PROCESSING__MAX_IN_FLIGHT", "32"),
-            ("SMS__AMQP__PREFETCH", "32"),
+            ("SMS__PROCESSING__MAX_IN_FLIGHT", "16"),
+            ("SMS__AMQP__PREFETCH", "16"),
         ],
     )
     .await;
