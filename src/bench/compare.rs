@@ -47,6 +47,9 @@ pub struct CompareRun {
     pub pair: usize,
     /// `A` or `B`.
     pub build: &'static str,
+    /// The run's scratch names: queues and exchanges `bench.<id>.*`,
+    /// Redis keys `bench-<id>:*` (deleted after the run).
+    pub scratch_id: String,
     pub report: BenchReport,
 }
 
@@ -87,7 +90,8 @@ pub async fn run(
                 compare.pairs,
                 binary.display()
             );
-            let report = one_run(settings, options, compare, &me, binary).await?;
+            let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+            let report = one_run(settings, options, compare, &me, binary, &id).await?;
             eprintln!(
                 "  {build}: {:.0} cmd/s, p99 {:.1} ms",
                 report.service.throughput_per_s, report.service.latency_ms_p99
@@ -95,6 +99,7 @@ pub async fn run(
             runs.push(CompareRun {
                 pair,
                 build,
+                scratch_id: id,
                 report,
             });
         }
@@ -228,8 +233,8 @@ async fn one_run(
     compare: &CompareOptions,
     me: &PathBuf,
     binary: &PathBuf,
+    id: &str,
 ) -> anyhow::Result<BenchReport> {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let provider_port = free_port()?;
     let provider_url = format!("http://127.0.0.1:{provider_port}");
     let mut fake = Command::new(me)
@@ -245,7 +250,7 @@ async fn one_run(
         .stderr(Stdio::null())
         .spawn()
         .context("starting the fake provider")?;
-    let s = scratch(settings, &id, &provider_url);
+    let s = scratch(settings, id, &provider_url);
     let result = async {
         wait_ok(
             &format!("{provider_url}/healthz"),
@@ -325,9 +330,18 @@ async fn clean_up(s: &Settings) {
 pub fn render(r: &CompareReport) -> String {
     let mut out = format!("A: {}\nB: {}\n", r.a, r.b);
     out.push_str(&format!(
-        "{:>4} {:>5} {:>10} {:>8} {:>8} {:>9} {:>10}\n",
-        "pair", "build", "cmd/s", "p50 ms", "p99 ms", "p99.9 ms", "svc µs/msg"
+        "{:>4} {:>5} {:>10} {:>8} {:>8} {:>9} {:>10} {:>8} {:>8}\n",
+        "pair",
+        "build",
+        "cmd/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "svc µs/msg",
+        "/relay",
+        "/minimal"
     ));
+    let ratio = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}"));
     for run in &r.runs {
         let s = &run.report.service;
         let cpu = s
@@ -336,14 +350,16 @@ pub fn render(r: &CompareReport) -> String {
             .find(|c| c.process == "service")
             .map_or("-".to_owned(), |c| format!("{:.0}", c.cpu_us_per_msg));
         out.push_str(&format!(
-            "{:>4} {:>5} {:>10.0} {:>8.1} {:>8.1} {:>9.1} {:>10}\n",
+            "{:>4} {:>5} {:>10.0} {:>8.1} {:>8.1} {:>9.1} {:>10} {:>8} {:>8}\n",
             run.pair,
             run.build,
             s.throughput_per_s,
             s.latency_ms_p50,
             s.latency_ms_p99,
             s.latency_ms_p999,
-            cpu
+            cpu,
+            ratio(run.report.ratio),
+            ratio(run.report.ratio_minimal)
         ));
     }
     out.push_str(&format!(

@@ -270,3 +270,79 @@ async fn bench_with_a_duration_publishes_rate_times_seconds_and_reports_the_tail
     crate::helpers::delete_redis_keys(&names.key_prefix).await;
     stop.cancel();
 }
+
+/// `bench --compare A --compare B --pairs 1`: each build's service started
+/// in turn on scratch names with a fake provider of its own, measured,
+/// stopped, and its names deleted.
+#[tokio::test]
+async fn compare_runs_each_build_in_turn_on_scratch_names_and_leaves_nothing_behind() {
+    let names = Names::unique();
+    // Only the broker and Redis of these settings are used: every run
+    // starts its own fake provider and service.
+    let env = names.env("http://127.0.0.1:9");
+    let bin = env!("CARGO_BIN_EXE_sms-service");
+    let out = tokio::task::spawn_blocking(move || {
+        run_binary(
+            &env,
+            &[
+                "bench",
+                "--compare",
+                bin,
+                "--compare",
+                bin,
+                "--pairs",
+                "1",
+                "-n",
+                "200",
+                "--baseline",
+                "minimal",
+                "--json",
+            ],
+        )
+    })
+    .await
+    .unwrap()
+    .expect("the bench finishes within 20 s");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let runs = report["runs"].as_array().unwrap();
+    let builds: Vec<&str> = runs.iter().map(|r| r["build"].as_str().unwrap()).collect();
+    assert_eq!(builds, ["A", "B"]);
+    for run in runs {
+        let service = &run["report"]["service"];
+        assert_eq!(service["distinct_keys"], 200, "{run}");
+        assert!(run["report"]["ratio_minimal"].as_f64().unwrap() > 0.0);
+        // Its own service, named to the CPU reading.
+        let cpu = service["cpu"].as_array().unwrap();
+        let svc = cpu
+            .iter()
+            .find(|c| c["process"] == "service")
+            .expect("service CPU");
+        assert_eq!(svc["processes"], 1, "{cpu:?}");
+    }
+    assert!(report["ratio_b_to_a"].as_f64().unwrap() > 0.0, "{report}");
+    // Nothing left: no scratch queue, no scratch key.
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    for run in runs {
+        let id = run["scratch_id"].as_str().unwrap();
+        assert!(keys_under(&format!("bench-{id}")).await.is_empty(), "{id}");
+        for queue in ["sms.send", "sms.send.dead", "sms.send.high"] {
+            let channel = connection.create_channel().await.unwrap();
+            let found = channel
+                .queue_declare(
+                    format!("bench.{id}.{queue}").as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            assert!(found.is_err(), "bench.{id}.{queue} left behind");
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
