@@ -24,7 +24,9 @@
 //!   (`send`, `events`; list, replay and reset dead letters, `forget`).
 //! - [`fake_provider`]: a fake SMS provider in each provider's dialect
 //!   (sends and delivery-report callbacks), for demos and tests; [`bench`]:
-//!   the `bench` command's load generator. Neither is used by the service.
+//!   the `bench` command's load generator, its baselines (a bare relay and
+//!   a minimal correct pipeline), CPU readings and paired runs of two
+//!   builds. Neither is used by the service.
 //! - `testing` (tests, or the `test-support` feature): in-memory adapters
 //!   and the idempotency store's contract.
 //!

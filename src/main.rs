@@ -69,7 +69,8 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
-    /// Load-test a running service (and, with --baseline, a bare relay first).
+    /// Load-test a running service (and, with --baseline, a bare relay or
+    /// a minimal pipeline first), or two builds of it (--compare).
     Bench {
         /// Commands to publish (with --high-probe: the backlog).
         #[arg(long, short = 'n', visible_alias = "backlog", default_value_t = 20_000)]
@@ -101,9 +102,44 @@ enum Command {
         /// Publish at this steady rate (commands/s) instead of flat out.
         #[arg(long)]
         rate: Option<f64>,
-        /// Measure a bare relay on the same broker first, and print the ratio.
-        #[arg(long)]
-        baseline: bool,
+        /// With --rate: publish for this many seconds (rate x seconds
+        /// commands) instead of -n.
+        #[arg(long, value_name = "SECS", requires = "rate", conflicts_with = "count")]
+        duration: Option<f64>,
+        /// Measure a built-in pipeline on the same broker first, and print
+        /// the service's ratio to it: relay (the default: consume, publish,
+        /// ack), minimal (claim in Redis, provider call, record, publish,
+        /// ack) or both.
+        #[arg(
+            long,
+            value_name = "KIND",
+            num_args = 0..=1,
+            default_missing_value = "relay",
+            value_parser = parse_baseline
+        )]
+        baseline: Option<sms_service::bench::Baseline>,
+        /// The service's process id, for its CPU per message (repeatable;
+        /// default: every `sms-service run` on this machine).
+        #[arg(long = "service-pid", value_name = "PID")]
+        service_pids: Vec<u32>,
+        /// Compare two builds: run each build's service in turn (A, B, A,
+        /// B, ...) with a fake provider, on scratch queues of the same
+        /// broker, and print each run, the medians and B/A. Given once, A
+        /// is BIN and B this binary; given twice, A then B.
+        #[arg(
+            long,
+            value_name = "BIN",
+            num_args = 1,
+            action = clap::ArgAction::Append,
+            conflicts_with_all = ["high_probe", "service_pids"]
+        )]
+        compare: Vec<PathBuf>,
+        /// With --compare: pairs of runs.
+        #[arg(long, default_value_t = 5, requires = "compare")]
+        pairs: usize,
+        /// With --compare: the fake provider's latency, in milliseconds.
+        #[arg(long, default_value_t = 0, requires = "compare")]
+        provider_latency_ms: u64,
         /// Publisher confirms in flight.
         #[arg(long, default_value_t = 1000)]
         window: usize,
@@ -289,21 +325,46 @@ fn main() -> ExitCode {
                 send_in,
                 duplicates,
                 rate,
+                duration,
                 baseline,
+                service_pids,
+                compare,
+                pairs,
+                provider_latency_ms,
                 window,
                 json,
                 i_mean_it,
             } => {
+                let count = match (duration, rate) {
+                    (Some(seconds), Some(rate)) => (seconds * rate).ceil() as usize,
+                    _ => count,
+                };
                 let options = sms_service::bench::BenchOptions {
                     count,
                     duplicates,
                     rate,
-                    baseline,
+                    baseline: baseline.unwrap_or_default(),
                     window,
                     allow_remote_provider: i_mean_it,
                     bulk,
                     send_in: send_in.map(Duration::from_secs),
+                    service_pids,
                 };
+                if !compare.is_empty() {
+                    anyhow::ensure!(compare.len() <= 2, "--compare takes one or two builds");
+                    let me = std::env::current_exe()?;
+                    let builds = match <[PathBuf; 2]>::try_from(compare) {
+                        Ok(both) => both,
+                        Err(one) => [one[0].clone(), me],
+                    };
+                    let compare = sms_service::bench::compare::CompareOptions {
+                        builds,
+                        pairs,
+                        config: cli.config.clone(),
+                        provider_latency_ms,
+                    };
+                    return compare_builds(settings, options, compare, json).await;
+                }
                 let probe = high_probe.map(|probes| sms_service::bench::HighProbe {
                     probes,
                     interval: Duration::from_millis(probe_interval_ms),
@@ -449,6 +510,23 @@ async fn bench(
     Ok(())
 }
 
+async fn compare_builds(
+    settings: Settings,
+    options: sms_service::bench::BenchOptions,
+    compare: sms_service::bench::compare::CompareOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    use sms_service::bench::compare;
+    anyhow::ensure!(options.count > 0, "--count must be at least 1");
+    let report = compare::run(&settings, &options, &compare).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", compare::render(&report));
+    }
+    Ok(())
+}
+
 async fn dead_letters(settings: Settings, action: DeadLetterAction) -> anyhow::Result<()> {
     use sms_service::dead_letters;
     match action {
@@ -518,6 +596,11 @@ async fn fake_provider(
 fn parse_kind(name: &str) -> Result<sms_service::config::ProviderKind, String> {
     sms_service::config::ProviderKind::parse(name)
         .ok_or_else(|| "expected generic, twilio, africastalking, vonage or infobip".to_owned())
+}
+
+fn parse_baseline(name: &str) -> Result<sms_service::bench::Baseline, String> {
+    sms_service::bench::Baseline::parse(name)
+        .ok_or_else(|| "expected relay, minimal or both".to_owned())
 }
 
 fn parse_credential(pair: &str) -> Result<(String, String), String> {

@@ -3,6 +3,7 @@
 
 mod amqp;
 mod auth;
+mod bench;
 mod cancel;
 mod cli;
 mod cluster_rabbitmq;

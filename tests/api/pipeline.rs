@@ -613,11 +613,12 @@ async fn the_bench_smoke_run_reports_relay_service_and_ratio() {
         count: 300,
         duplicates: 0.1,
         rate: None,
-        baseline: true,
+        baseline: sms_service::bench::Baseline::Relay,
         window: 100,
         allow_remote_provider: false,
         bulk: false,
         send_in: None,
+        service_pids: Vec::new(),
     };
     let report = sms_service::bench::run(&settings, &options).await.unwrap();
     eprintln!("{}", sms_service::bench::render(&report));

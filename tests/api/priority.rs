@@ -233,11 +233,12 @@ async fn the_bench_measures_high_commands_published_beside_a_backlog() {
         count: 400,
         duplicates: 0.0,
         rate: None,
-        baseline: false,
+        baseline: sms_service::bench::Baseline::None,
         window: 100,
         allow_remote_provider: false,
         bulk: true,
         send_in: None,
+        service_pids: Vec::new(),
     };
     let probe = sms_service::bench::HighProbe {
         probes: 3,

@@ -137,11 +137,12 @@ async fn the_bench_schedules_its_commands_and_reports_the_lateness_after_send_at
         count: 40,
         duplicates: 0.0,
         rate: None,
-        baseline: false,
+        baseline: sms_service::bench::Baseline::None,
         window: 10,
         allow_remote_provider: false,
         bulk: false,
         send_in: Some(Duration::from_secs(2)),
+        service_pids: Vec::new(),
     };
     let started = SystemTime::now();
     let report = sms_service::bench::run(&settings, &options).await.unwrap();

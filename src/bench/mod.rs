@@ -7,11 +7,22 @@
 //! publish instant of each key is kept in memory (the key carries its
 //! index), so end-to-end latency is measured on one monotonic clock.
 //!
-//! With `--baseline` it first runs the same load through a built-in bare
-//! relay on the same broker (consume, publish a small event with confirm,
-//! ack; no Redis, no provider) with the service's prefetch and concurrency:
-//! the ceiling this machine's broker sets, against which the service is
-//! measured.
+//! With `--baseline` (or `--baseline relay`) it first runs the same load
+//! through a built-in bare relay on the same broker (consume, publish a
+//! small event with confirm, ack; no Redis, no provider) with the service's
+//! prefetch and concurrency: the ceiling this machine's broker sets. With
+//! `--baseline minimal` it runs a minimal correct pipeline instead
+//! ([`minimal`]: claim, provider call, record, publish with confirm, ack,
+//! on the same broker, Redis and provider): the ceiling of a design without
+//! batching. `--baseline both` runs the two. Each ratio is the service's
+//! throughput over the baseline's, measured minutes apart.
+//!
+//! Each run also reports the CPU per message of every process it can see
+//! on this machine ([`cpu`]: service, broker, Redis, fake provider, the
+//! bench itself), and p50/p95/p99/p99.9 of publish-to-event latency;
+//! `--rate R --duration S` publishes at a steady rate for S seconds.
+//! [`compare`] runs two builds of the service alternately on the same
+//! broker (`--compare`).
 //!
 //! With `--high-probe N` it measures priority instead ([`probe_high`]): it
 //! queues the load as a backlog in the command queue (declaring the
@@ -43,6 +54,43 @@ use tokio::sync::Semaphore;
 
 use crate::config::Settings;
 
+pub mod compare;
+pub mod cpu;
+pub mod minimal;
+
+/// Which built-in pipeline the service is measured against first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Baseline {
+    #[default]
+    None,
+    /// The bare relay: no Redis, no provider (plain `--baseline`).
+    Relay,
+    /// The minimal correct pipeline ([`minimal`]).
+    Minimal,
+    /// Both, relay first.
+    Both,
+}
+
+impl Baseline {
+    /// `relay`, `minimal` or `both`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "relay" => Some(Self::Relay),
+            "minimal" => Some(Self::Minimal),
+            "both" => Some(Self::Both),
+            _ => None,
+        }
+    }
+
+    pub fn relay(self) -> bool {
+        matches!(self, Self::Relay | Self::Both)
+    }
+
+    pub fn minimal(self) -> bool {
+        matches!(self, Self::Minimal | Self::Both)
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -51,7 +99,7 @@ pub struct BenchOptions {
     pub duplicates: f64,
     /// Steady publish rate in commands/s; `None` publishes as fast as confirms allow.
     pub rate: Option<f64>,
-    pub baseline: bool,
+    pub baseline: Baseline,
     /// Confirms in flight while publishing.
     pub window: usize,
     /// Run even though `provider.base_url` is not on loopback (`--i-mean-it`).
@@ -61,6 +109,25 @@ pub struct BenchOptions {
     /// `--send-in`: each command carries a `sendAt` this long after its
     /// publish (see [`send_at_after`]).
     pub send_in: Option<Duration>,
+    /// The service's processes, for the CPU figures; empty: every
+    /// `sms-service run` on this machine.
+    pub service_pids: Vec<u32>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            count: 20_000,
+            duplicates: 0.0,
+            rate: None,
+            baseline: Baseline::None,
+            window: 1000,
+            allow_remote_provider: false,
+            bulk: false,
+            send_in: None,
+            service_pids: Vec::new(),
+        }
+    }
 }
 
 /// How late the SmsSent of a `--send-in` run came after their `sendAt`:
@@ -195,7 +262,11 @@ pub struct RunReport {
     pub latency_ms_p50: f64,
     pub latency_ms_p95: f64,
     pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
     pub latency_ms_max: f64,
+    /// CPU per message of each process seen on this machine over the run
+    /// (the service's processes only in the service's run).
+    pub cpu: Vec<cpu::CpuPerMessage>,
     /// With `--send-in`: SmsSent after `sendAt`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lateness: Option<Lateness>,
@@ -203,10 +274,17 @@ pub struct RunReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The bare relay's run (`--baseline`, `relay` or `both`).
     pub baseline: Option<RunReport>,
+    /// The minimal pipeline's run (`--baseline minimal` or `both`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minimal: Option<RunReport>,
     pub service: RunReport,
-    /// service throughput / baseline throughput.
+    /// service throughput / bare relay throughput.
     pub ratio: Option<f64>,
+    /// service throughput / minimal pipeline throughput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_minimal: Option<f64>,
 }
 
 /// Refuses a provider that is not on this machine, unless told otherwise.
@@ -255,8 +333,8 @@ pub fn check_provider_is_local(settings: &Settings, allow_remote: bool) -> anyho
 pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<BenchReport> {
     check_provider_is_local(settings, options.allow_remote_provider)?;
     anyhow::ensure!(
-        !(options.baseline && options.send_in.is_some()),
-        "--send-in does not go with --baseline: the bare relay does not hold commands"
+        !(options.baseline != Baseline::None && options.send_in.is_some()),
+        "--send-in does not go with --baseline: the baselines do not hold commands"
     );
     // The first node of amqp.urls, else amqp.url.
     let url = settings.amqp.node_urls()[0].expose_secret().to_owned();
@@ -264,40 +342,98 @@ pub async fn run(settings: &Settings, options: &BenchOptions) -> anyhow::Result<
         .await
         .context("connecting to RabbitMQ (amqp.url)")?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let baseline = if options.baseline {
+    let watched = cpu::find(&options.service_pids, redis_port(settings));
+    // The service idles while a baseline runs: its figure there says nothing.
+    let without_service: Vec<cpu::Watched> = watched
+        .iter()
+        .filter(|w| w.name != "service")
+        .cloned()
+        .collect();
+    let baseline = if options.baseline.relay() {
         let relay = Relay::start(&connection, &run_id, settings).await?;
-        let report = load(
-            &connection,
-            options,
-            &relay.queue,
-            &relay.exchange,
-            &format!("{run_id}-relay"),
-            "bare relay",
+        let id = format!("{run_id}-relay");
+        let report = measured(
+            &without_service,
+            load(
+                &connection,
+                options,
+                &relay.queue,
+                &relay.exchange,
+                &id,
+                "bare relay",
+            ),
         )
-        .await?;
+        .await;
         relay.stop(&connection).await;
-        Some(report)
+        Some(report?)
     } else {
         None
     };
-    let service = load(
-        &connection,
-        options,
-        &settings.amqp.command_queue,
-        &settings.amqp.sent_exchange,
-        &format!("{run_id}-svc"),
-        "sms-service",
+    let minimal = if options.baseline.minimal() {
+        let pipeline = minimal::Minimal::start(&connection, &run_id, settings).await?;
+        let (queue, exchange) = (pipeline.queue.clone(), pipeline.exchange.clone());
+        let id = format!("{run_id}-min");
+        let report = measured(
+            &without_service,
+            load(&connection, options, &queue, &exchange, &id, "minimal"),
+        )
+        .await;
+        let stopped = pipeline.stop(&connection).await;
+        if stopped.errors > 0 {
+            eprintln!(
+                "  minimal: {} provider/Redis/broker errors (commands requeued)",
+                stopped.errors
+            );
+        }
+        Some(report?)
+    } else {
+        None
+    };
+    let id = format!("{run_id}-svc");
+    let service = measured(
+        &watched,
+        load(
+            &connection,
+            options,
+            &settings.amqp.command_queue,
+            &settings.amqp.sent_exchange,
+            &id,
+            "sms-service",
+        ),
     )
     .await?;
     let _ = connection.close(200, "bench done".into()).await;
-    let ratio = baseline
-        .as_ref()
-        .map(|b| service.throughput_per_s / b.throughput_per_s);
+    let ratio_to = |b: &Option<RunReport>| {
+        b.as_ref()
+            .map(|b| service.throughput_per_s / b.throughput_per_s)
+    };
     Ok(BenchReport {
+        ratio: ratio_to(&baseline),
+        ratio_minimal: ratio_to(&minimal),
         baseline,
+        minimal,
         service,
-        ratio,
     })
+}
+
+/// The port of `redis.url`, to tell its `redis-server` from others.
+fn redis_port(settings: &Settings) -> Option<u16> {
+    let url = url::Url::parse(settings.redis.url.expose_secret()).ok()?;
+    Some(url.port().unwrap_or(6379))
+}
+
+/// Runs `run` (a future does nothing until awaited), reading the CPU of
+/// `watched` before and after it.
+async fn measured(
+    watched: &[cpu::Watched],
+    run: impl std::future::Future<Output = anyhow::Result<RunReport>>,
+) -> anyhow::Result<RunReport> {
+    let hz = cpu::ticks_per_second();
+    let before = cpu::sample(watched);
+    let mut report = run.await?;
+    let after = cpu::sample(watched);
+    report.cpu = cpu::per_message(watched, &before, &after, report.distinct_keys, hz);
+    Ok(report)
 }
 
 /// Publishes the load to `queue`, collects one event per key from `exchange`.
@@ -414,7 +550,9 @@ async fn load(
         latency_ms_p50: pct(0.50),
         latency_ms_p95: pct(0.95),
         latency_ms_p99: pct(0.99),
+        latency_ms_p999: pct(0.999),
         latency_ms_max: pct(1.0),
+        cpu: Vec::new(),
         lateness,
     })
 }
@@ -931,16 +1069,28 @@ fn event_key(body: &[u8]) -> String {
 pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<12} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
-        "target", "commands", "keys", "cmd/s", "publish/s", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "{:<12} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8}\n",
+        "target",
+        "commands",
+        "keys",
+        "cmd/s",
+        "publish/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms"
     ));
-    for r in report
-        .baseline
-        .iter()
-        .chain(std::iter::once(&report.service))
-    {
+    let runs = || {
+        report
+            .baseline
+            .iter()
+            .chain(&report.minimal)
+            .chain(std::iter::once(&report.service))
+    };
+    for r in runs() {
         out.push_str(&format!(
-            "{:<12} {:>8} {:>8} {:>10.0} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1}\n",
+            "{:<12} {:>8} {:>8} {:>10.0} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}\n",
             r.target,
             r.commands,
             r.distinct_keys,
@@ -949,11 +1099,30 @@ pub fn render(report: &BenchReport) -> String {
             r.latency_ms_p50,
             r.latency_ms_p95,
             r.latency_ms_p99,
+            r.latency_ms_p999,
             r.latency_ms_max
         ));
     }
     if let Some(ratio) = report.ratio {
         out.push_str(&format!("ratio service/baseline: {ratio:.2}\n"));
+    }
+    if let Some(ratio) = report.ratio_minimal {
+        out.push_str(&format!("ratio service/minimal: {ratio:.2}\n"));
+    }
+    for r in runs().filter(|r| !r.cpu.is_empty()) {
+        let each: Vec<String> = r
+            .cpu
+            .iter()
+            .map(|c| {
+                let n = if c.processes > 1 {
+                    format!(" ({} processes)", c.processes)
+                } else {
+                    String::new()
+                };
+                format!("{} {:.0}{n}", c.process, c.cpu_us_per_msg)
+            })
+            .collect();
+        out.push_str(&format!("CPU µs/msg, {}: {}\n", r.target, each.join(", ")));
     }
     if let Some(l) = &report.service.lateness {
         out.push_str(&format!(
