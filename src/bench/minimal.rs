@@ -25,12 +25,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ExchangeDeleteOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection};
 use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 
@@ -144,7 +143,6 @@ impl Minimal {
 
         let queue = format!("sms.bench.{run_id}.minimal");
         let exchange = format!("sms.bench.{run_id}.minimal.sent");
-        let setup = connection.create_channel().await?;
         // The service's queue type, so that the broker does the same work.
         let mut arguments = FieldTable::default();
         if settings.amqp.queue_type == QueueType::Quorum {
@@ -153,43 +151,8 @@ impl Minimal {
                 AMQPValue::LongString("quorum".into()),
             );
         }
-        setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                arguments,
-            )
-            .await?;
-        setup
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let consume = connection.create_channel().await?;
-        consume
-            .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
-            .await?;
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let mut consumer = consume
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (publish, mut consumer) =
+            super::lane(connection, settings, &queue, arguments, &exchange).await?;
         let counts = Arc::new(Counts::default());
         let key_prefix = format!("bench-minimal-{run_id}");
         let context = Arc::new(Pipeline {

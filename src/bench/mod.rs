@@ -954,6 +954,58 @@ pub fn render_probe(r: &ProbeReport) -> String {
     )
 }
 
+/// What a built-in pipeline (the bare relay, the minimal one) runs on: its
+/// own durable queue (declared with `arguments`) and auto-deleted fanout
+/// exchange, a consumer with the service's prefetch, and a channel that
+/// publishes with confirms.
+async fn lane(
+    connection: &Connection,
+    settings: &Settings,
+    queue: &str,
+    arguments: FieldTable,
+    exchange: &str,
+) -> anyhow::Result<(Channel, Consumer)> {
+    let setup = connection.create_channel().await?;
+    setup
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    setup
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let consume = connection.create_channel().await?;
+    consume
+        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = connection.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consumer = consume
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((publish, consumer))
+}
+
 /// The bare relay: consume, publish a small event with confirm, ack.
 struct Relay {
     queue: String,
@@ -969,44 +1021,14 @@ impl Relay {
     ) -> anyhow::Result<Self> {
         let queue = format!("sms.bench.{run_id}.relay");
         let exchange = format!("sms.bench.{run_id}.relayed");
-        let setup = connection.create_channel().await?;
-        setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        setup
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let consume = connection.create_channel().await?;
-        consume
-            .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
-            .await?;
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let mut consumer = consume
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (publish, mut consumer) = lane(
+            connection,
+            settings,
+            &queue,
+            FieldTable::default(),
+            &exchange,
+        )
+        .await?;
         let in_flight = Arc::new(Semaphore::new(settings.processing.max_in_flight));
         let target = exchange.clone();
         let task = tokio::spawn(async move {
