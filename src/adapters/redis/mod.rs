@@ -172,7 +172,9 @@ impl RedisStore {
     ///    what was parked before;
     /// 2. when one of those may end the message, the key goes in the
     ///    unpublished index ([`scripts::INDEX_UNPUBLISHED`]) first;
-    /// 3. [`scripts::apply_reports`] applies them to the message;
+    /// 3. [`scripts::apply_reports`] applies them to the message, and
+    ///    when one set the final status the index entry is written again
+    ///    ([`RedisStore::apply_indexed`]);
     /// 4. their park lists are deleted.
     ///
     /// Stopped anywhere (a crash, a lost reply), nothing is lost and no
@@ -234,25 +236,53 @@ impl RedisStore {
                 .is_none_or(DeliveryStatus::is_final)
         });
         if may_end {
-            self.run::<i64>(
-                &self.scripts.index_unpublished,
-                &[&self.keys.unpublished()],
-                &[key],
-            )
-            .await?;
+            self.index_unpublished(key).await?;
         }
+        self.apply_indexed(key, reports).await
+    }
+
+    /// Step 3 of [`RedisStore::apply_reports`], the index entry written:
+    /// applies `reports`, and when they set the final status (`publish`)
+    /// writes the key's index entry again, with a new score. The sweeper
+    /// may have read the first entry while the apply was slow (a store
+    /// retry through a failover can outlast its 30 s age), found no final
+    /// status yet, and be about to drop the entry it read: it drops it only
+    /// if its score is unchanged ([`scripts::DROP_UNPUBLISHED`]), so the
+    /// entry written here stays, whatever the timing.
+    async fn apply_indexed(
+        &self,
+        key: &str,
+        reports: &[(String, String)],
+    ) -> Result<Vec<String>, CacheError> {
         let cap = HISTORY_CAP.to_string();
         let mut args = vec![key, cap.as_str()];
         for (part, entry) in reports {
             args.push(part);
             args.push(entry);
         }
-        self.run(
-            &self.scripts.apply_reports,
-            &[&self.msg_key(key), &self.hist_key(key)],
-            &args,
+        let answer: Vec<String> = self
+            .run(
+                &self.scripts.apply_reports,
+                &[&self.msg_key(key), &self.hist_key(key)],
+                &args,
+            )
+            .await?;
+        if answer.first().map(String::as_str) == Some("publish") {
+            self.index_unpublished(key).await?;
+        }
+        Ok(answer)
+    }
+
+    /// Cluster mode: puts `key` in the unpublished index, scored now
+    /// (Redis clock).
+    async fn index_unpublished(&self, key: &str) -> Result<(), CacheError> {
+        self.run::<i64>(
+            &self.scripts.index_unpublished,
+            &[&self.keys.unpublished()],
+            &[key],
         )
         .await
+        .map(drop)
     }
 
     async fn delete(&self, key: &str) -> Result<(), CacheError> {
@@ -1097,5 +1127,155 @@ impl CacheService for RedisStore {
             .arg(10_000)
             .ignore();
         self.retried(&pipe).await
+    }
+}
+
+/// The cluster mode's steps against the standalone test server
+/// (127.0.0.1:6379): the scripts are the same, and one server holds every
+/// slot, so a test can run the steps one at a time in any interleaving.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster_store(prefix: &str) -> RedisStore {
+        let env = [("SMS__REDIS__KEY_PREFIX", prefix)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let settings = crate::config::Settings::load_from(
+            None,
+            crate::config::environment().source(Some(env)),
+        )
+        .unwrap();
+        let mut store = RedisStore::new(&settings.redis).unwrap();
+        store.keys = Keys::new(prefix, true);
+        store
+    }
+
+    fn unique_prefix() -> String {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!("test:rcfix:{}:{nanos}", std::process::id())
+    }
+
+    async fn connection() -> redis::aio::MultiplexedConnection {
+        redis::Client::open("redis://127.0.0.1:6379")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis on 127.0.0.1:6379")
+    }
+
+    async fn delete_keys(prefix: &str) {
+        let mut c = connection().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn sent(id: &str) -> SentRecord {
+        SentRecord {
+            provider: "fake".into(),
+            provider_message_id: id.into(),
+            other_part_ids: Vec::new(),
+            phone_number: "+254712345678".into(),
+            segments: 1,
+            attempts: 1,
+            sent_at: "2026-12-01T10:00:00Z".into(),
+            traceparent: None,
+        }
+    }
+
+    /// A final report whose apply step outlasts the sweeper's age: its
+    /// index entry (written first) is read by the sweeper, which finds no
+    /// final status yet; the apply then sets it; the sweeper's drop of the
+    /// entry it read must not remove the key from the index, or nothing
+    /// publishes the report if the callback's own publish fails.
+    #[tokio::test]
+    async fn a_slow_apply_keeps_its_index_entry_from_the_sweeper() {
+        let prefix = unique_prefix();
+        let store = cluster_store(&prefix);
+        let key = IdempotencyKey::parse("slow}1").unwrap();
+        let owner = Owner::new("rcfix", 1);
+        assert!(matches!(
+            store.claim(&key, &owner, "fp").await.unwrap(),
+            Claim::Send { .. }
+        ));
+        store.record_sent(&key, &owner, &sent("m-1")).await.unwrap();
+        let unpublished = store.keys.unpublished();
+        let mut c = connection().await;
+        // The callback's index step, a minute ago (older than the age).
+        let long_ago = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            - 60_000;
+        let _: () = redis::cmd("ZADD")
+            .arg(&unpublished)
+            .arg(long_ago.to_string())
+            .arg(key.as_str())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // The sweeper reads the entry, and the message: no final status.
+        let read: Vec<String> = store
+            .run(
+                &store.scripts.unpublished_reports,
+                &[&unpublished],
+                &[&store.msg_key(""), "30000", "100", "cluster"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(read.first().map(String::as_str), Some(key.as_str()));
+        let score = read[1].clone();
+        assert!(store.pending_report(key.as_str()).await.unwrap().is_none());
+        // The callback's apply step, at last.
+        let report = serde_json::json!({"status": "delivered", "providerStatus": "DELIVRD",
+            "errorCode": "", "permanent": "0", "at": "2026-12-01T10:00:05Z"});
+        let answer = store
+            .apply_indexed(key.as_str(), &[("m-1".into(), report.to_string())])
+            .await
+            .unwrap();
+        assert_eq!(answer.first().map(String::as_str), Some("publish"));
+        // The sweeper drops the entry it read.
+        let _: i64 = store
+            .run(
+                &store.scripts.drop_unpublished,
+                &[&unpublished],
+                &[key.as_str(), &score],
+            )
+            .await
+            .unwrap();
+        let kept: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&unpublished)
+            .arg(key.as_str())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(
+            kept.is_some(),
+            "the index entry is gone: nothing would publish the report"
+        );
+        let found = store
+            .unpublished_reports(Duration::ZERO, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            found.iter().map(|r| r.status).collect::<Vec<_>>(),
+            [DeliveryStatus::Delivered],
+            "the sweeper publishes it"
+        );
+        delete_keys(&prefix).await;
     }
 }
