@@ -220,6 +220,35 @@ impl RedisStore {
         Ok(answer.first().map(String::as_str) == Some("publish"))
     }
 
+    /// [`RedisStore::link_parts`] for a claim that was just granted a
+    /// `sent` key, retried until it succeeds (0.1 s apart, doubling up to
+    /// 2 s), as the send path's store writes are: the claim holds the key
+    /// now, and an error would requeue the command to a new claim that
+    /// finds the key busy with this one until its lease runs out, then
+    /// counts a takeover. Every step may run again.
+    async fn link_held(&self, key: &str, provider: &str, parts: &[String]) {
+        let mut wait = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            match self.link_parts(key, provider, parts).await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "claim: linking a sent key's parts went through");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "claim: cannot link a sent key's parts; retrying until the store answers");
+                    }
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     /// Cluster mode: steps 2 and 3 of [`RedisStore::link_parts`] for
     /// `reports` (part id, report as parked), also those of a report
     /// that finds its key (`record_report`). The index entry is written
@@ -588,7 +617,7 @@ impl CacheService for RedisStore {
             if !r.provider_message_id.is_empty() {
                 let mut parts = vec![r.provider_message_id.clone()];
                 parts.extend(r.other_part_ids.iter().cloned());
-                self.link_parts(key.as_str(), &r.provider, &parts).await?;
+                self.link_held(key.as_str(), &r.provider, &parts).await;
             }
         }
         let first_attempt_ms = |at: usize| {
@@ -1275,6 +1304,66 @@ mod tests {
             found.iter().map(|r| r.status).collect::<Vec<_>>(),
             [DeliveryStatus::Delivered],
             "the sweeper publishes it"
+        );
+        delete_keys(&prefix).await;
+    }
+
+    /// A claim that takes over a `sent` key whose parts were never linked
+    /// links them before it answers; a link that fails (here: a park key
+    /// of the wrong type) is retried until it succeeds, not turned into a
+    /// store error that would requeue the command to a claim finding the
+    /// key busy with this one.
+    #[tokio::test]
+    async fn a_takeover_whose_link_fails_retries_it_and_keeps_the_key() {
+        let prefix = unique_prefix();
+        let store = cluster_store(&prefix);
+        let key = IdempotencyKey::parse("link}2").unwrap();
+        let dead = Owner::new("rcfixdead", 1);
+        store.claim(&key, &dead, "fp").await.unwrap();
+        store.record_sent(&key, &dead, &sent("m-2")).await.unwrap();
+        // Killed before linking; its lease over; the link will fail.
+        let mut c = connection().await;
+        let (pid, park) = (
+            store.keys.pid("fake", "m-2"),
+            store.keys.park("fake", "m-2"),
+        );
+        let _: () = redis::pipe()
+            .del(&pid)
+            .set(&park, "not a list")
+            .hset(store.msg_key(key.as_str()), "lease_until", "1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let owner = Owner::new("rcfixlive", 1);
+        let claim = store.claim(&key, &owner, "fp");
+        tokio::pin!(claim);
+        tokio::select! {
+            answer = &mut claim => panic!("answered while the link fails: {answer:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let _: () = redis::cmd("DEL")
+            .arg(&park)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let answer = claim.await.unwrap();
+        assert!(matches!(answer, Claim::PublishSent(_)), "{answer:?}");
+        let linked: Option<String> = redis::cmd("GET")
+            .arg(&pid)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(linked.as_deref(), Some("link}2"));
+        let (holder, takeovers): (String, String) = redis::cmd("HMGET")
+            .arg(store.msg_key(key.as_str()))
+            .arg("owner")
+            .arg("takeovers")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            (holder.as_str(), takeovers.as_str()),
+            (owner.id.as_str(), "1")
         );
         delete_keys(&prefix).await;
     }
