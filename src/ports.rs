@@ -479,6 +479,10 @@ pub enum Claim {
     /// it (the cancel, at a front door): come back once that is over, in
     /// `retry_in` at most, to find it published (or free to publish).
     Cancelling { retry_in: Duration },
+    /// Claims racing for the key (Redis Cluster): its holder changed at
+    /// every look at the holder's liveness. The store is fine: come back
+    /// shortly, this command only.
+    Contended,
 }
 
 /// What the store says to a cancel (see [`CacheService::cancel`]).

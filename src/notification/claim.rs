@@ -165,6 +165,7 @@ impl Notifier {
                     until: std::time::SystemTime::now() + retry_in,
                 }
             }
+            Claim::Contended => contended(message),
             Claim::AlreadyFailed(record) => {
                 self.meters.duplicates.increment(1);
                 Outcome::Failed(format!(
@@ -357,6 +358,21 @@ fn claim_name(claim: &Claim) -> &'static str {
         Claim::AlreadyFailed(_) => "already_failed",
         Claim::Busy { .. } => "busy",
         Claim::Cancelling { .. } => "cancelling",
+        Claim::Contended => "contended",
+    }
+}
+
+/// Claims racing for the key: back after a short delay, marked as
+/// returning (as a command waiting for a holder, no tier climbed), so it
+/// then waits for whichever claim won instead of being taken for a
+/// duplicate. The store answered: the instance goes on.
+fn contended(message: &Inbound<'_>) -> Outcome {
+    debug!("claims racing for the key; back shortly");
+    let mut retry = message.retry.clone();
+    retry.delays = retry.delays.max(1);
+    Outcome::Delay {
+        delay: PAST_THE_HOLDER,
+        retry,
     }
 }
 

@@ -368,6 +368,21 @@ async fn store_down_at_claim_pauses_without_sending() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn claims_racing_for_a_key_bring_the_command_back_shortly_without_pausing() {
+    let h = harness(ScriptedProvider::new(vec![]));
+    h.cache.contended.store(true, SeqCst);
+    let (delay, retry) = delayed(h.handle(&body("k1"), false).await);
+    assert!(delay <= LIVENESS, "{delay:?}");
+    assert_eq!(
+        (retry.attempts, retry.delays),
+        (0, 1),
+        "marked as returning, no attempt made"
+    );
+    assert_eq!(h.provider.calls(), 0);
+    assert!(h.notifier.ready().await, "the store answered: no pause");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_store_outage_after_the_provider_accepted_holds_the_delivery_until_the_record_is_written()
 {
     let h = Arc::new(harness(ScriptedProvider::new(vec![])));

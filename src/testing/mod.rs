@@ -181,6 +181,9 @@ pub struct MemoryCache {
     pub liveness: Duration,
     /// Fail every call: the store is down.
     pub down: AtomicBool,
+    /// Answer every claim `Claim::Contended` (claims racing, in cluster
+    /// mode).
+    pub contended: AtomicBool,
     /// Fail only `postpone` (a lease release lost on its way).
     pub postpone_down: AtomicBool,
     /// Fail only `pin` (the pin write after an ambiguous answer lost).
@@ -319,6 +322,9 @@ impl CacheService for MemoryCache {
         fingerprint: &str,
     ) -> Result<Claim, CacheError> {
         self.check()?;
+        if self.contended.load(Ordering::SeqCst) {
+            return Ok(Claim::Contended);
+        }
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap();
         let entry = entries.entry(key.to_string()).or_default();

@@ -595,12 +595,11 @@ impl CacheService for RedisStore {
                 break reply;
             }
             // Another holder at each check means claims racing: bounded,
-            // the caller retries the command later as for any store error.
+            // this command comes back later (not a store error, which
+            // would pause the instance).
             checks += 1;
             if checks > 3 {
-                return Err(CacheError(
-                    "claim: the key's holder changed at every liveness check".into(),
-                ));
+                return Ok(Claim::Contended);
             }
             let holder = reply.get(1).and_then(text).unwrap_or_default();
             let mut pipe = redis::pipe();
