@@ -303,6 +303,7 @@ pub struct ProviderSettings {
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
     pub max_idle_connections: usize,
+    pub http2: bool,
     pub max_sends_per_second: u32,
     pub breaker_threshold: u32,
     pub breaker_cool_down_ms: u64,

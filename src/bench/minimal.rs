@@ -132,6 +132,10 @@ impl Minimal {
                 connect_timeout: instance.connect_timeout,
                 request_timeout: instance.request_timeout,
                 max_idle_connections: instance.max_idle_connections,
+                http2: crate::adapters::providers::http::Http2::for_base_url(
+                    instance.http2,
+                    &instance.base_url,
+                ),
             },
         )
         .map_err(|e| anyhow::anyhow!(e))?;

@@ -27,6 +27,9 @@ pub struct InstanceSettings {
     pub connect_timeout_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub max_idle_connections: Option<usize>,
+    /// HTTP/2 to this provider: by ALPN over https, prior knowledge over
+    /// http (`http::Http2`).
+    pub http2: Option<bool>,
     pub max_sends_per_second: Option<u32>,
     pub breaker_threshold: Option<u32>,
     pub breaker_cool_down_ms: Option<u64>,
@@ -75,6 +78,7 @@ pub struct Instance {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub max_idle_connections: usize,
+    pub http2: bool,
     pub max_sends_per_second: u32,
     pub breaker_threshold: u32,
     pub breaker_cool_down: Duration,
@@ -305,6 +309,7 @@ fn fill(
         max_idle_connections: s
             .max_idle_connections
             .unwrap_or(legacy.max_idle_connections),
+        http2: s.http2.unwrap_or(legacy.http2),
         max_sends_per_second: s
             .max_sends_per_second
             .unwrap_or(legacy.max_sends_per_second),

@@ -180,6 +180,8 @@ pub(crate) struct Counters {
     /// Callbacks answered 2xx, and given up after five tries.
     reports_sent: AtomicU64,
     reports_lost: AtomicU64,
+    /// Calls to the dialect's API that came over HTTP/2.
+    http2: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -322,7 +324,16 @@ pub async fn serve(
         ProviderKind::Infobip => infobip::routes(),
         ProviderKind::Twilio => twilio::routes(),
     };
+    // HTTP/1.1 and HTTP/2 both: axum::serve runs hyper-util's auto
+    // builder, which with axum's `http2` feature reads the HTTP/2 preface
+    // and otherwise speaks HTTP/1.1, so cleartext prior knowledge works
+    // (https://docs.rs/axum/0.8/axum/serve/fn.serve.html: "It supports
+    // both HTTP/1 as well as HTTP/2").
     let router = dialect
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_version,
+        ))
         .route("/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
@@ -343,7 +354,20 @@ async fn stats(State(state): State<FakeState>) -> Json<serde_json::Value> {
         "distinctKeys": distinct,
         "reportsSent": c.reports_sent.load(Ordering::Relaxed),
         "reportsLost": c.reports_lost.load(Ordering::Relaxed),
+        "http2": c.http2.load(Ordering::Relaxed),
     }))
+}
+
+/// Counts the dialect's calls that came over HTTP/2.
+async fn count_version(
+    State(state): State<FakeState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.version() == axum::http::Version::HTTP_2 {
+        state.counters.http2.fetch_add(1, Ordering::Relaxed);
+    }
+    next.run(request).await
 }
 
 /// Makes one callback until it is answered 2xx, five tries a second apart.

@@ -201,3 +201,69 @@ async fn a_refused_connection_is_transient() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The generic fake on a port of its own; its `/stats`.
+async fn fake() -> (String, tokio_util::sync::DropGuard) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let settings = sms_service::fake_provider::FakeSettings::default();
+    tokio::spawn(sms_service::fake_provider::serve(
+        listener,
+        settings,
+        stop.clone(),
+    ));
+    (url, stop.drop_guard())
+}
+
+async fn fake_stats(url: &str) -> serde_json::Value {
+    reqwest::get(format!("{url}/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A named generic instance `h` at `url`, with `extra` settings of its own.
+fn instance_provider(url: &str, extra: &[(&str, &str)]) -> GenericProvider {
+    let mut env = Names::unique().env(url);
+    env.push(("SMS__PROVIDERS__H__KIND".into(), "generic".into()));
+    env.push(("SMS__PROVIDERS__H__BASE_URL".into(), url.into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    GenericProvider::new(&settings(&env).instances().unwrap().0[0]).unwrap()
+}
+
+#[tokio::test]
+async fn an_instance_with_http2_sends_over_http2_and_the_default_over_http_1_1() {
+    let (url, _stop) = fake().await;
+    let h2 = instance_provider(&url, &[("SMS__PROVIDERS__H__HTTP2", "true")]);
+    // Cleartext: HTTP/2 by prior knowledge, several calls at once on it.
+    let message = sms();
+    let sends = (0..3).map(|_| h2.send(&message));
+    for sent in futures_util::future::join_all(sends).await {
+        assert!(sent.unwrap().provider_message_id.starts_with("fake-"));
+    }
+    let stats = fake_stats(&url).await;
+    assert_eq!(stats["accepted"], 3, "{stats}");
+    assert_eq!(stats["http2"], 3, "{stats}");
+
+    let h1 = instance_provider(&url, &[]);
+    h1.send(&sms()).await.unwrap();
+    let stats = fake_stats(&url).await;
+    assert_eq!(stats["accepted"], 4, "{stats}");
+    assert_eq!(stats["http2"], 3, "the default stays HTTP/1.1: {stats}");
+}
+
+#[test]
+fn http2_is_alpn_over_https_and_prior_knowledge_over_http() {
+    use sms_service::adapters::providers::http::Http2;
+    assert_eq!(Http2::for_base_url(false, "https://p.example"), Http2::Off);
+    assert_eq!(Http2::for_base_url(false, "http://p.example"), Http2::Off);
+    assert_eq!(Http2::for_base_url(true, "https://p.example"), Http2::Alpn);
+    assert_eq!(Http2::for_base_url(true, "HTTPS://p.example"), Http2::Alpn);
+    assert_eq!(
+        Http2::for_base_url(true, "http://p.example"),
+        Http2::PriorKnowledge
+    );
+}

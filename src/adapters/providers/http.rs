@@ -29,13 +29,52 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub max_idle_connections: usize,
+    /// `providers.<name>.http2`: HTTP/2 where the provider speaks it.
+    pub http2: Http2,
 }
 
-/// A pooled HTTP/1.1 client without redirects or retries: a provider that
+/// Which HTTP versions an instance's client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http2 {
+    /// HTTP/1.1 only (the default): over https, ALPN offers `http/1.1`
+    /// alone.
+    #[default]
+    Off,
+    /// Over https, ALPN offers `h2` and `http/1.1` and the provider's TLS
+    /// server picks; HTTP/1.1 stays the fallback.
+    Alpn,
+    /// Over cleartext `http://` there is no ALPN to negotiate with, so
+    /// HTTP/2 is spoken from the first byte ("prior knowledge", RFC 9113
+    /// section 3.3): a provider that speaks only HTTP/1.1 fails every call.
+    PriorKnowledge,
+}
+
+impl Http2 {
+    /// The mode for an instance with `http2 = enabled` and this base URL.
+    pub fn for_base_url(enabled: bool, base_url: &str) -> Self {
+        match (enabled, base_url.get(..8)) {
+            (false, _) => Self::Off,
+            (true, Some(scheme)) if scheme.eq_ignore_ascii_case("https://") => Self::Alpn,
+            (true, _) => Self::PriorKnowledge,
+        }
+    }
+}
+
+/// A pooled client without redirects or retries: a provider that
 /// redirects a POST is misconfigured, and retries are the service's own
 /// business (with the lease and the breaker in view).
+///
+/// HTTP/1.1 unless the instance turned HTTP/2 on. With the crate's
+/// `http2` feature reqwest's default would offer `h2` by ALPN to every
+/// https provider, hence the explicit `http1_only()`
+/// (<https://docs.rs/reqwest/0.13/reqwest/struct.ClientBuilder.html#method.http1_only>,
+/// <https://docs.rs/reqwest/0.13/reqwest/struct.ClientBuilder.html#method.http2_prior_knowledge>).
+/// Under HTTP/2 one connection multiplexes every concurrent request (up
+/// to the provider's `SETTINGS_MAX_CONCURRENT_STREAMS`), so the pool
+/// keeps one connection per host and `max_idle_connections` no longer
+/// bounds anything in practice.
 pub fn client(s: ClientSettings) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .connect_timeout(s.connect_timeout)
         .timeout(s.request_timeout)
         .pool_max_idle_per_host(s.max_idle_connections)
@@ -43,9 +82,13 @@ pub fn client(s: ClientSettings) -> Result<reqwest::Client, String> {
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
         .retry(reqwest::retry::never())
-        .user_agent(concat!("sms-service/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("provider client: {e}"))
+        .user_agent(concat!("sms-service/", env!("CARGO_PKG_VERSION")));
+    let builder = match s.http2 {
+        Http2::Off => builder.http1_only(),
+        Http2::Alpn => builder,
+        Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+    };
+    builder.build().map_err(|e| format!("provider client: {e}"))
 }
 
 /// The `Retry-After` of an answer, in seconds (an HTTP date or garbage is

@@ -78,6 +78,7 @@ impl AfricasTalkingProvider {
             connect_timeout: instance.connect_timeout,
             request_timeout: instance.request_timeout,
             max_idle_connections: instance.max_idle_connections,
+            http2: http::Http2::for_base_url(instance.http2, &instance.base_url),
         })?;
         Ok(Self {
             name: instance.name.clone(),

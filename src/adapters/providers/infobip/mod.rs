@@ -155,6 +155,7 @@ impl InfobipProvider {
             connect_timeout: instance.connect_timeout,
             request_timeout: instance.request_timeout,
             max_idle_connections: instance.max_idle_connections,
+            http2: http::Http2::for_base_url(instance.http2, &instance.base_url),
         })?;
         let url = format!("{}{SEND_PATH}", instance.base_url.trim_end_matches('/'));
         let callback_token = instance

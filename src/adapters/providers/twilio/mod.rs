@@ -107,6 +107,7 @@ impl TwilioProvider {
             connect_timeout: instance.connect_timeout,
             request_timeout: instance.request_timeout,
             max_idle_connections: instance.max_idle_connections,
+            http2: http::Http2::for_base_url(instance.http2, &instance.base_url),
         })?;
         let url = format!(
             "{}/2010-04-01/Accounts/{account_sid}/Messages.json",

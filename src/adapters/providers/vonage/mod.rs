@@ -164,6 +164,7 @@ impl VonageProvider {
             connect_timeout: instance.connect_timeout,
             request_timeout: instance.request_timeout,
             max_idle_connections: instance.max_idle_connections,
+            http2: http::Http2::for_base_url(instance.http2, &instance.base_url),
         })?;
         let url = format!("{}/sms/json", instance.base_url.trim_end_matches('/'));
         let method = match s.signature_method.as_deref().map(str::trim) {
