@@ -14,7 +14,7 @@ use crate::e2e::{distinct_sent, stack};
 use crate::helpers::{init_logs, settings, Names, TestBroker};
 
 /// As in scripts/redis-ha.
-const SENTINELS: [u16; 3] = [36390, 36391, 36392];
+const SENTINELS: [u16; 3] = [16390, 16391, 16392];
 const MASTER_NAME: &str = "smsha";
 
 fn sentinel_env() -> Vec<(&'static str, String)> {
@@ -245,7 +245,7 @@ async fn a_killed_master_under_load_loses_nothing() {
 // Redis Cluster: the three masters scripts/redis-ha starts.
 
 /// As in scripts/redis-ha.
-const CLUSTER: [u16; 3] = [37001, 37002, 37003];
+const CLUSTER: [u16; 3] = [17001, 17002, 17003];
 
 fn cluster_env() -> Vec<(&'static str, String)> {
     vec![
