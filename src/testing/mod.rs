@@ -161,6 +161,21 @@ impl Ledger {
     }
 }
 
+/// A one-part send by provider "fake" with id `provider_message_id`, one
+/// attempt, no trace: the sent record store tests write.
+pub fn sent_record(provider_message_id: &str) -> SentRecord {
+    SentRecord {
+        provider: "fake".into(),
+        provider_message_id: provider_message_id.into(),
+        other_part_ids: Vec::new(),
+        phone_number: "+254712345678".into(),
+        segments: 1,
+        attempts: 1,
+        sent_at: "2026-12-01T10:00:00Z".into(),
+        traceparent: None,
+    }
+}
+
 /// The idempotency store in memory: the same state machine as the Redis
 /// scripts (the store contract in [`store_contract`] holds for both), on
 /// tokio's clock so tests can pause time.

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use sms_service::adapters::redis::RedisStore;
 use sms_service::domain::{DeliveryStatus, IdempotencyKey};
-use sms_service::ports::{CacheService, Claim, Owner, ProviderReport, ReportOutcome, SentRecord};
-use sms_service::testing::store_contract;
+use sms_service::ports::{CacheService, Claim, Owner, ProviderReport, ReportOutcome};
+use sms_service::testing::{sent_record, store_contract};
 
-use crate::e2e::{distinct_sent, stack};
+use crate::e2e::{distinct_sent, stack, Proc, Stack};
 use crate::helpers::{init_logs, settings, Names, TestBroker};
 
 /// As in scripts/redis-ha.
@@ -117,27 +117,42 @@ const N: usize = 1000;
 /// Commands in flight at once: the service's window of duplicates.
 const IN_FLIGHT: u64 = 8;
 
-async fn under_load(upset: Upset) {
-    init_logs();
-    let names = Names::unique();
-    let mut broker = TestBroker::connect(&names).await;
-    let mut extra = sentinel_env();
-    extra.push(("SMS__REDIS__WAIT_REPLICAS", "1".into()));
-    extra.push(("SMS__PROCESSING__MAX_IN_FLIGHT", IN_FLIGHT.to_string()));
-    extra.push(("SMS__AMQP__PREFETCH", IN_FLIGHT.to_string()));
-    extra.push(("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1000".into()));
-    extra.push(("SMS__REDIS__TIMEOUT_MS", "1000".into()));
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let stack = stack(&names, 30, &extra).await;
-    broker.publish_many("ha-", N).await;
-    let accepted = |s: serde_json::Value| s["accepted"].as_u64().unwrap();
-    let _svc = stack.start_service().await;
-    // Mid-stream: a fifth of the commands sent.
+/// Commands the fake provider accepted, from its stats.
+fn accepted(stats: serde_json::Value) -> u64 {
+    stats["accepted"].as_u64().unwrap()
+}
+
+/// The service on the Redis of `env`, `IN_FLIGHT` commands at a time with
+/// short timeouts and a 30 ms provider, `N` commands keyed `prefix` queued
+/// for it: returned mid-stream, once a fifth of them are sent.
+async fn a_fifth_sent(
+    names: &Names,
+    mut env: Vec<(&'static str, String)>,
+    prefix: &str,
+) -> (TestBroker, Stack, Proc) {
+    let broker = TestBroker::connect(names).await;
+    env.push(("SMS__PROCESSING__MAX_IN_FLIGHT", IN_FLIGHT.to_string()));
+    env.push(("SMS__AMQP__PREFETCH", IN_FLIGHT.to_string()));
+    env.push(("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1000".into()));
+    env.push(("SMS__REDIS__TIMEOUT_MS", "1000".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stack = stack(names, 30, &env).await;
+    broker.publish_many(prefix, N).await;
+    let service = stack.start_service().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while accepted(stack.provider_stats().await) < N as u64 / 5 {
         assert!(Instant::now() < deadline, "the service does not send");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (broker, stack, service)
+}
+
+async fn under_load(upset: Upset) {
+    init_logs();
+    let names = Names::unique();
+    let mut env = sentinel_env();
+    env.push(("SMS__REDIS__WAIT_REPLICAS", "1".into()));
+    let (mut broker, stack, _svc) = a_fifth_sent(&names, env, "ha-").await;
     let old_master = master_port().await;
     let started = Instant::now();
     let mut restart = None;
@@ -286,19 +301,6 @@ async fn cluster_connection() -> redis::cluster_async::ClusterConnection {
         .expect("no cluster: run scripts/redis-ha start DIR")
 }
 
-fn sent_as(id: &str) -> SentRecord {
-    SentRecord {
-        provider: "fake".into(),
-        provider_message_id: id.into(),
-        other_part_ids: Vec::new(),
-        phone_number: "+254712345678".into(),
-        segments: 1,
-        attempts: 1,
-        sent_at: "2026-12-01T10:00:00Z".into(),
-        traceparent: None,
-    }
-}
-
 fn report_of(id: &str, status: DeliveryStatus) -> ProviderReport {
     ProviderReport {
         provider_message_id: id.into(),
@@ -330,7 +332,7 @@ async fn a_send_stopped_between_its_steps_is_completed_by_the_next_claim_or_repo
         Claim::Send { .. }
     ));
     store
-        .record_sent(&key, &dead, &sent_as("m}1"))
+        .record_sent(&key, &dead, &sent_record("m}1"))
         .await
         .unwrap();
     // As if killed after the message's step: the id not linked, and a
@@ -392,7 +394,7 @@ async fn a_send_stopped_between_its_steps_is_completed_by_the_next_claim_or_repo
     let owner = Owner::new("liveinstance", 2);
     store.claim(&key, &owner, "fp").await.unwrap();
     store
-        .record_sent(&key, &owner, &sent_as("m-2"))
+        .record_sent(&key, &owner, &sent_record("m-2"))
         .await
         .unwrap();
     let park = format!("{p}:park:{{fake:m-2}}");
@@ -591,22 +593,7 @@ async fn move_slot(layout: &Layout, slot: u16, from: u16, to: u16, pause: Durati
 async fn slots_moving_under_load_lose_nothing_and_send_nothing_twice() {
     init_logs();
     let names = Names::unique();
-    let mut broker = TestBroker::connect(&names).await;
-    let mut extra = cluster_env();
-    extra.push(("SMS__PROCESSING__MAX_IN_FLIGHT", IN_FLIGHT.to_string()));
-    extra.push(("SMS__AMQP__PREFETCH", IN_FLIGHT.to_string()));
-    extra.push(("SMS__PROVIDER__REQUEST_TIMEOUT_MS", "1000".into()));
-    extra.push(("SMS__REDIS__TIMEOUT_MS", "1000".into()));
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let stack = stack(&names, 30, &extra).await;
-    broker.publish_many("rc-", N).await;
-    let accepted = |s: serde_json::Value| s["accepted"].as_u64().unwrap();
-    let _svc = stack.start_service().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted(stack.provider_stats().await) < N as u64 / 5 {
-        assert!(Instant::now() < deadline, "the service does not send");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut broker, stack, _svc) = a_fifth_sent(&names, cluster_env(), "rc-").await;
     // The slots of the next 300 keys to be claimed, and of the liveness
     // records, each with its current master.
     let layout = Layout::read().await;

@@ -1164,6 +1164,7 @@ impl CacheService for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::sent_record;
 
     fn cluster_store(prefix: &str) -> RedisStore {
         let env = [("SMS__REDIS__KEY_PREFIX", prefix)]
@@ -1212,19 +1213,6 @@ mod tests {
         }
     }
 
-    fn sent(id: &str) -> SentRecord {
-        SentRecord {
-            provider: "fake".into(),
-            provider_message_id: id.into(),
-            other_part_ids: Vec::new(),
-            phone_number: "+254712345678".into(),
-            segments: 1,
-            attempts: 1,
-            sent_at: "2026-12-01T10:00:00Z".into(),
-            traceparent: None,
-        }
-    }
-
     /// A final report whose apply step outlasts the sweeper's age: its
     /// index entry (written first) is read by the sweeper, which finds no
     /// final status yet; the apply then sets it; the sweeper's drop of the
@@ -1240,7 +1228,10 @@ mod tests {
             store.claim(&key, &owner, "fp").await.unwrap(),
             Claim::Send { .. }
         ));
-        store.record_sent(&key, &owner, &sent("m-1")).await.unwrap();
+        store
+            .record_sent(&key, &owner, &sent_record("m-1"))
+            .await
+            .unwrap();
         let unpublished = store.keys.unpublished();
         let mut c = connection().await;
         // The callback's index step, a minute ago (older than the age).
@@ -1319,7 +1310,10 @@ mod tests {
         let key = IdempotencyKey::parse("link}2").unwrap();
         let dead = Owner::new("rcfixdead", 1);
         store.claim(&key, &dead, "fp").await.unwrap();
-        store.record_sent(&key, &dead, &sent("m-2")).await.unwrap();
+        store
+            .record_sent(&key, &dead, &sent_record("m-2"))
+            .await
+            .unwrap();
         // Killed before linking; its lease over; the link will fail.
         let mut c = connection().await;
         let (pid, park) = (
