@@ -197,6 +197,22 @@ async fn the_minimal_pipeline_sends_each_key_once_publishes_its_event_and_cleans
     stop.cancel();
 }
 
+/// `sms-service ARGS` with `env` (a bench with `--json`): its one JSON
+/// report, once it has exited successfully within 20 s.
+async fn bench_json(env: Vec<(String, String)>, args: &[&str]) -> Value {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_binary(&env, &args)
+    })
+    .await
+    .unwrap()
+    .expect("the bench finishes within 20 s");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 /// `bench --rate R --duration S --baseline minimal` from the command line:
 /// R x S commands, both runs' percentiles up to p99.9, the ratio to the
 /// minimal pipeline, and CPU per message for the processes it sees (the
@@ -216,29 +232,22 @@ async fn bench_with_a_duration_publishes_rate_times_seconds_and_reports_the_tail
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pid = std::process::id().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        run_binary(
-            &env,
-            &[
-                "bench",
-                "--rate",
-                "200",
-                "--duration",
-                "1",
-                "--baseline",
-                "minimal",
-                "--service-pid",
-                &pid,
-                "--json",
-            ],
-        )
-    })
-    .await
-    .unwrap()
-    .expect("the bench finishes within 20 s");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let report = bench_json(
+        env,
+        &[
+            "bench",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--baseline",
+            "minimal",
+            "--service-pid",
+            &pid,
+            "--json",
+        ],
+    )
+    .await;
     assert!(report["baseline"].is_null(), "no relay asked for: {report}");
     for run in ["minimal", "service"] {
         let r = &report[run];
@@ -281,31 +290,24 @@ async fn compare_runs_each_build_in_turn_on_scratch_names_and_leaves_nothing_beh
     // starts its own fake provider and service.
     let env = names.env("http://127.0.0.1:9");
     let bin = env!("CARGO_BIN_EXE_sms-service");
-    let out = tokio::task::spawn_blocking(move || {
-        run_binary(
-            &env,
-            &[
-                "bench",
-                "--compare",
-                bin,
-                "--compare",
-                bin,
-                "--pairs",
-                "1",
-                "-n",
-                "200",
-                "--baseline",
-                "minimal",
-                "--json",
-            ],
-        )
-    })
-    .await
-    .unwrap()
-    .expect("the bench finishes within 20 s");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let report = bench_json(
+        env,
+        &[
+            "bench",
+            "--compare",
+            bin,
+            "--compare",
+            bin,
+            "--pairs",
+            "1",
+            "-n",
+            "200",
+            "--baseline",
+            "minimal",
+            "--json",
+        ],
+    )
+    .await;
     let runs = report["runs"].as_array().unwrap();
     let builds: Vec<&str> = runs.iter().map(|r| r["build"].as_str().unwrap()).collect();
     assert_eq!(builds, ["A", "B"]);
